@@ -1,0 +1,291 @@
+"""The MG-3D model (encoders, projections, fusion, pooling) and its pre-training module."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import losses as L
+from .config import MG3DConfig
+from .fusion import FusionStack, ModalityDominantCrossAttention, SelfAttentionPooling
+from .text import FrozenTextEncoder, TextBatch, masked_mean, whole_word_mask
+from .vision import SwinVisionEncoder
+
+log = logging.getLogger(__name__)
+
+
+class InputError(ValueError):
+    """Input the model cannot take; the message names the value and what is expected."""
+
+
+def check_volume(volume: torch.Tensor, config: MG3DConfig) -> None:
+    """Validate a model-space batch (B, 1, Z, Y, X), float, finite, sized for the encoder."""
+    if not isinstance(volume, torch.Tensor):
+        raise InputError(f"volume must be a torch.Tensor, got {type(volume).__name__}")
+    if volume.dim() != 5 or volume.shape[1] != 1:
+        raise InputError(
+            f"volume must have shape (B, 1, Z, Y, X); got {tuple(volume.shape)}. "
+            "Add batch and channel axes with volume[None, None] for a single (Z, Y, X) volume."
+        )
+    if not volume.is_floating_point():
+        raise InputError(f"volume must be floating point (intensities in [0, 1]); got dtype {volume.dtype}")
+    bad = [s for s in volume.shape[2:] if s % 32]
+    if bad:
+        raise InputError(
+            f"spatial size {tuple(volume.shape[2:])} is not a multiple of 32 on every axis; preprocess the "
+            f"volume to the preset's input size {config.input_size} (napari_mg3d.preprocess)"
+        )
+    if not torch.isfinite(volume).all():
+        n = int((~torch.isfinite(volume)).sum())
+        raise InputError(f"volume contains {n} NaN/inf voxels; replace them (e.g. with -1000 HU) before running")
+
+
+@dataclass
+class VolumeEncoding:
+    """features: the 5 Swin feature maps; tokens (B, N, d) fused-width tokens on the 1/16 grid."""
+
+    features: list[torch.Tensor]
+    tokens: torch.Tensor
+    grid: tuple[int, int, int]
+
+    @property
+    def global_feature(self) -> torch.Tensor:
+        """F̄_I: mean-pooled volume tokens, (B, d)."""
+        return self.tokens.mean(dim=1)
+
+
+@dataclass
+class TextEncoding:
+    """words (B, W, d) projected word features; word_mask (B, W) real tokens; sentences (B, S, d) F_S
+    (mean of each sentence's word features); sentence_valid (B, S)."""
+
+    words: torch.Tensor
+    word_mask: torch.Tensor
+    sentences: torch.Tensor
+    sentence_valid: torch.Tensor
+
+
+def sentence_membership(word_sentence: torch.Tensor, n_sentences: int) -> torch.Tensor:
+    """(B, W) sentence index per token -> (B, S, W) bool membership."""
+    idx = torch.arange(n_sentences, device=word_sentence.device)
+    return word_sentence[:, None, :] == idx[None, :, None]
+
+
+class MG3DModel(nn.Module):
+    """Everything inference needs: Swin encoder, frozen text encoder, projections, fusion, pooling."""
+
+    def __init__(self, config: MG3DConfig, text_encoder: FrozenTextEncoder | None = None) -> None:
+        super().__init__()
+        self.config = config
+        d = config.fusion_dim
+        self.vision = SwinVisionEncoder(config)
+        self.text = text_encoder if text_encoder is not None else FrozenTextEncoder(config.text_encoder)
+        c16, c32 = self.vision.channels[3], self.vision.channels[4]
+        self.proj16 = nn.Conv3d(c16, d, kernel_size=1)
+        self.proj32 = nn.Conv3d(c32, d, kernel_size=1)
+        self.pos_embed = nn.Parameter(torch.zeros(1, d, *config.token_grid))
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        self.token_norm = nn.LayerNorm(d)
+        self.text_proj = nn.Sequential(nn.Linear(self.text.hidden_size, d), nn.LayerNorm(d))
+        self.volume_fusion = FusionStack(d, config.fusion_heads, config.fusion_layers)
+        self.text_fusion = FusionStack(d, config.fusion_heads, config.fusion_layers)
+        self.sentence_attention = ModalityDominantCrossAttention(d, config.fusion_heads)
+        self.pool_text = SelfAttentionPooling(d)
+        self.pool_fused_text = SelfAttentionPooling(d)
+        self.pool_sentence_visual = SelfAttentionPooling(d)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, device: str = "cpu") -> MG3DModel:
+        """Load the model of a bundle directory or .zip written by ``save_pretrained``/training."""
+        from ..checkpoint import load_bundle
+
+        return load_bundle(name_or_path, device=device).model
+
+    def save_pretrained(self, path: str, **kwargs) -> None:
+        """Write this model as a bundle (see napari_mg3d.checkpoint.save_bundle for options)."""
+        from ..checkpoint import save_bundle
+
+        save_bundle(path, self, **kwargs)
+
+    def trainable_named_parameters(self):
+        """Parameters an optimiser may touch: everything but the frozen text encoder."""
+        return [(n, p) for n, p in self.named_parameters() if not n.startswith("text.")]
+
+    def encode_volume(self, volume: torch.Tensor, voxel_mask: torch.Tensor | None = None) -> VolumeEncoding:
+        """(B, 1, Z, Y, X) in [0, 1] -> Swin features and (B, N, d) tokens on the 1/16 grid."""
+        feats = self.vision(volume, voxel_mask)
+        f16 = self.proj16(feats[3])
+        f32 = F.interpolate(self.proj32(feats[4]), size=f16.shape[2:], mode="trilinear", align_corners=False)
+        grid = tuple(f16.shape[2:])
+        pos = self.pos_embed
+        if tuple(pos.shape[2:]) != grid:
+            pos = F.interpolate(pos, size=grid, mode="trilinear", align_corners=False)
+        tokens = (f16 + f32 + pos).flatten(2).transpose(1, 2)
+        return VolumeEncoding(feats, self.token_norm(tokens), grid)  # type: ignore[arg-type]
+
+    def encode_text(self, batch: TextBatch, input_ids: torch.Tensor | None = None) -> TextEncoding:
+        """Word features of the whole report (frozen encoder, then projection) and F_S per sentence."""
+        words = self.text_proj(self.text(batch, input_ids))
+        member = sentence_membership(batch.word_sentence, batch.sentence_valid.shape[1])
+        sentences = torch.einsum("bsw,bwd->bsd", member.to(words.dtype), words)
+        sentences = sentences / member.sum(-1, keepdim=True).clamp_min(1).to(words.dtype)
+        return TextEncoding(words, batch.attention_mask.bool(), sentences, batch.sentence_valid)
+
+    def encode_sentences_separately(self, batch: TextBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(raw frozen features (B, S, H), projected features (B, S, d)) of each sentence encoded alone."""
+        raw = self.text.separate_sentence_features(batch)
+        return raw, self.text_proj(raw)
+
+    def global_text(self, text: TextEncoding) -> torch.Tensor:
+        """F̄_T: self-attention pooling over sentence features, (B, d)."""
+        return self.pool_text(text.sentences, text.sentence_valid)
+
+    def sentence_visual(
+        self, tokens: torch.Tensor, sentences: torch.Tensor, valid: torch.Tensor, return_attention: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """H_S (B, S, d): each sentence as a query over the patient's volume tokens (eq. 11), and the
+        head-averaged attention (B, S, N) — the sentence-to-region heat map — when asked for."""
+        out = self.sentence_attention(tokens, sentences, query_mask=valid, return_dominant=False,
+                                      return_queries=True, return_attention=return_attention)
+        attention = out.attention.mean(dim=1) if out.attention is not None else None
+        return out.queries, attention
+
+    def sentence_heatmaps(self, encoding: VolumeEncoding, sentences: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """(B, S, gz, gy, gx) attention of each sentence over the 1/16 token grid; each map sums to 1."""
+        _, attention = self.sentence_visual(encoding.tokens, sentences, valid, return_attention=True)
+        return attention.reshape(attention.shape[0], attention.shape[1], *encoding.grid)
+
+
+class MIMDecoder(nn.Module):
+    """Conv + upsampling decoder: fused tokens on the 1/16 grid -> (B, 1, Z, Y, X) reconstruction."""
+
+    def __init__(self, dim: int, stages: int = 4) -> None:
+        super().__init__()
+        blocks, c = [], dim
+        for _ in range(stages):
+            out = max(c // 2, 16)
+            blocks += [nn.Upsample(scale_factor=2, mode="trilinear", align_corners=False),
+                       nn.Conv3d(c, out, 3, padding=1), nn.InstanceNorm3d(out, affine=True), nn.GELU()]
+            c = out
+        blocks.append(nn.Conv3d(c, 1, 1))
+        self.net = nn.Sequential(*blocks)
+
+    def forward(self, tokens: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        B, N, d = tokens.shape
+        return self.net(tokens.transpose(1, 2).reshape(B, d, *grid))
+
+
+class MLMHead(nn.Module):
+    """MLP predicting the vocabulary id of each (masked) word, (B, W, d) -> (B, W, V)."""
+
+    def __init__(self, dim: int, vocab_size: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.LayerNorm(dim), nn.Linear(dim, vocab_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def random_block_mask(
+    batch: int, size: tuple[int, int, int], block: int, ratio: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """(B, 1, Z, Y, X) float mask of cubic sub-volumes (side ``block``), ``ratio`` of them hidden (1)."""
+    grid = [s // block for s in size]
+    n = grid[0] * grid[1] * grid[2]
+    n_mask = max(1, min(n - 1, round(ratio * n)))
+    scores = torch.rand(batch, n, generator=generator)
+    order = scores.argsort(dim=1)
+    blocks = torch.zeros(batch, n)
+    blocks.scatter_(1, order[:, :n_mask], 1.0)
+    blocks = blocks.view(batch, 1, *grid)
+    for axis in range(3):
+        blocks = blocks.repeat_interleave(block, dim=2 + axis)
+    return blocks
+
+
+LossGather = Callable[[torch.Tensor], torch.Tensor]
+
+
+class MG3DPretrainer(nn.Module):
+    """MG-3D pre-training: the model plus the MIM decoder and MLM head; forward returns every loss.
+
+    ``gather`` (optional) collects features from all devices for the contrastive losses; it must return
+    the local rows first. Objectives not in ``config.objectives`` are skipped (and not computed).
+    """
+
+    def __init__(self, model: MG3DModel, gather: LossGather | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.config = model.config
+        self.mim_decoder = MIMDecoder(self.config.fusion_dim)
+        self.mlm_head = MLMHead(self.config.fusion_dim, model.text.vocab_size)
+        self.gather = gather
+
+    def trainable_named_parameters(self):
+        return [(n, p) for n, p in self.named_parameters() if not n.startswith("model.text.")]
+
+    def _nce(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        if self.gather is not None:
+            keys = self.gather(keys)
+        return L.info_nce(queries, keys, self.config.temperature)
+
+    def forward(self, volume: torch.Tensor, text: TextBatch, generator: torch.Generator | None = None) -> dict:
+        cfg = self.config
+        check_volume(volume, cfg)
+        if text.batch_size != volume.shape[0]:
+            raise InputError(f"{volume.shape[0]} volumes but {text.batch_size} reports; they must pair up")
+        on = set(cfg.objectives)
+        m = self.model
+        zero = volume.new_zeros(())
+        out: dict[str, torch.Tensor] = {k: zero for k in ("mim", "mlm", "sfr", "cml", "ssm", "dfa")}
+
+        full = m.encode_volume(volume)
+        global_visual = full.global_feature
+        txt = m.encode_text(text)
+
+        if "mim" in on:
+            vmask = random_block_mask(volume.shape[0], tuple(volume.shape[2:]), cfg.mim_patch, cfg.mim_ratio,
+                                      generator).to(volume.device, volume.dtype)
+            masked = m.encode_volume(volume, vmask)
+            fused, _ = m.volume_fusion(masked.tokens, txt.sentences, None, txt.sentence_valid)
+            out["mim"] = L.mim_loss(self.mim_decoder(fused, masked.grid), volume, vmask)
+
+        if on & {"mlm", "sfr"}:
+            wmask = whole_word_mask(text, cfg.mlm_ratio, generator)
+            masked_ids = text.input_ids.masked_fill(wmask, m.text.mask_token_id)
+            masked_txt = m.encode_text(text, masked_ids)
+            fused_words, _ = m.text_fusion(masked_txt.words, full.tokens, masked_txt.word_mask, None)
+            if "mlm" in on:
+                out["mlm"] = L.mlm_loss(self.mlm_head(fused_words), text.input_ids, wmask)
+            if "sfr" in on:
+                member = sentence_membership(text.word_sentence, text.sentence_valid.shape[1])
+                rec = torch.einsum("bsw,bwd->bsd", member.to(fused_words.dtype), fused_words)
+                rec = rec / member.sum(-1, keepdim=True).clamp_min(1).to(rec.dtype)
+                # Target is a stop-gradient copy: the reconstruction moves towards F_S, not the reverse.
+                out["sfr"] = L.sfr_loss(txt.sentences.detach(), rec, txt.sentence_valid)
+
+        if "cml" in on:
+            fused_vol, _ = m.volume_fusion(full.tokens, txt.sentences, None, txt.sentence_valid)
+            fused_txt, _ = m.text_fusion(txt.words, full.tokens, txt.word_mask, None)
+            h_image = fused_vol.mean(dim=1)
+            h_text = m.pool_fused_text(fused_txt, txt.word_mask)
+            out["cml"] = self._nce(h_image, global_visual) + self._nce(h_text, m.global_text(txt))
+
+        if on & {"ssm", "dfa"}:
+            raw_sent, sent = m.encode_sentences_separately(text)
+            h_sent, _ = m.sentence_visual(full.tokens, sent, text.sentence_valid)
+            if "ssm" in on:
+                out["ssm"] = L.ssm_loss(raw_sent, h_sent, text.sentence_valid)
+            if "dfa" in on:
+                pooled = m.pool_sentence_visual(h_sent, text.sentence_valid)
+                out["dfa"] = self._nce(global_visual, pooled)
+
+        out["total"] = (cfg.lambda_alpha * (out["mim"] + out["mlm"])
+                        + cfg.lambda_beta * (out["sfr"] + out["cml"])
+                        + cfg.lambda_gamma * (out["ssm"] + out["dfa"]))
+        return out

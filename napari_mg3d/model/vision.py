@@ -1,0 +1,57 @@
+"""3D Swin vision encoder (MONAI's SwinUNETR encoder) with multi-scale outputs and MIM masking."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from monai.networks.nets.swin_unetr import SwinTransformer
+from torch import nn
+
+from .config import MG3DConfig
+
+
+class SwinVisionEncoder(nn.Module):
+    """MONAI 3D Swin transformer returning its five feature maps.
+
+    Input: (B, 1, Z, Y, X) intensities in [0, 1]. Output: list of 5 tensors at strides
+    2, 4, 8, 16, 32 with channels C, 2C, 4C, 8C, 16C (C = feature_size), each (B, C_k, z, y, x).
+    """
+
+    def __init__(self, config: MG3DConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.swin = SwinTransformer(
+            in_chans=1,
+            embed_dim=config.feature_size,
+            window_size=(config.window_size,) * 3,
+            patch_size=(2, 2, 2),
+            depths=config.depths,
+            num_heads=config.num_heads,
+            norm_layer=nn.LayerNorm,
+            use_checkpoint=config.gradient_checkpointing,
+            spatial_dims=3,
+        )
+        # SimMIM-style learned token that replaces masked patch embeddings.
+        self.mask_token = nn.Parameter(torch.zeros(1, config.feature_size, 1, 1, 1))
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+
+    @property
+    def channels(self) -> list[int]:
+        c = self.config.feature_size
+        return [c, 2 * c, 4 * c, 8 * c, 16 * c]
+
+    def forward(self, volume: torch.Tensor, voxel_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Encode ``volume``; where ``voxel_mask`` (B, 1, Z, Y, X, 1 = hidden) is set, the
+        patch embeddings are replaced by the learned mask token so the encoder never sees them."""
+        swin = self.swin
+        x0 = swin.patch_embed(volume)
+        if voxel_mask is not None:
+            m = F.max_pool3d(voxel_mask.to(x0.dtype), kernel_size=2)
+            x0 = x0 * (1.0 - m) + self.mask_token.to(x0.dtype) * m
+        x0 = swin.pos_drop(x0)
+        feats = [swin.proj_out(x0, True)]
+        x = x0
+        for layer in (swin.layers1, swin.layers2, swin.layers3, swin.layers4):
+            x = layer[0](x.contiguous())
+            feats.append(swin.proj_out(x, True))
+        return feats

@@ -1,0 +1,116 @@
+"""Model bundles: safetensors + config.json + tokenizer; round trips across processes; lenient loading."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from napari_mg3d.checkpoint import BundleError, load_bundle, save_bundle
+from napari_mg3d.model import MG3DModel, tokenize_reports
+from napari_mg3d.model.mg3d import MIMDecoder
+
+SENTENCES = [["Small nodule in the left lower lobe.", "No pleural effusion."]]
+
+
+def _outputs(model: MG3DModel) -> dict[str, torch.Tensor]:
+    torch.manual_seed(123)
+    volume = torch.rand(1, 1, 32, 32, 32)
+    text = tokenize_reports(model.text.tokenizer, SENTENCES)
+    with torch.no_grad():
+        enc = model.encode_volume(volume)
+        _, sent = model.encode_sentences_separately(text)
+        return {"tokens": enc.tokens, "heat": model.sentence_heatmaps(enc, sent, text.sentence_valid),
+                "text": model.global_text(model.encode_text(text))}
+
+
+def test_bundle_written_here_loads_in_another_process_bit_identical(tiny_model, tmp_path):
+    tiny_model.eval()
+    bundle = save_bundle(tmp_path / "bundle", tiny_model, meta={"labels": ["Lung nodule"]})
+    assert {p.name for p in bundle.iterdir()} >= {"config.json", "model.safetensors", "tokenizer", "text_encoder"}
+    assert not list(bundle.rglob("*.bin")) and not list(bundle.rglob("*.pt")) and not list(bundle.rglob("*.pkl"))
+    save_file({k: v.contiguous() for k, v in _outputs(tiny_model).items()}, str(tmp_path / "here.safetensors"))
+    script = textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        from safetensors.torch import save_file
+        from test_checkpoint import _outputs
+        from napari_mg3d.model import MG3DModel
+        model = MG3DModel.from_pretrained({str(bundle)!r})
+        save_file({{k: v.contiguous() for k, v in _outputs(model).items()}}, {str(tmp_path / 'there.safetensors')!r})
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, env={**os.environ})
+    here, there = load_file(str(tmp_path / "here.safetensors")), load_file(str(tmp_path / "there.safetensors"))
+    for key in here:
+        assert torch.equal(here[key], there[key]), key
+
+
+def test_zip_bundle_with_heads_round_trips(tiny_model, tmp_path):
+    head = MIMDecoder(tiny_model.config.fusion_dim)
+    path = save_bundle(tmp_path / "model.zip", tiny_model, heads={"mim_decoder": head}, meta={"provenance": {"steps": 3}})
+    loaded = load_bundle(path)
+    assert loaded.heads == ["mim_decoder"] and loaded.meta["provenance"] == {"steps": 3}
+    restored = MIMDecoder(tiny_model.config.fusion_dim)
+    restored.load_state_dict(loaded.head_state["mim_decoder"])
+    for (k, a), b in zip(head.state_dict().items(), restored.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert not loaded.missing_keys and not loaded.unexpected_keys
+
+
+def test_float16_bundle_is_half_the_size_and_close(tiny_model, tmp_path):
+    full = save_bundle(tmp_path / "fp32", tiny_model, embed_text_encoder=False)
+    half = save_bundle(tmp_path / "fp16", tiny_model, embed_text_encoder=False, dtype=torch.float16)
+    ratio = (half / "model.safetensors").stat().st_size / (full / "model.safetensors").stat().st_size
+    assert 0.45 < ratio < 0.6  # safetensors header adds a little
+    loaded = load_bundle(half).model
+    a, b = _outputs(tiny_model.eval()), _outputs(loaded)
+    torch.testing.assert_close(a["tokens"], b["tokens"], atol=0.05, rtol=0.05)
+
+
+def test_harmless_key_differences_are_reported_not_fatal(tiny_model, tmp_path, caplog):
+    path = save_bundle(tmp_path / "b", tiny_model)
+    weights = load_file(str(path / "model.safetensors"))
+    weights.pop("model.pool_text.score.0.bias")
+    weights["model.some_old_head.weight"] = torch.zeros(3)
+    save_file(weights, str(path / "model.safetensors"))
+    loaded = load_bundle(path)
+    assert loaded.missing_keys == ["pool_text.score.0.bias"]
+    assert loaded.unexpected_keys == ["some_old_head.weight"]
+    assert "missing" in caplog.text and "unexpected" in caplog.text
+
+
+def test_weights_that_do_not_fit_the_config_are_a_clear_error(tiny_model, tmp_path):
+    path = save_bundle(tmp_path / "b", tiny_model)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["model"]["fusion_dim"] = 64
+    cfg["model"]["fusion_heads"] = 4
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(BundleError, match="do not fit the architecture"):
+        load_bundle(path)
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "does not exist"),
+    ("not a zip", "neither a bundle directory nor"),
+])
+def test_unreadable_bundles_name_the_path(tmp_path, content, message):
+    path = tmp_path / "thing.zip"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(BundleError, match=message):
+        load_bundle(path)
+
+
+def test_newer_bundle_format_says_to_update(tiny_model, tmp_path):
+    path = save_bundle(tmp_path / "b", tiny_model)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["format_version"] = 99
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(BundleError, match="update napari-mg3d"):
+        load_bundle(path)

@@ -1,0 +1,287 @@
+"""The MG-3D core: shapes, masking, gradients, frozen text encoder, losses with known values, bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from napari_mg3d.model import (
+    ConfigError,
+    FrozenTextEncoder,
+    InputError,
+    MG3DPretrainer,
+    TextBatch,
+    TextEncoderUnavailable,
+    preset_config,
+    tokenize_reports,
+)
+from napari_mg3d.model import losses as L
+from napari_mg3d.model.fusion import ModalityDominantCrossAttention
+
+REPORTS = [
+    ["No pleural effusion.", "A 12 mm solid nodule in the right upper lobe."],
+    ["Cardiomegaly is present.", "Mild centrilobular emphysema in both upper lobes.", "Small hiatal hernia."],
+    ["Normal study."],
+]
+
+
+def _tokens(model, reports):
+    c = model.config
+    return tokenize_reports(model.text.tokenizer, reports, c.max_words, c.max_sentences, c.max_sentence_words)
+
+
+def _losses(pretrainer, volume, text, seed=0):
+    pretrainer.eval()  # no dropout; masks come from the generator
+    return pretrainer(volume, text, torch.Generator().manual_seed(seed))
+
+
+# ----- config ---------------------------------------------------------------------------------------
+def test_presets_match_the_paper():
+    base = preset_config("base")
+    assert base.input_size == (128, 96, 128) and base.feature_size == 48
+    assert preset_config("large").feature_size == 96
+    assert base.token_grid == (8, 6, 8)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"input_size": (64, 60, 64)}, "multiple of 32"),
+        ({"feature_size": 20}, "multiple of 12"),
+        ({"objectives": ("mim", "clip")}, "unknown objectives"),
+    ],
+)
+def test_config_rejects_bad_values_with_a_clear_message(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        preset_config("tiny", **overrides)
+
+
+def test_unknown_preset_names_the_choices():
+    with pytest.raises(ConfigError, match="base"):
+        preset_config("huge")
+
+
+# ----- shapes ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("batch, n_sentences", [(1, 1), (3, 20)])
+def test_output_shapes(tiny_model, batch, n_sentences):
+    reports = [[f"Finding number {i} is seen in segment {j}." for i in range(n_sentences)] for j in range(batch)]
+    text = _tokens(tiny_model, reports)
+    volume = torch.rand(batch, 1, 32, 32, 32)
+    enc = tiny_model.encode_volume(volume)
+    assert enc.tokens.shape == (batch, 8, 32) and enc.grid == (2, 2, 2)
+    assert [f.shape[1] for f in enc.features] == [12, 24, 48, 96, 192]
+    txt = tiny_model.encode_text(text)
+    assert txt.sentences.shape == (batch, n_sentences, 32)
+    raw, sent = tiny_model.encode_sentences_separately(text)
+    assert raw.shape == (batch, n_sentences, 32) and sent.shape == (batch, n_sentences, 32)
+    heat = tiny_model.sentence_heatmaps(enc, sent, text.sentence_valid)
+    assert heat.shape == (batch, n_sentences, 2, 2, 2)
+    torch.testing.assert_close(heat.sum(dim=(2, 3, 4)), torch.ones(batch, n_sentences))
+    out = _losses(MG3DPretrainer(tiny_model), volume, text)
+    assert set(out) == {"mim", "mlm", "sfr", "cml", "ssm", "dfa", "total"}
+    for name, value in out.items():
+        assert value.dim() == 0 and torch.isfinite(value), name
+
+
+def test_every_sentence_maps_to_its_own_words(tiny_model):
+    text = _tokens(tiny_model, [["Small nodule.", "No effusion at all."]])
+    ids = text.input_ids[0][text.word_sentence[0] == 1]
+    assert tiny_model.text.tokenizer.decode(ids) == "no effusion at all."
+
+
+def test_padding_with_an_extra_sentence_and_word_changes_no_loss(tiny_model):
+    torch.manual_seed(1)
+    pre = MG3DPretrainer(tiny_model)
+    volume = torch.rand(2, 1, 32, 32, 32)
+    text = _tokens(tiny_model, REPORTS[:2])
+    pad_id = tiny_model.text.tokenizer.pad_token_id
+
+    def pad(t: torch.Tensor, dim: int, value) -> torch.Tensor:
+        shape = list(t.shape)
+        shape[dim] = 1
+        return torch.cat([t, torch.full(shape, value, dtype=t.dtype)], dim=dim)
+
+    padded = TextBatch(
+        input_ids=pad(text.input_ids, 1, pad_id),
+        attention_mask=pad(text.attention_mask, 1, 0),
+        word_sentence=pad(text.word_sentence, 1, -1),
+        word_index=pad(text.word_index, 1, -1),
+        sentence_ids=pad(text.sentence_ids, 1, pad_id),
+        sentence_attention=pad(text.sentence_attention, 1, 0),
+        sentence_valid=pad(text.sentence_valid, 1, False),
+    )
+    a, b = _losses(pre, volume, text), _losses(pre, volume, padded)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+# ----- gradients and the frozen text encoder --------------------------------------------------------
+def test_gradients_reach_vision_and_fusion_but_never_the_text_encoder(tiny_model):
+    pre = MG3DPretrainer(tiny_model)
+    pre.train()
+    text = _tokens(tiny_model, REPORTS)
+    volume = torch.rand(3, 1, 32, 32, 32)
+    before = {n: p.detach().clone() for n, p in tiny_model.text.named_parameters()}
+    params = [p for _, p in pre.trainable_named_parameters()]
+    assert not {id(p) for p in tiny_model.text.parameters()} & {id(p) for p in params}
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    out = pre(volume, text, torch.Generator().manual_seed(0))
+    out["total"].backward()
+    grads = {n: p.grad for n, p in pre.named_parameters()}
+    assert grads["model.vision.swin.patch_embed.proj.weight"].abs().sum() > 0
+    assert grads["model.vision.swin.layers4.0.blocks.0.attn.qkv.weight"].abs().sum() > 0
+    assert grads["model.volume_fusion.layers.0.cross_attn.q.weight"].abs().sum() > 0
+    assert grads["model.text_fusion.layers.0.cross_attn.v.weight"].abs().sum() > 0
+    assert grads["model.sentence_attention.k.weight"].abs().sum() > 0
+    assert all(p.grad is None for p in tiny_model.text.parameters())
+    opt.step()
+    assert tiny_model.text.model.training is False
+    for n, p in tiny_model.text.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+
+def test_each_objective_can_be_switched_off(tiny_config):
+    from napari_mg3d.model import MG3DModel
+
+    model = MG3DModel(tiny_config.replace(objectives=("mim", "mlm")))
+    out = _losses(MG3DPretrainer(model), torch.rand(2, 1, 32, 32, 32), _tokens(model, REPORTS[:2]))
+    assert out["mim"] > 0 and out["mlm"] > 0
+    assert out["ssm"] == 0 and out["dfa"] == 0 and out["cml"] == 0 and out["sfr"] == 0
+    torch.testing.assert_close(out["total"], out["mim"] + out["mlm"])
+
+
+def test_a_tiny_model_overfits_one_batch(tiny_model):
+    torch.manual_seed(0)
+    pre = MG3DPretrainer(tiny_model)
+    text = _tokens(tiny_model, REPORTS[:2])
+    volume = torch.rand(2, 1, 32, 32, 32)
+    opt = torch.optim.AdamW([p for _, p in pre.trainable_named_parameters()], lr=3e-3)
+    first = None
+    for _ in range(25):
+        out = pre(volume, text, torch.Generator().manual_seed(0))
+        opt.zero_grad()
+        out["total"].backward()
+        opt.step()
+        first = float(out["total"]) if first is None else first
+    assert float(out["total"]) < 0.5 * first
+
+
+# ----- losses with known values ---------------------------------------------------------------------
+def test_info_nce_hand_built_case_matches_its_analytic_value():
+    q = torch.eye(2)
+    tau = 0.5
+    expected = math.log(1 + math.exp(-1 / tau))
+    assert L.info_nce(q, q, tau).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_info_nce_is_lower_for_matched_pairs_than_for_shuffled():
+    torch.manual_seed(0)
+    keys = torch.randn(8, 16)
+    queries = keys + 0.1 * torch.randn(8, 16)
+    matched = L.info_nce(queries, keys, 0.1)
+    shuffled = L.info_nce(queries[torch.roll(torch.arange(8), 1)], keys, 0.1)
+    assert matched < 0.1 < shuffled
+
+
+def test_ssm_is_zero_when_similarity_matrices_agree_and_positive_otherwise():
+    torch.manual_seed(0)
+    text = torch.randn(3, 4, 8)
+    valid = torch.ones(3, 4, dtype=torch.bool)
+    rotation, _ = torch.linalg.qr(torch.randn(8, 8))
+    assert L.ssm_loss(text, text @ rotation, valid).item() == pytest.approx(0.0, abs=1e-6)
+    assert L.ssm_loss(text, torch.randn(3, 4, 8), valid) > 0.1
+    assert L.ssm_loss(text[:1], text[:1], valid[:1]).item() == 0.0
+
+
+def test_ssm_ignores_padded_sentences():
+    torch.manual_seed(0)
+    text, vis = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    valid = torch.tensor([[True, True, False], [True, True, True]])
+    garbage = vis.clone()
+    garbage[0, 2] = 100 * torch.randn(8)
+    assert L.ssm_loss(text, vis, valid).item() == pytest.approx(L.ssm_loss(text, garbage, valid).item())
+
+
+def test_sfr_is_zero_for_identical_features_and_one_for_orthogonal():
+    x = torch.randn(2, 3, 8)
+    valid = torch.ones(2, 3, dtype=torch.bool)
+    assert L.sfr_loss(x, x, valid).item() == pytest.approx(0.0, abs=1e-6)
+    a, b = torch.zeros(1, 1, 2), torch.zeros(1, 1, 2)
+    a[..., 0], b[..., 1] = 1, 1
+    assert L.sfr_loss(a, b, valid[:1, :1]).item() == pytest.approx(1.0)
+
+
+def test_mim_loss_counts_only_masked_voxels():
+    target = torch.zeros(1, 1, 4, 4, 4)
+    mask = torch.zeros_like(target)
+    mask[..., :2, :, :] = 1
+    pred = torch.zeros_like(target)
+    pred[..., 2:, :, :] = 5.0  # error only where nothing was masked
+    assert L.mim_loss(pred, target, mask).item() == 0.0
+    pred[..., :2, :, :] = 2.0
+    assert L.mim_loss(pred, target, mask).item() == pytest.approx(4.0)
+
+
+def test_cross_attention_reweights_dominant_tokens_by_received_attention():
+    torch.manual_seed(0)
+    attn = ModalityDominantCrossAttention(8, 2)
+    with torch.no_grad():
+        attn.q.weight.zero_()
+        attn.q.bias.zero_()  # every query scores every token equally -> uniform attention
+    dominant, queries = torch.randn(1, 5, 8), torch.randn(1, 3, 8)
+    out = attn(dominant, queries, return_attention=True)
+    torch.testing.assert_close(out.attention, torch.full((1, 2, 3, 5), 0.2))
+    torch.testing.assert_close(out.dominant, attn.out(attn.v(dominant)))  # uniform -> identity weighting
+
+
+def test_cross_attention_masks_padded_tokens():
+    torch.manual_seed(0)
+    attn = ModalityDominantCrossAttention(8, 2)
+    dominant, queries = torch.randn(1, 5, 8), torch.randn(1, 2, 8)
+    mask = torch.tensor([[True, True, True, False, False]])
+    out = attn(dominant, queries, dominant_mask=mask, return_attention=True, return_queries=True)
+    assert torch.all(out.attention[..., 3:] == 0)
+    short = attn(dominant[:, :3], queries, return_attention=True, return_queries=True)
+    torch.testing.assert_close(out.queries, short.queries)
+    torch.testing.assert_close(out.dominant[:, :3], short.dominant)
+
+
+# ----- bad input ------------------------------------------------------------------------------------
+def test_bad_volumes_get_clear_errors(tiny_model):
+    pre = MG3DPretrainer(tiny_model)
+    text = _tokens(tiny_model, REPORTS[:1])
+    with pytest.raises(InputError, match=r"\(B, 1, Z, Y, X\)"):
+        pre(torch.rand(32, 32, 32), text)
+    with pytest.raises(InputError, match="floating point"):
+        pre(torch.zeros(1, 1, 32, 32, 32, dtype=torch.int16), text)
+    bad = torch.rand(1, 1, 32, 32, 32)
+    bad[0, 0, 3, 3, 3] = float("nan")
+    with pytest.raises(InputError, match="1 NaN/inf"):
+        pre(bad, text)
+    with pytest.raises(InputError, match="multiple of 32"):
+        pre(torch.rand(1, 1, 32, 40, 32), text)
+    with pytest.raises(InputError, match="pair up"):
+        pre(torch.rand(2, 1, 32, 32, 32), text)
+
+
+def test_empty_report_is_an_error_and_unpunctuated_report_is_one_sentence(tiny_model):
+    with pytest.raises(ValueError, match="report 1 is empty"):
+        _tokens(tiny_model, [["Fine."], ["  "]])
+    text = _tokens(tiny_model, [["no acute findings seen"]])
+    assert text.sentence_valid.tolist() == [[True]]
+
+
+def test_missing_text_encoder_names_what_was_asked_and_how_to_fix():
+    with pytest.raises(TextEncoderUnavailable, match=r"(?s)no-such-org/radbert-xyz.*local"):
+        FrozenTextEncoder("no-such-org/radbert-xyz")
+
+
+def test_default_text_encoder_loads_offline_and_gives_meaningful_sentence_features():
+    enc = FrozenTextEncoder()
+    reports = [["A man is eating food."], ["A man is eating a piece of bread."], ["The girl is carrying a baby."]]
+    feats = enc.separate_sentence_features(tokenize_reports(enc.tokenizer, reports))[:, 0]
+    sim = torch.nn.functional.cosine_similarity(feats[:, None], feats[None], dim=-1)
+    assert enc.hidden_size == 384
+    assert sim[0, 1] > 0.6 and sim[0, 1] > sim[0, 2] + 0.3
