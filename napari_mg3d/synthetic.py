@@ -342,6 +342,9 @@ class PhantomBuilder:
         return (np.asarray(index) - (shape - 1) / 2) * sp
 
     def add(self, name: str, label: str, mask: np.ndarray, hu: float | np.ndarray | None = None) -> None:
+        if not mask.any():  # coarse grids can miss a thin structure: keep at least a small blob
+            centre = self._point_in(self.organs["lung_right"] | self.organs["lung_left"], 0)
+            mask = self.c.ellipsoid(centre, tuple(1.6 * s for s in self.c.spacing))
         if hu is not None:
             self.hu[mask] = hu if np.isscalar(hu) else hu[mask]
         self.lesions[name] = mask

@@ -1,0 +1,350 @@
+"""Readers and writers: NIfTI, DICOM series, NRRD -> Volume; label and float maps -> NIfTI on the source grid.
+
+No napari or Qt here. Every failure raises :class:`VolumeReadError` naming the file and what to do.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import warnings
+import zlib
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .volume import Volume
+
+log = logging.getLogger(__name__)
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+NRRD_SUFFIXES = (".nrrd", ".nhdr")
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima", "")
+SUPPORTED = "NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr) or a DICOM series (folder or files)"
+# Tags kept as source metadata (no patient-identifying fields).
+DICOM_TAGS = ("Modality", "SeriesDescription", "SeriesInstanceUID", "StudyInstanceUID", "Manufacturer",
+              "ManufacturerModelName", "KVP", "SliceThickness", "ConvolutionKernel", "PatientPosition",
+              "RescaleType", "BodyPartExamined", "ImageType")
+
+
+class VolumeReadError(ValueError):
+    """A file or folder that cannot be read as a 3D medical image."""
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
+
+
+def read_volume(path: str | Path | Sequence[str | Path], **kwargs) -> Volume:
+    """Read a NIfTI/NRRD file, a DICOM folder or a list of DICOM files into a :class:`Volume`."""
+    if isinstance(path, (list, tuple)):
+        return read_dicom_series(path, **kwargs)
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise VolumeReadError(f"{path} does not exist")
+    if path.is_dir():
+        return read_dicom_series(path, **kwargs)
+    suffix = _suffix(path)
+    if suffix in NIFTI_SUFFIXES:
+        return read_nifti(path, **kwargs)
+    if suffix in NRRD_SUFFIXES:
+        return read_nrrd(path, **kwargs)
+    if _looks_like_dicom(path):
+        return read_dicom_series([path], **kwargs)
+    raise VolumeReadError(f"{path} is not a supported medical image; expected {SUPPORTED}")
+
+
+def _check_voxels(data: np.ndarray, path: Path, nan_policy: str) -> np.ndarray:
+    bad = ~np.isfinite(data)
+    if bad.any():
+        n = int(bad.sum())
+        if nan_policy == "raise":
+            raise VolumeReadError(
+                f"{path} has {n} NaN/inf voxels of {data.size}; fix the file, or read it with "
+                f"nan_policy='fill' to replace them with the image minimum"
+            )
+        fill = float(np.nanmin(np.where(bad, np.nan, data))) if n < data.size else 0.0
+        log.warning("%s: replaced %d NaN/inf voxels with %g", path, n, fill)
+        data = np.where(bad, fill, data).astype(np.float32)
+    return data
+
+
+def _as_3d(data: np.ndarray, path: Path) -> np.ndarray:
+    """Squeeze trailing singleton axes; reject 2D, RGB and true 4D images with a message naming the axis."""
+    if data.dtype.names is not None:
+        raise VolumeReadError(f"{path} holds RGB/vector voxels ({data.dtype}); MG-3D needs a grey-value CT or MR volume")
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim < 3 or (data.ndim == 3 and min(data.shape) == 1):
+        raise VolumeReadError(f"{path} is a 2D image (shape {data.shape}); MG-3D needs a 3D volume")
+    if data.ndim > 3:
+        raise VolumeReadError(
+            f"{path} is {data.ndim}D with shape {data.shape}: axis 3 has {data.shape[3]} entries "
+            "(time points or channels). Extract one 3D volume first (e.g. data[..., 0] with nibabel)."
+        )
+    return data
+
+
+def read_nifti(path: str | Path, nan_policy: str = "raise") -> Volume:
+    """NIfTI (.nii/.nii.gz) -> Volume; scl_slope/scl_inter applied; axes (k, j, i)."""
+    import nibabel as nib
+
+    path = Path(path)
+    try:
+        img = nib.load(str(path))
+        raw = img.dataobj
+        if len(raw.shape) >= 4 and raw.shape[3] > 1:
+            _as_3d(np.empty(raw.shape, np.uint8), path)  # raises with the 4D message without decoding
+        data = np.asarray(img.get_fdata(dtype=np.float32))
+    except VolumeReadError:
+        raise
+    except (EOFError, zlib.error, gzip.BadGzipFile) as err:
+        raise VolumeReadError(f"{path} is truncated or corrupt ({err}); download or copy it again") from err
+    except Exception as err:  # nibabel raises several types for non-NIfTI content
+        raise VolumeReadError(f"{path} could not be read as NIfTI: {err}") from err
+    data = _check_voxels(_as_3d(data, path), path, nan_policy)
+    data = np.ascontiguousarray(np.transpose(data, (2, 1, 0)))
+    affine = img.affine[:, [2, 1, 0, 3]]
+    header = img.header
+    meta = {
+        "source": str(path), "format": "nifti", "qform_code": int(header["qform_code"]),
+        "sform_code": int(header["sform_code"]), "descrip": header["descrip"].tobytes().rstrip(b"\0").decode("latin-1"),
+        "units": header.get_xyzt_units()[0],
+    }
+    return Volume(data.astype(np.float32, copy=False), affine, meta)
+
+
+def read_nrrd(path: str | Path, nan_policy: str = "raise") -> Volume:
+    """NRRD -> Volume, honouring 'space', 'space directions' and 'space origin'."""
+    import nrrd
+
+    path = Path(path)
+    try:
+        data, header = nrrd.read(str(path))
+    except Exception as err:
+        raise VolumeReadError(f"{path} could not be read as NRRD: {err}") from err
+    data = _as_3d(np.asarray(data), path).astype(np.float32)
+    data = _check_voxels(data, path, nan_policy)
+    dirs = header.get("space directions")
+    if dirs is None:
+        lin = np.diag([float(s) for s in header.get("spacings", (1, 1, 1))[:3]])
+    else:
+        lin = np.array([d for d in dirs if d is not None and not (isinstance(d, float) and np.isnan(d))], float)[:3].T
+        if lin.shape != (3, 3) or np.isnan(lin).any():
+            raise VolumeReadError(f"{path}: 'space directions' {dirs} do not describe a 3D grid")
+    origin = np.asarray(header.get("space origin", np.zeros(3)), float)
+    space = str(header.get("space", "left-posterior-superior")).lower()
+    to_ras = {"left-posterior-superior": [-1, -1, 1], "right-anterior-superior": [1, 1, 1],
+              "left-anterior-superior": [-1, 1, 1], "lps": [-1, -1, 1], "ras": [1, 1, 1]}.get(space)
+    if to_ras is None:
+        raise VolumeReadError(f"{path}: NRRD space {space!r} is not supported; expected RAS, LPS or LAS")
+    flip = np.diag(to_ras)
+    affine = np.eye(4)
+    affine[:3, :3] = flip @ lin
+    affine[:3, 3] = flip @ origin
+    data = np.ascontiguousarray(np.transpose(data, (2, 1, 0)))
+    return Volume(data, affine[:, [2, 1, 0, 3]], {"source": str(path), "format": "nrrd", "space": space})
+
+
+# ----- DICOM ----------------------------------------------------------------------------------------
+def _looks_like_dicom(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(128)
+            return fh.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def _dicom_files(source: str | Path | Iterable[str | Path]) -> list[Path]:
+    if isinstance(source, (str, Path)):
+        root = Path(source).expanduser()
+        if not root.exists():
+            raise VolumeReadError(f"{root} does not exist")
+        files = [p for p in sorted(root.rglob("*")) if p.is_file()] if root.is_dir() else [root]
+        if root.is_dir() and not files:
+            raise VolumeReadError(f"{root} is an empty folder; expected a DICOM series")
+    else:
+        files = [Path(p) for p in source]
+    return files
+
+
+def _is_localizer(ds) -> bool:
+    image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
+    return "LOCALIZER" in image_type or "SCOUT" in str(ds.get("SeriesDescription", "")).upper()
+
+
+def _series_key(ds) -> tuple:
+    iop = tuple(np.round(np.asarray(ds.ImageOrientationPatient, float), 4))
+    return (str(ds.get("SeriesInstanceUID", "")), iop)
+
+
+def read_dicom_series(
+    source: str | Path | Iterable[str | Path],
+    nan_policy: str = "raise",
+    allow_uneven: bool = False,
+) -> Volume:
+    """Read a DICOM series (a folder, a list of files, or a folder holding several series).
+
+    Slices are ordered by ImagePositionPatient projected on the slice normal; RescaleSlope/Intercept are
+    applied per slice; localizers are skipped; with several series the largest is read and the others are
+    named in a warning. Uneven or missing slices raise (``allow_uneven=True`` reads them with the median
+    spacing and a warning). Compressed transfer syntaxes decode through pylibjpeg (JPEG 2000, JPEG-LS, RLE).
+    """
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    files = _dicom_files(source)
+    label = str(source) if isinstance(source, (str, Path)) else f"{len(files)} DICOM files"
+    headers, skipped = [], defaultdict(int)
+    for f in files:
+        try:
+            ds = pydicom.dcmread(str(f), stop_before_pixels=True)
+        except (InvalidDicomError, OSError, EOFError, ValueError):
+            skipped["not DICOM"] += 1
+            continue
+        if "PixelData" not in ds and not hasattr(ds, "Rows"):
+            skipped["no pixel data"] += 1
+            continue
+        if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds:
+            skipped["no position/orientation (not a cross-sectional image)"] += 1
+            continue
+        if _is_localizer(ds):
+            skipped["localizer/scout"] += 1
+            continue
+        headers.append((f, ds))
+    if skipped:
+        log.info("%s: skipped %s", label, dict(skipped))
+    if not headers:
+        raise VolumeReadError(f"{label}: no DICOM image slices found (skipped: {dict(skipped) or 'nothing'}); "
+                              "expected a CT/MR DICOM series")
+    series: dict[tuple, list] = defaultdict(list)
+    for f, ds in headers:
+        series[_series_key(ds)].append((f, ds))
+    chosen_key = max(series, key=lambda k: len(series[k]))
+    if len(series) > 1:
+        others = [f"{k[0] or '?'} ({len(v)} slices, {v[0][1].get('SeriesDescription', '')!s})"
+                  for k, v in series.items() if k != chosen_key]
+        msg = f"{label} holds {len(series)} series; reading the largest ({len(series[chosen_key])} slices), ignoring: {others}"
+        warnings.warn(msg, stacklevel=2)
+        log.warning(msg)
+    slices = series[chosen_key]
+
+    sizes = {(int(ds.Rows), int(ds.Columns)) for _, ds in slices}
+    if len(sizes) > 1:
+        raise VolumeReadError(f"{label}: slices of one series have different sizes {sorted(sizes)}; "
+                              "the series is mixed or corrupt")
+    iop = np.asarray(slices[0][1].ImageOrientationPatient, float)
+    row_dir, col_dir = iop[:3], iop[3:]
+    normal = np.cross(row_dir, col_dir)
+    positions = np.array([np.asarray(ds.ImagePositionPatient, float) for _, ds in slices])
+    order = np.argsort(positions @ normal)
+    slices = [slices[i] for i in order]
+    positions = positions[order]
+    proj = positions @ normal
+    if len(np.unique(np.round(proj, 3))) != len(proj):
+        raise VolumeReadError(f"{label}: several slices share a position; the folder may hold duplicate "
+                              "or multi-phase images of one series")
+
+    n = len(slices)
+    if n > 1:
+        steps = np.diff(positions, axis=0)
+        along = steps @ normal
+        off_axis = np.linalg.norm(steps - np.outer(along, normal), axis=1)
+        if np.max(off_axis / np.abs(along)) > 0.01:
+            raise VolumeReadError(f"{label}: slice positions are not along the slice normal (gantry tilt of "
+                                  f"{np.degrees(np.arctan(np.max(off_axis / np.abs(along)))):.1f} degrees); "
+                                  "resample the series to remove the tilt before reading")
+        gap = float(np.median(along))
+        uneven = np.abs(along - gap) > max(0.01 * gap, 0.01)
+        if uneven.any():
+            where = [f"{proj[i]:.2f}->{proj[i + 1]:.2f} mm" for i in np.flatnonzero(uneven)[:5]]
+            msg = (f"{label}: uneven slice spacing (typical {gap:.3f} mm; at {where}); "
+                   "a slice may be missing")
+            if not allow_uneven:
+                raise VolumeReadError(msg + ". Pass allow_uneven=True to read it with the typical spacing.")
+            warnings.warn(msg, stacklevel=2)
+    else:
+        gap = float(slices[0][1].get("SpacingBetweenSlices", slices[0][1].get("SliceThickness", 1.0)) or 1.0)
+
+    pixels = np.empty((n, *sizes.pop()), np.float32)
+    for k, (f, _) in enumerate(slices):
+        try:
+            ds = pydicom.dcmread(str(f))
+            arr = ds.pixel_array
+        except Exception as err:
+            ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "?") if "ds" in locals() else "?"
+            raise VolumeReadError(
+                f"{f}: pixel data could not be decoded (transfer syntax {ts}): {err}. Compressed DICOM needs "
+                "pylibjpeg with pylibjpeg-openjpeg (JPEG 2000) / pylibjpeg-libjpeg (JPEG, JPEG-LS), or GDCM"
+            ) from err
+        if arr.ndim != 2:
+            raise VolumeReadError(f"{f}: expected one 2D frame per file, got pixel array {arr.shape}")
+        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+        intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+        pixels[k] = arr.astype(np.float32) * slope + intercept
+    pixels = _check_voxels(pixels, Path(label), nan_policy)
+
+    spacing = [float(v) for v in slices[0][1].PixelSpacing]  # (row spacing, column spacing)
+    lps = np.eye(4)
+    lps[:3, 0] = normal * gap
+    lps[:3, 1] = col_dir * spacing[0]
+    lps[:3, 2] = row_dir * spacing[1]
+    lps[:3, 3] = positions[0]
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # LPS -> RAS
+    first = slices[0][1]
+    meta = {"source": label, "format": "dicom", "n_files": n, "skipped": dict(skipped),
+            "transfer_syntax": str(getattr(getattr(pydicom.dcmread(str(slices[0][0]), stop_before_pixels=True),
+                                                   "file_meta", None), "TransferSyntaxUID", "")),
+            "tags": {t: _jsonable(first.get(t)) for t in DICOM_TAGS if t in first}}
+    return Volume(pixels, affine, meta)
+
+
+def _jsonable(value):
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (int, float, str)):
+        return value
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+# ----- writers --------------------------------------------------------------------------------------
+def write_nifti(path: str | Path, data: np.ndarray, reference: Volume | np.ndarray, *, label: bool | None = None) -> Path:
+    """Write ``data`` (a0, a1, a2), on the grid of ``reference`` (a Volume or its 4x4 affine), as NIfTI.
+
+    Integer/bool data is written as a label map (uint8/uint16, NIfTI intent 'label'); float data as float32.
+    The file overlays the source image exactly in any viewer (same affine, sform and qform).
+    """
+    import nibabel as nib
+
+    path = Path(path)
+    affine = reference.affine if isinstance(reference, Volume) else np.asarray(reference, float)
+    if isinstance(reference, Volume) and data.shape != reference.shape:
+        raise ValueError(f"data shape {data.shape} does not match the reference grid {reference.shape}")
+    is_label = label if label is not None else (data.dtype == bool or np.issubdtype(data.dtype, np.integer))
+    if is_label:
+        top = int(data.max()) if data.size else 0
+        if data.size and int(data.min()) < 0:
+            raise ValueError(f"label maps must be >= 0; got minimum {int(data.min())}")
+        out = data.astype(np.uint8 if top < 256 else np.uint16)
+    else:
+        out = data.astype(np.float32)
+    img = nib.Nifti1Image(np.transpose(out, (2, 1, 0)), affine[:, [2, 1, 0, 3]])
+    img.set_sform(img.affine, code=1)
+    img.set_qform(img.affine, code=1)
+    img.header.set_xyzt_units("mm")
+    if is_label:
+        img.header.set_intent("label")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not (path.name.endswith(".nii") or path.name.endswith(".nii.gz")):
+        path = path.with_name(path.name + ".nii.gz")
+    nib.save(img, str(path))
+    return path

@@ -1,0 +1,262 @@
+"""The preprocessing contract (one implementation for training, evaluation and the plugin), invertible.
+
+Volume (any orientation, HU) -> model space:
+  1. reorient to canonical (a0, a1, a2) = (Superior, Posterior, Left) by axis permutation/flips only;
+  2. clip HU to [-1000, 1000] and scale to [0, 1];
+  3. centre-crop with ratios (0.88, 0.66, 0.88) over (superior-inferior, anterior-posterior, left-right);
+  4. resize (trilinear) to the model input, e.g. (128, 96, 128) for the base preset.
+Every step is written into a :class:`PreprocessRecord`; :func:`to_original` maps any model-space map
+(heat map, probabilities, labels) back onto the source voxel grid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .volume import Volume
+
+CANONICAL_AXCODES = ("S", "P", "L")
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Parameters of the contract. Sizes (a0, a1, a2) in voxels; HU window in Hounsfield units."""
+
+    target_size: tuple[int, int, int] = (128, 96, 128)
+    crop_ratios: tuple[float, float, float] = (0.88, 0.66, 0.88)
+    hu_window: tuple[float, float] = (-1000.0, 1000.0)
+    axcodes: tuple[str, str, str] = CANONICAL_AXCODES
+
+    def to_dict(self) -> dict:
+        return {k: list(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PreprocessConfig:
+        return cls(**{k: tuple(v) for k, v in data.items() if k in cls.__dataclass_fields__})
+
+    def fingerprint(self) -> str:
+        """Short hash that changes whenever a parameter changes (cache keys)."""
+        return hashlib.sha1(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+@dataclass
+class PreprocessRecord:
+    """What preprocessing did, enough to invert it exactly.
+
+    ornt: nibabel orientation transform source -> canonical; source_shape / canonical_shape: grids;
+    crop_start / crop_stop: canonical-grid indices kept; target_size: model grid;
+    source_affine / model_affine: index -> RAS mm of the source and of the model grid.
+    """
+
+    source_shape: tuple[int, int, int]
+    ornt: list[list[float]]
+    canonical_shape: tuple[int, int, int]
+    crop_start: tuple[int, int, int]
+    crop_stop: tuple[int, int, int]
+    target_size: tuple[int, int, int]
+    source_affine: list[list[float]]
+    model_affine: list[list[float]] = field(default_factory=list)
+
+    @property
+    def crop_shape(self) -> tuple[int, int, int]:
+        return tuple(b - a for a, b in zip(self.crop_start, self.crop_stop))  # type: ignore[return-value]
+
+    @property
+    def model_spacing(self) -> tuple[float, float, float]:
+        return tuple(float(v) for v in np.linalg.norm(np.asarray(self.model_affine)[:3, :3], axis=0))  # type: ignore
+
+
+def orientation_transform(affine: np.ndarray, axcodes=CANONICAL_AXCODES) -> np.ndarray:
+    import nibabel as nib
+
+    return nib.orientations.ornt_transform(nib.orientations.io_orientation(affine),
+                                           nib.orientations.axcodes2ornt(axcodes))
+
+
+def _apply_ornt(array: np.ndarray, ornt: np.ndarray) -> np.ndarray:
+    """Apply a nibabel orientation transform to the last three axes."""
+    lead = array.ndim - 3
+    out = array
+    for ax, flip in enumerate(ornt[:, 1]):
+        if flip == -1:
+            out = np.flip(out, axis=lead + ax)
+    perm = list(range(lead)) + [lead + int(i) for i in np.argsort(ornt[:, 0])]
+    return np.ascontiguousarray(np.transpose(out, perm))
+
+
+def _invert_ornt(array: np.ndarray, ornt: np.ndarray) -> np.ndarray:
+    lead = array.ndim - 3
+    perm = list(range(lead)) + [lead + int(i) for i in ornt[:, 0]]
+    out = np.transpose(array, perm)
+    for ax, flip in enumerate(ornt[:, 1]):
+        if flip == -1:
+            out = np.flip(out, axis=lead + ax)
+    return np.ascontiguousarray(out)
+
+
+def centre_crop_box(shape, ratios) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    size = [max(1, int(round(n * r))) for n, r in zip(shape, ratios)]
+    start = [(n - s) // 2 for n, s in zip(shape, size)]
+    return tuple(start), tuple(a + s for a, s in zip(start, size))
+
+
+def _resize(x: torch.Tensor, size, mode: str) -> torch.Tensor:
+    """(C, Z, Y, X) -> (C, *size).
+
+    'trilinear': axes that shrink are first area-averaged (anti-aliasing, like MONAI's default 'area'
+    resize), axes that grow are then interpolated trilinearly (align_corners=False). 'nearest' for labels
+    that must stay integer.
+    """
+    size = tuple(int(s) for s in size)
+    if tuple(x.shape[-3:]) == size:
+        return x
+    x = x[None].float()
+    if mode == "nearest":
+        return F.interpolate(x, size=size, mode="nearest")[0]
+    if mode == "smooth-linear":  # already smooth fields (distances, logits): plain trilinear, no averaging
+        return F.interpolate(x, size=size, mode="trilinear", align_corners=False)[0]
+    inter = tuple(min(a, b) for a, b in zip(x.shape[-3:], size))
+    if inter != tuple(x.shape[-3:]):
+        x = F.adaptive_avg_pool3d(x, inter)
+    if inter != size:
+        x = F.interpolate(x, size=size, mode="trilinear", align_corners=False)
+    return x[0]
+
+
+def preprocess(volume: Volume, config: PreprocessConfig = PreprocessConfig()) -> tuple[torch.Tensor, PreprocessRecord]:
+    """Volume in HU -> ((1, Z, Y, X) float32 tensor in [0, 1], record)."""
+    data = volume.data
+    if data.ndim != 3:
+        raise ValueError(f"expected a 3D volume, got shape {data.shape}")
+    ornt = orientation_transform(volume.affine, config.axcodes)
+    canonical = _apply_ornt(data, ornt)
+    start, stop = centre_crop_box(canonical.shape, config.crop_ratios)
+    cropped = canonical[start[0]:stop[0], start[1]:stop[1], start[2]:stop[2]]
+    lo, hi = config.hu_window
+    x = torch.from_numpy(np.ascontiguousarray(cropped, dtype=np.float32))
+    x = ((x.clamp(lo, hi) - lo) / (hi - lo))[None]
+    x = _resize(x, config.target_size, "trilinear").clamp_(0, 1)
+    record = PreprocessRecord(tuple(data.shape), ornt.tolist(), tuple(canonical.shape), start, stop,  # type: ignore[arg-type]
+                              tuple(config.target_size), volume.affine.tolist())
+    record.model_affine = model_affine(record).tolist()
+    return x, record
+
+
+def model_affine(record: PreprocessRecord) -> np.ndarray:
+    """index in model space -> RAS mm (centres of the resized voxels, align_corners=False)."""
+    import nibabel as nib
+
+    ornt = np.asarray(record.ornt)
+    inv = nib.orientations.inv_ornt_aff(ornt, record.source_shape)
+    canon_affine = np.asarray(record.source_affine) @ inv
+    scale = np.array(record.crop_shape, float) / np.array(record.target_size, float)
+    step = np.eye(4)
+    step[:3, :3] = np.diag(scale)
+    step[:3, 3] = np.array(record.crop_start, float) + (scale - 1) / 2
+    return canon_affine @ step
+
+
+def to_original(
+    model_map: np.ndarray | torch.Tensor,
+    record: PreprocessRecord,
+    kind: str = "continuous",
+    fill: float = 0.0,
+) -> np.ndarray:
+    """Map a model-space array back onto the source voxel grid.
+
+    model_map: (Z, Y, X) or (C, Z, Y, X) on the model grid. kind:
+      'continuous'    heat maps, intensities: resampled as is;
+      'scores'        (C, Z, Y, X) class scores (logits, signed distances, probabilities): resampled,
+                      then argmax -> int32 labels on the source grid. Logits/distances come back far more
+                      accurately than probabilities or labels, which are not smooth;
+      'probabilities' the same as 'scores';
+      'label'         (Z, Y, X) integer labels: one-hot, resampled, argmax.
+    Outside the crop the result is ``fill`` (class 0 for labels).
+    """
+    x = model_map if isinstance(model_map, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(model_map))
+    a, b = record.crop_start, record.crop_stop
+    if kind in ("label", "probabilities", "scores"):
+        if kind == "label":
+            if x.dim() != 3:
+                raise ValueError(f"label maps must be (Z, Y, X), got {tuple(x.shape)}")
+            x = F.one_hot(x.long(), max(int(x.max()) + 1, 2)).permute(3, 0, 1, 2).float()
+        elif x.dim() != 4:
+            raise ValueError(f"class scores must be (C, Z, Y, X), got {tuple(x.shape)}")
+        up = _resize(x.float(), record.crop_shape, "trilinear" if kind == "label" else "smooth-linear")
+        canvas = np.full(record.canonical_shape, int(fill), np.int32)
+        canvas[a[0]:b[0], a[1]:b[1], a[2]:b[2]] = up.argmax(0).numpy()
+        return _invert_ornt(canvas, np.asarray(record.ornt))
+    squeeze = x.dim() == 3
+    up = _resize((x[None] if squeeze else x).float(), record.crop_shape, "trilinear").numpy()
+    canvas = np.full((up.shape[0], *record.canonical_shape), fill, np.float32)
+    canvas[:, a[0]:b[0], a[1]:b[1], a[2]:b[2]] = up
+    out = _invert_ornt(canvas, np.asarray(record.ornt))
+    return out[0] if squeeze else out
+
+
+def labels_to_model(labels: np.ndarray, record: PreprocessRecord, representation: str = "sdf") -> np.ndarray:
+    """Take a label map on the source grid to model space.
+
+    representation:
+      'sdf'           (C, Z, Y, X) class scores = signed distance in mm to each class boundary (positive
+                      inside; background scores minus the nearest class). Smooth, so a 10 mm blob survives
+                      the 2-3 mm model grid and comes back with Dice >= 0.95 through ``to_original(kind='scores')``;
+      'probabilities' (C, Z, Y, X) partial-volume fractions (area-averaged one-hot);
+      'labels'        (Z, Y, X) int32 argmax of the fractions.
+    """
+    from scipy.ndimage import distance_transform_edt
+
+    canonical = _apply_ornt(labels, np.asarray(record.ornt))
+    a, b = record.crop_start, record.crop_stop
+    cropped = np.ascontiguousarray(canonical[a[0]:b[0], a[1]:b[1], a[2]:b[2]]).astype(np.int64)
+    n_classes = max(int(cropped.max()) + 1, 2)
+    if representation == "sdf":
+        canon_affine = np.asarray(record.source_affine) @ _inv_ornt_affine(record)
+        spacing = tuple(np.linalg.norm(canon_affine[:3, :3], axis=0))
+        scores = np.empty((n_classes, *cropped.shape), np.float32)
+        for c in range(1, n_classes):
+            inside = cropped == c
+            if not inside.any():
+                scores[c] = -1e3
+                continue
+            scores[c] = distance_transform_edt(inside, sampling=spacing) - distance_transform_edt(~inside, sampling=spacing)
+        scores[0] = -scores[1:].max(0)
+        out = _resize(torch.from_numpy(scores), record.target_size, "smooth-linear")
+        return out.numpy()
+    onehot = F.one_hot(torch.from_numpy(cropped), n_classes).permute(3, 0, 1, 2).float()
+    probs = _resize(onehot, record.target_size, "trilinear")
+    if representation == "probabilities":
+        return probs.numpy()
+    if representation == "labels":
+        return probs.argmax(0).numpy().astype(np.int32)
+    raise ValueError(f"representation must be 'sdf', 'probabilities' or 'labels', got {representation!r}")
+
+
+def _inv_ornt_affine(record: PreprocessRecord) -> np.ndarray:
+    import nibabel as nib
+
+    return nib.orientations.inv_ornt_aff(np.asarray(record.ornt), record.source_shape)
+
+
+def resample_to_spacing(volume: Volume, spacing: tuple[float, float, float], order: str = "trilinear") -> Volume:
+    """Canonical orientation, then resample to ``spacing`` (mm along S, P, L) -- for sliding-window
+    segmentation at a fixed physical resolution. The affine of the result describes the new grid."""
+    import nibabel as nib
+
+    ornt = orientation_transform(volume.affine)
+    canonical = _apply_ornt(volume.data, ornt)
+    canon_affine = volume.affine @ nib.orientations.inv_ornt_aff(ornt, volume.shape)
+    old = np.linalg.norm(canon_affine[:3, :3], axis=0)
+    size = [max(1, int(round(n * o / s))) for n, o, s in zip(canonical.shape, old, spacing)]
+    x = _resize(torch.from_numpy(np.ascontiguousarray(canonical, np.float32))[None], size, order)[0].numpy()
+    scale = np.array(canonical.shape, float) / np.array(size, float)
+    step = np.eye(4)
+    step[:3, :3] = np.diag(scale)
+    step[:3, 3] = (scale - 1) / 2
+    return Volume(x, canon_affine @ step, {**volume.metadata, "resampled_spacing": list(spacing)})

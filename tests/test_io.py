@@ -1,0 +1,276 @@
+"""Readers and writers on real files (../shared/data/ct) and on DICOM series written here with pydicom."""
+
+from __future__ import annotations
+
+import gzip
+import random
+import warnings
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from napari_mg3d.io import VolumeReadError, read_dicom_series, read_nifti, read_nrrd, read_volume, write_nifti
+from napari_mg3d.volume import Volume
+
+
+# ----- real files -----------------------------------------------------------------------------------
+def test_real_nifti_ct(shared_data):
+    vol = read_volume(shared_data / "ct" / "example_ct_sm.nii.gz")
+    assert vol.shape == (30, 101, 122)  # (k, j, i) of the 122x101x30 file
+    assert vol.spacing == pytest.approx((3.0, 3.0, 3.0))
+    assert vol.data.dtype == np.float32
+    assert vol.data.min() < -900  # air
+    assert 0 < np.median(vol.data[vol.data > -200]) < 100  # soft tissue
+    # same voxel, same world point as nibabel's own affine
+    img = nib.load(str(shared_data / "ct" / "example_ct_sm.nii.gz"))
+    i, j, k = 10, 20, 5
+    assert np.allclose(vol.index_to_world([k, j, i]), img.affine[:3, :3] @ [i, j, k] + img.affine[:3, 3])
+    assert vol.data[k, j, i] == pytest.approx(float(img.get_fdata()[i, j, k]))
+
+
+def test_real_jpeg2000_dicom_series(shared_data):
+    vol = read_volume(shared_data / "ct" / "example_ct_dicom")
+    assert vol.shape == (20, 512, 512)
+    assert vol.spacing[1:] == pytest.approx((0.9765625, 0.9765625))
+    assert vol.metadata["transfer_syntax"] == "1.2.840.10008.1.2.4.90"  # JPEG 2000 lossless
+    assert vol.data.min() <= -1000 + 30
+    body = vol.data[:, 200:300, 200:300]
+    assert -200 < np.median(body) < 150
+    assert vol.axcodes == ("S", "P", "L")
+    # slices ascend along the normal whatever the file order
+    positions = vol.index_to_world(np.array([[k, 0, 0] for k in range(20)]))[:, 2]
+    assert np.all(np.diff(positions) > 0)
+
+
+def test_dicom_label_map_written_as_nifti_overlays_the_same_world_point(shared_data, tmp_path):
+    vol = read_volume(shared_data / "ct" / "example_ct_dicom")
+    labels = np.zeros(vol.shape, np.uint8)
+    labels[7, 100, 300] = 3
+    path = write_nifti(tmp_path / "labels.nii.gz", labels, vol)
+    img = nib.load(str(path))
+    ijk = np.argwhere(np.asarray(img.dataobj) == 3)[0]
+    world_nifti = img.affine[:3, :3] @ ijk + img.affine[:3, 3]
+    assert np.allclose(world_nifti, vol.index_to_world([7, 100, 300]), atol=1e-4)
+    assert img.header.get_intent()[0] == "label"
+    back = read_nifti(path)
+    assert np.allclose(back.affine, vol.affine, atol=1e-5) and back.data[7, 100, 300] == 3
+
+
+# ----- hand-made DICOM ------------------------------------------------------------------------------
+def _write_series(folder, n=6, spacing=2.5, series_uid="1.2.3.4", rows=16, cols=20, iop=(1, 0, 0, 0, 1, 0),
+                  skip=(), slope=2.0, intercept=-1024.0, description="AXIAL", localizer=False, seed=0):
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    iop = np.asarray(iop, float)
+    normal = np.cross(iop[:3], iop[3:])
+    rng = np.random.default_rng(seed)
+    truth = []
+    for k in range(n):
+        if k in skip:
+            continue
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = FileDataset(str(folder / f"x{k}"), {}, file_meta=meta, preamble=b"\0" * 128)
+        ds.SOPClassUID = meta.MediaStorageSOPClassUID
+        ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+        ds.Modality = "CT"
+        ds.SeriesInstanceUID = series_uid
+        ds.SeriesDescription = description
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER" if localizer else "AXIAL"]
+        ds.InstanceNumber = n - k  # deliberately reversed: ordering must use positions
+        ds.ImagePositionPatient = list(np.array([-50.0, -60.0, 100.0]) + normal * spacing * k)
+        ds.ImageOrientationPatient = list(iop)
+        ds.PixelSpacing = [0.8, 0.7]
+        ds.Rows, ds.Columns = rows, cols
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+        raw = rng.integers(0, 1000, (rows, cols)).astype(np.uint16)
+        raw[0, 0] = k  # slice marker
+        ds.PixelData = raw.tobytes()
+        ds.save_as(str(folder / f"{random.random():.12f}.dcm"), enforce_file_format=True)
+        truth.append(raw.astype(np.float32) * slope + intercept)
+    return truth
+
+
+def test_shuffled_dicom_files_are_ordered_by_position_with_rescale_applied(tmp_path):
+    truth = _write_series(tmp_path / "s")
+    vol = read_dicom_series(tmp_path / "s")
+    assert vol.shape == (6, 16, 20)
+    assert vol.spacing == pytest.approx((2.5, 0.8, 0.7))
+    np.testing.assert_allclose(vol.data, np.stack(truth))
+    assert vol.data[:, 0, 0].tolist() == [k * 2.0 - 1024 for k in range(6)]
+    # LPS (-50, -60, 100) -> RAS (50, 60, 100)
+    assert vol.origin == pytest.approx((50.0, 60.0, 100.0))
+
+
+def test_a_list_of_files_reads_like_the_folder(tmp_path):
+    _write_series(tmp_path / "s")
+    files = sorted((tmp_path / "s").iterdir())
+    a, b = read_dicom_series(files), read_dicom_series(tmp_path / "s")
+    np.testing.assert_array_equal(a.data, b.data)
+
+
+def test_oblique_series_keeps_its_direction_cosines(tmp_path):
+    c, s = np.cos(np.radians(20)), np.sin(np.radians(20))
+    _write_series(tmp_path / "s", iop=(c, s, 0, -s, c, 0))
+    vol = read_dicom_series(tmp_path / "s")
+    assert vol.spacing == pytest.approx((2.5, 0.8, 0.7))
+    row_ras = vol.direction[:, 2]
+    assert np.allclose(row_ras, [-c, -s, 0], atol=1e-6)  # LPS row cosine in RAS
+
+
+def test_missing_slice_is_detected_and_named(tmp_path):
+    _write_series(tmp_path / "s", n=8, skip=(4,))
+    with pytest.raises(VolumeReadError, match="uneven slice spacing.*typical 2.500 mm"):
+        read_dicom_series(tmp_path / "s")
+    with pytest.warns(UserWarning, match="uneven"):
+        vol = read_dicom_series(tmp_path / "s", allow_uneven=True)
+    assert vol.shape[0] == 7
+
+
+def test_folder_with_two_series_reads_the_largest_and_names_the_other(tmp_path):
+    _write_series(tmp_path / "mixed", n=6, series_uid="1.1.1", description="big")
+    _write_series(tmp_path / "mixed", n=3, series_uid="2.2.2", description="small", cols=12)
+    with pytest.warns(UserWarning, match=r"2 series.*2\.2\.2 \(3 slices, small\)"):
+        vol = read_dicom_series(tmp_path / "mixed")
+    assert vol.shape == (6, 16, 20)
+
+
+def test_localizer_images_are_skipped(tmp_path):
+    _write_series(tmp_path / "s", n=5)
+    _write_series(tmp_path / "s", n=1, series_uid="1.2.3.4", localizer=True, iop=(1, 0, 0, 0, 0, -1))
+    vol = read_dicom_series(tmp_path / "s")
+    assert vol.shape[0] == 5 and vol.metadata["skipped"] == {"localizer/scout": 1}
+
+
+def test_mixed_slice_sizes_in_one_series_are_rejected(tmp_path):
+    _write_series(tmp_path / "s", n=4)
+    _write_series(tmp_path / "s2", n=4, rows=10)
+    for f in (tmp_path / "s2").iterdir():
+        f.rename(tmp_path / "s" / ("b" + f.name))
+    with pytest.raises(VolumeReadError, match="different sizes"):
+        read_dicom_series(tmp_path / "s")
+
+
+# ----- bad input ------------------------------------------------------------------------------------
+def test_empty_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(VolumeReadError, match="empty folder"):
+        read_volume(tmp_path / "empty")
+
+
+def test_folder_without_dicom(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "notes.txt").write_text("hello")
+    with pytest.raises(VolumeReadError, match="no DICOM image slices"):
+        read_volume(tmp_path / "d")
+
+
+def test_dicom_without_pixel_data(tmp_path):
+    _write_series(tmp_path / "s", n=2)
+    import pydicom
+
+    for f in (tmp_path / "s").iterdir():
+        ds = pydicom.dcmread(str(f))
+        del ds.PixelData
+        del ds.Rows
+        ds.save_as(str(f))
+    with pytest.raises(VolumeReadError, match="no pixel data"):
+        read_volume(tmp_path / "s")
+
+
+def test_not_a_medical_image(tmp_path):
+    path = tmp_path / "photo.png"
+    path.write_bytes(b"\x89PNG....")
+    with pytest.raises(VolumeReadError, match=r"photo.png is not a supported medical image"):
+        read_volume(path)
+
+
+def test_truncated_gzip_names_the_file(tmp_path):
+    path = tmp_path / "cut.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.rand(20, 20, 20).astype(np.float32), np.eye(4)), str(path))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(VolumeReadError, match="cut.nii.gz"):
+        read_volume(path)
+
+
+def test_2d_and_4d_images(tmp_path):
+    nib.save(nib.Nifti1Image(np.zeros((20, 20), np.float32), np.eye(4)), str(tmp_path / "flat.nii"))
+    with pytest.raises(VolumeReadError, match="2D image"):
+        read_volume(tmp_path / "flat.nii")
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8, 3), np.float32), np.eye(4)), str(tmp_path / "t.nii.gz"))
+    with pytest.raises(VolumeReadError, match="axis 3 has 3 entries"):
+        read_volume(tmp_path / "t.nii.gz")
+    nib.save(nib.Nifti1Image(np.ones((8, 8, 8, 1), np.float32), np.eye(4)), str(tmp_path / "one.nii.gz"))
+    assert read_volume(tmp_path / "one.nii.gz").shape == (8, 8, 8)
+
+
+def test_nan_voxels_are_an_error_unless_filled(tmp_path):
+    data = np.full((6, 6, 6), -500, np.float32)
+    data[1, 2, 3] = np.nan
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(tmp_path / "n.nii.gz"))
+    with pytest.raises(VolumeReadError, match="1 NaN/inf voxels"):
+        read_volume(tmp_path / "n.nii.gz")
+    filled = read_volume(tmp_path / "n.nii.gz", nan_policy="fill")
+    assert np.isfinite(filled.data).all() and filled.data[3, 2, 1] == -500
+
+
+def test_gzip_is_not_confused_with_nifti_content(tmp_path):
+    path = tmp_path / "fake.nii.gz"
+    with gzip.open(path, "wb") as fh:
+        fh.write(b"this is not a nifti header" * 20)
+    with pytest.raises(VolumeReadError, match="fake.nii.gz"):
+        read_volume(path)
+
+
+# ----- NRRD and writers -----------------------------------------------------------------------------
+def test_nrrd_lps_and_nifti_agree_on_world_coordinates(tmp_path):
+    import nrrd
+
+    rng = np.random.default_rng(0)
+    xyz = rng.normal(size=(7, 8, 9)).astype(np.float32)
+    lps_dirs = np.diag([0.7, 0.8, 2.5])
+    origin_lps = np.array([10.0, 20.0, -30.0])
+    nrrd.write(str(tmp_path / "v.nrrd"), xyz, {"space": "left-posterior-superior",
+                                               "space directions": lps_dirs, "space origin": origin_lps})
+    vol = read_nrrd(tmp_path / "v.nrrd")
+    assert vol.shape == (9, 8, 7)
+    assert vol.origin == pytest.approx((-10.0, -20.0, -30.0))
+    assert vol.axcodes == ("S", "P", "L")
+    path = write_nifti(tmp_path / "v.nii.gz", vol.data, vol)
+    again = read_volume(path)
+    np.testing.assert_array_equal(again.data, vol.data)
+    np.testing.assert_allclose(again.index_to_world([3, 4, 5]), vol.index_to_world([3, 4, 5]), atol=1e-5)
+
+
+def test_float_map_written_on_source_grid_round_trips(tmp_path):
+    affine = np.array([[0, 0, -0.7, 5], [0, -0.8, 0, 6], [2.5, 0, 0, 7], [0, 0, 0, 1]], float)
+    vol = Volume(np.zeros((4, 5, 6), np.float32), affine)
+    heat = np.random.default_rng(1).random((4, 5, 6)).astype(np.float32)
+    back = read_volume(write_nifti(tmp_path / "heat.nii.gz", heat, vol))
+    np.testing.assert_allclose(back.data, heat)
+    np.testing.assert_allclose(back.affine, affine, atol=1e-5)
+
+
+def test_writer_refuses_a_map_on_another_grid(tmp_path):
+    vol = Volume(np.zeros((4, 5, 6), np.float32), np.eye(4))
+    with pytest.raises(ValueError, match="does not match the reference grid"):
+        write_nifti(tmp_path / "x.nii.gz", np.zeros((4, 5, 7), np.uint8), vol)
+
+
+def test_napari_transform_is_scale_translate_for_canonical_data():
+    vol = Volume(np.zeros((4, 5, 6), np.float32),
+                 np.array([[0, 0, -0.7, 5], [0, -0.8, 0, 6], [2.5, 0, 0, 7], [0, 0, 0, 1]], float))
+    assert vol.axcodes == ("S", "P", "L")
+    t = vol.napari_transform()
+    assert t["scale"] == pytest.approx((2.5, 0.8, 0.7)) and t["translate"] == pytest.approx((7, -6, -5))
+    warnings.simplefilter("error")
+    ras = Volume(np.zeros((4, 5, 6), np.float32), np.diag([1.0, 1.0, 1.0, 1.0]))
+    assert "affine" in ras.napari_transform()
