@@ -1,0 +1,312 @@
+"""Dataset loaders for MG-3D training: generic manifest (CSV/JSONL), CT-RATE, CTRG-Chest, Medical
+Segmentation Decathlon and on-the-fly synthetic data, with an on-disk cache of preprocessed volumes.
+
+Every dataset yields dicts::
+
+    {"id": str, "volume": (1, Z, Y, X) float32 in [0, 1] (model space), "report": str,
+     "sentences": list[str], "labels": (L,) float32 or None, "mask": (Z, Y, X) int64 or None}
+
+A row whose file is missing is dropped when the dataset is built; one that cannot be read is skipped when
+it is loaded (``collate`` drops it) -- both are counted and logged, never a crash mid-epoch.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from napari_mg3d.io import VolumeReadError, read_volume
+from napari_mg3d.preprocess import PreprocessConfig, labels_to_model, preprocess
+from napari_mg3d.reports import sentence_texts
+from napari_mg3d.synthetic import LABELS, generate_sample
+from napari_mg3d.volume import Volume
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Record:
+    """One training example before loading: where the volume is and what goes with it."""
+
+    id: str
+    volume: str
+    report: str = ""
+    labels: list[float] | None = None
+    mask: str | None = None
+    rescale: tuple[float, float] | None = None  # (slope, intercept) applied after reading (CT-RATE)
+    spacing: tuple[float, float, float] | None = None  # override (a0, a1, a2) mm from metadata
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SkipCounter:
+    missing: int = 0
+    unreadable: int = 0
+    empty_report: int = 0
+
+    def log(self, name: str) -> None:
+        if self.missing or self.unreadable or self.empty_report:
+            log.warning("%s: skipped %d rows with missing files, %d unreadable, %d with empty reports",
+                        name, self.missing, self.unreadable, self.empty_report)
+
+
+class PreprocessedCache:
+    """Model-space volumes on disk as float16 .npy, keyed by file identity and preprocessing parameters,
+    so epochs after the first never decode NIfTI/DICOM again. A change of any preprocessing parameter
+    (or of the source file's size/mtime) gives a new key."""
+
+    def __init__(self, root: str | Path, config: PreprocessConfig) -> None:
+        self.root = Path(root) / config.fingerprint()
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / "preprocess.json").write_text(json.dumps(config.to_dict()))
+
+    def key(self, record: Record) -> str:
+        parts = [record.volume, str(record.rescale), str(record.spacing), str(record.mask)]
+        for p in (record.volume, record.mask):
+            if p and os.path.exists(p):
+                st = os.stat(p)
+                parts += [str(st.st_size), str(int(st.st_mtime))]
+        return hashlib.sha1("|".join(parts).encode()).hexdigest()
+
+    def get(self, record: Record) -> tuple[np.ndarray, np.ndarray | None] | None:
+        path = self.root / f"{self.key(record)}.npz"
+        if not path.exists():
+            return None
+        try:
+            with np.load(path) as z:
+                return z["volume"], (z["mask"] if "mask" in z.files else None)
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def put(self, record: Record, volume: np.ndarray, mask: np.ndarray | None) -> None:
+        path = self.root / f"{self.key(record)}.npz"
+        arrays = {"volume": volume.astype(np.float16)}
+        if mask is not None:
+            arrays["mask"] = mask.astype(np.uint8 if mask.max() < 256 else np.int16)
+        fd, tmp = tempfile.mkstemp(dir=self.root, suffix=".tmp.npz")
+        os.close(fd)
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)  # atomic: parallel workers never see half a file
+
+
+class VolumeReportDataset(Dataset):
+    """Records -> model-space examples, through the one preprocessing contract (and the cache)."""
+
+    def __init__(self, records: Sequence[Record], preprocess_config: PreprocessConfig,
+                 cache_dir: str | Path | None = None, name: str = "dataset", require_report: bool = True) -> None:
+        self.config = preprocess_config
+        self.name = name
+        self.skips = SkipCounter()
+        kept = []
+        for r in records:
+            if not os.path.exists(r.volume) or (r.mask and not os.path.exists(r.mask)):
+                self.skips.missing += 1
+                continue
+            if require_report and not r.report.strip():
+                self.skips.empty_report += 1
+                continue
+            kept.append(r)
+        self.records = kept
+        self.cache = PreprocessedCache(cache_dir, preprocess_config) if cache_dir else None
+        self.skips.log(name)
+        if not self.records:
+            raise ValueError(f"{name}: no usable rows (missing files: {self.skips.missing}, "
+                             f"empty reports: {self.skips.empty_report})")
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _load(self, r: Record) -> tuple[np.ndarray, np.ndarray | None]:
+        vol = read_volume(r.volume)
+        if r.rescale is not None:
+            vol = Volume(vol.data * r.rescale[0] + r.rescale[1], vol.affine, vol.metadata)
+        if r.spacing is not None:
+            aff = vol.affine.copy()
+            aff[:3, :3] = vol.direction * np.asarray(r.spacing)
+            vol = Volume(vol.data, aff, vol.metadata)
+        x, record = preprocess(vol, self.config)
+        mask = None
+        if r.mask:
+            m = read_volume(r.mask)
+            if m.shape != vol.shape:
+                raise VolumeReadError(f"{r.mask}: mask grid {m.shape} differs from the volume's {vol.shape}")
+            mask = labels_to_model(np.rint(m.data).astype(np.int64), record, representation="labels")
+        return x.numpy(), mask
+
+    def __getitem__(self, index: int) -> dict | None:
+        r = self.records[index]
+        try:
+            cached = self.cache.get(r) if self.cache else None
+            if cached is None:
+                volume, mask = self._load(r)
+                if self.cache:
+                    self.cache.put(r, volume, mask)
+            else:
+                volume, mask = cached
+            sentences = sentence_texts(r.report) if r.report.strip() else []
+        except (VolumeReadError, ValueError, OSError) as err:
+            self.skips.unreadable += 1
+            log.warning("%s: skipping %s (%s)", self.name, r.id, err)
+            return None
+        return {
+            "id": r.id,
+            "volume": torch.from_numpy(np.asarray(volume, np.float32)),
+            "report": r.report,
+            "sentences": sentences,
+            "labels": torch.tensor(r.labels, dtype=torch.float32) if r.labels is not None else None,
+            "mask": torch.from_numpy(mask.astype(np.int64)) if mask is not None else None,
+        }
+
+
+def collate(items: list[dict | None]) -> dict | None:
+    """Stack a batch, dropping examples that failed to load (None)."""
+    items = [it for it in items if it is not None]
+    if not items:
+        return None
+    out: dict[str, Any] = {
+        "id": [it["id"] for it in items],
+        "volume": torch.stack([it["volume"] for it in items]),
+        "report": [it["report"] for it in items],
+        "sentences": [it["sentences"] for it in items],
+    }
+    for key in ("labels", "mask"):
+        vals = [it[key] for it in items]
+        out[key] = torch.stack(vals) if all(v is not None for v in vals) else None
+    return out
+
+
+# ----- layouts --------------------------------------------------------------------------------------
+def _resolve(base: Path, value: str) -> str:
+    p = Path(value).expanduser()
+    return str(p if p.is_absolute() else base / p)
+
+
+def _parse_labels(value: Any, names: Sequence[str] | None) -> list[float] | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        value = json.loads(value)
+    if isinstance(value, dict):
+        keys = names or list(value)
+        return [float(value.get(k, 0)) for k in keys]
+    return [float(v) for v in value]
+
+
+def manifest_records(path: str | Path, label_names: Sequence[str] | None = None) -> list[Record]:
+    """Generic manifest: CSV or JSONL with ``volume``, ``report``, optional ``labels`` (JSON list or
+    dict, or one column per name in ``label_names``) and optional ``mask``. Paths are relative to the
+    manifest's folder."""
+    path = Path(path)
+    base = path.parent
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest {path} does not exist")
+    if path.suffix.lower() in (".jsonl", ".json"):
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    elif path.suffix.lower() == ".csv":
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+    else:
+        raise ValueError(f"manifest {path}: expected .csv or .jsonl")
+    if rows and "volume" not in rows[0]:
+        raise ValueError(f"manifest {path} has no 'volume' column; columns are {sorted(rows[0])}")
+    records = []
+    for i, row in enumerate(rows):
+        labels = row.get("labels")
+        if labels is None and label_names and all(n in row for n in label_names):
+            labels = [row[n] for n in label_names]
+        records.append(Record(
+            id=str(row.get("id", f"{path.stem}_{i}")), volume=_resolve(base, row["volume"]),
+            report=str(row.get("report", "") or ""), labels=_parse_labels(labels, label_names or LABELS),
+            mask=_resolve(base, row["mask"]) if row.get("mask") else None))
+    return records
+
+
+def ct_rate_records(volumes_root: str | Path, reports_csv: str | Path, metadata_csv: str | Path | None = None,
+                    labels_csv: str | Path | None = None) -> list[Record]:
+    """CT-RATE layout: NIfTI volumes somewhere under ``volumes_root`` (found by VolumeName), reports CSV
+    (VolumeName, Findings_EN, Impressions_EN), metadata CSV (VolumeName, RescaleSlope, RescaleIntercept,
+    XYSpacing, ZSpacing) and the 18-label CSV (VolumeName + one column per abnormality)."""
+    root = Path(volumes_root)
+    files = {p.name: p for p in root.rglob("*.nii.gz")}
+    meta: dict[str, dict] = {}
+    if metadata_csv:
+        with open(metadata_csv, newline="", encoding="utf-8") as fh:
+            meta = {row["VolumeName"]: row for row in csv.DictReader(fh)}
+    labels: dict[str, list[float]] = {}
+    if labels_csv:
+        with open(labels_csv, newline="", encoding="utf-8") as fh:
+            labels = {row["VolumeName"]: [float(row[n]) for n in LABELS] for row in csv.DictReader(fh)}
+    records = []
+    with open(reports_csv, newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            name = row["VolumeName"]
+            text = " ".join(t for t in (row.get("Findings_EN", ""), row.get("Impressions_EN", "")) if t and t.strip())
+            m = meta.get(name, {})
+            rescale = None
+            if m.get("RescaleSlope") not in (None, "") and m.get("RescaleIntercept") not in (None, ""):
+                rescale = (float(m["RescaleSlope"]), float(m["RescaleIntercept"]))
+            spacing = None
+            if m.get("XYSpacing") and m.get("ZSpacing"):
+                xy = json.loads(str(m["XYSpacing"]).replace("(", "[").replace(")", "]"))
+                spacing = (float(m["ZSpacing"]), float(xy[1]), float(xy[0]))
+            records.append(Record(id=name, volume=str(files.get(name, root / name)), report=text,
+                                  labels=labels.get(name), rescale=rescale, spacing=spacing))
+    return records
+
+
+def ctrg_chest_records(reports_json: str | Path, volumes_root: str | Path, split: str = "train") -> list[Record]:
+    """CTRG-Chest: JSON {split: [{id, report, result, image_path}]}; report = findings + impression."""
+    data = json.loads(Path(reports_json).read_text())
+    items = data.get(split, []) if isinstance(data, dict) else data
+    root = Path(volumes_root)
+    records = []
+    for item in items:
+        name = Path(item.get("image_path") or item["id"]).name
+        text = " ".join(t for t in (item.get("report", ""), item.get("result", "")) if t and t.strip())
+        records.append(Record(id=str(item["id"]), volume=str(root / name), report=text))
+    return records
+
+
+def msd_records(dataset_json: str | Path, split: str = "training") -> tuple[list[Record], list[str]]:
+    """Medical Segmentation Decathlon dataset.json -> (records with masks, class names)."""
+    path = Path(dataset_json)
+    data = json.loads(path.read_text())
+    names = [data.get("labels", {}).get(str(i), f"class_{i}") for i in range(len(data.get("labels", {})))]
+    records = []
+    for i, item in enumerate(data.get(split, [])):
+        image = item["image"] if isinstance(item, dict) else item
+        records.append(Record(id=Path(image).name.split(".")[0] or str(i), volume=_resolve(path.parent, image),
+                              mask=_resolve(path.parent, item["label"]) if isinstance(item, dict) and item.get("label") else None))
+    return records, names
+
+
+class SyntheticDataset(Dataset):
+    """Report-conditioned synthetic chest CTs generated on the fly, deterministic per index."""
+
+    def __init__(self, n: int, preprocess_config: PreprocessConfig, seed: int = 0,
+                 shape: tuple[int, int, int] = (96, 128, 160), with_mask: bool = True) -> None:
+        self.n, self.config, self.seed, self.shape, self.with_mask = n, preprocess_config, seed, shape, with_mask
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> dict:
+        s = generate_sample(self.seed + index, shape=self.shape)
+        vol = Volume(s.volume, s.affine)
+        x, record = preprocess(vol, self.config)
+        mask = labels_to_model(s.lesion_label_map(), record, representation="labels") if self.with_mask else None
+        return {"id": f"synthetic_{self.seed + index}", "volume": x, "report": s.report, "sentences": s.sentences,
+                "labels": torch.tensor([s.labels[n] for n in LABELS], dtype=torch.float32),
+                "mask": torch.from_numpy(mask.astype(np.int64)) if mask is not None else None}
