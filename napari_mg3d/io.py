@@ -21,8 +21,9 @@ log = logging.getLogger(__name__)
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 NRRD_SUFFIXES = (".nrrd", ".nhdr")
+METAIMAGE_SUFFIXES = (".mha", ".mhd")
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima", "")
-SUPPORTED = "NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr) or a DICOM series (folder or files)"
+SUPPORTED = "NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd) or a DICOM series (folder or files)"
 # Tags kept as source metadata (no patient-identifying fields).
 DICOM_TAGS = ("Modality", "SeriesDescription", "SeriesInstanceUID", "StudyInstanceUID", "Manufacturer",
               "ManufacturerModelName", "KVP", "SliceThickness", "ConvolutionKernel", "PatientPosition",
@@ -52,6 +53,8 @@ def read_volume(path: str | Path | Sequence[str | Path], **kwargs) -> Volume:
         return read_nifti(path, **kwargs)
     if suffix in NRRD_SUFFIXES:
         return read_nrrd(path, **kwargs)
+    if suffix in METAIMAGE_SUFFIXES:
+        return read_metaimage(path, **kwargs)
     if _looks_like_dicom(path):
         return read_dicom_series([path], **kwargs)
     raise VolumeReadError(f"{path} is not a supported medical image; expected {SUPPORTED}")
@@ -147,6 +150,31 @@ def read_nrrd(path: str | Path, nan_policy: str = "raise") -> Volume:
     affine[:3, 3] = flip @ origin
     data = np.ascontiguousarray(np.transpose(data, (2, 1, 0)))
     return Volume(data, affine[:, [2, 1, 0, 3]], {"source": str(path), "format": "nrrd", "space": space})
+
+
+def read_metaimage(path: str | Path, nan_policy: str = "raise") -> Volume:
+    """MetaImage (.mha/.mhd) -> Volume through SimpleITK (pip install 'napari-mg3d[metaimage]')."""
+    path = Path(path)
+    try:
+        import SimpleITK as sitk
+    except ImportError as err:
+        raise VolumeReadError(f"{path}: reading MetaImage needs SimpleITK: pip install SimpleITK") from err
+    try:
+        img = sitk.ReadImage(str(path))
+    except RuntimeError as err:
+        raise VolumeReadError(f"{path} could not be read as MetaImage: {str(err).strip().splitlines()[-1]}") from err
+    if img.GetNumberOfComponentsPerPixel() != 1:
+        raise VolumeReadError(f"{path} holds {img.GetNumberOfComponentsPerPixel()}-component (RGB/vector) "
+                              "voxels; MG-3D needs a grey-value CT or MR volume")
+    if img.GetDimension() != 3:
+        raise VolumeReadError(f"{path} is {img.GetDimension()}D (size {img.GetSize()}); MG-3D needs a 3D volume")
+    data = _check_voxels(sitk.GetArrayFromImage(img).astype(np.float32), path, nan_policy)  # (z, y, x)
+    data = _as_3d(data, path)
+    lps = np.eye(4)
+    lps[:3, :3] = np.asarray(img.GetDirection(), float).reshape(3, 3) @ np.diag(img.GetSpacing())
+    lps[:3, 3] = img.GetOrigin()
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # ITK world is LPS
+    return Volume(np.ascontiguousarray(data), affine[:, [2, 1, 0, 3]], {"source": str(path), "format": "metaimage"})
 
 
 # ----- DICOM ----------------------------------------------------------------------------------------

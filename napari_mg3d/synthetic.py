@@ -393,11 +393,19 @@ class PhantomBuilder:
             hu = np.where(tex > 0, -920.0, -720.0).astype(np.float32)
             self.add(name, label, mask, hu)
         elif label == "Interlobular septal thickening":
-            period = 10.0
-            grid = ((np.abs((c.s % period) - period / 2) < 1.0) | (np.abs((c.l % period) - period / 2) < 1.0)
-                    | (np.abs((c.p % period) - period / 2) < 1.0))
-            mask = lobe & grid
-            self.add(name, label, mask, -300.0)
+            # Polygonal lines ~1 voxel thick, 12-15 mm apart, in the subpleural rim of the lobe.
+            from scipy.ndimage import binary_erosion
+
+            period = float(rng.uniform(12, 15))
+            half = 0.6 * float(np.mean(c.spacing))
+            # oblique planes, so no axial slice lies inside one of them
+            u, v, w = c.s + 0.5 * c.p + 0.3 * c.l, c.p - 0.45 * c.l + 0.35 * c.s, c.l + 0.4 * c.s - 0.3 * c.p
+            grid = ((np.abs((u % period) - period / 2) < half) | (np.abs((v % period) - period / 2) < half)
+                    | (np.abs((w % period) - period / 2) < half))
+            rim_vox = max(1, int(round(20.0 / max(c.spacing))))
+            rim = lobe & ~binary_erosion(lobe, iterations=rim_vox)
+            mask = rim & grid
+            self.add(name, label, mask, -250.0)
         elif label == "Pulmonary fibrotic sequela":
             mask = np.zeros(c.shape, bool)
             for _ in range(4):
@@ -639,17 +647,48 @@ def save_sample(sample: SyntheticSample, out_dir: str | Path, name: str) -> dict
     }
 
 
-def write_dataset(out_dir: str | Path, n: int, seed: int = 0, shape=(96, 128, 160), progress: bool = True) -> Path:
-    """Write ``n`` samples plus ``manifest.jsonl`` (the training loaders read it). Returns the manifest."""
+GEOMETRY_CHOICES = (("S", "P", "L"), ("L", "P", "S"), ("R", "A", "S"), ("I", "P", "L"))
+
+
+def _sample_geometry(seed: int, shape: tuple[int, int, int], vary: bool):
+    """(shape, axcodes) for sample ``seed``: with ``vary``, slice count x0.75-1.25 and a source orientation
+    drawn from GEOMETRY_CHOICES (deterministic per seed)."""
+    if not vary:
+        return shape, CANONICAL_AXCODES
+    rng = np.random.default_rng([seed, 7])
+    n_slices = int(round(shape[0] * rng.uniform(0.75, 1.25)))
+    return (n_slices, shape[1], shape[2]), GEOMETRY_CHOICES[int(rng.integers(len(GEOMETRY_CHOICES)))]
+
+
+def _write_one(args) -> dict:
+    out_dir, seed, shape, vary = args
+    sample_shape, axcodes = _sample_geometry(seed, shape, vary)
+    return save_sample(generate_sample(seed, shape=sample_shape, axcodes=axcodes), out_dir, f"synth_{seed:06d}")
+
+
+def write_dataset(out_dir: str | Path, n: int, seed: int = 0, shape=(96, 128, 160), progress: bool = True,
+                  vary_geometry: bool = False, workers: int = 0) -> Path:
+    """Write ``n`` samples plus ``manifest.jsonl`` (the training loaders read it). Returns the manifest.
+
+    ``vary_geometry`` varies slice count and source orientation per sample; ``workers`` > 0 uses that many
+    processes (the output does not depend on it)."""
     from tqdm import tqdm
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = out_dir / "manifest.jsonl"
+    jobs = [(out_dir, seed + i, tuple(shape), vary_geometry) for i in range(n)]
     with open(manifest, "w") as fh:
-        for i in tqdm(range(n), desc="synthetic CTs", disable=not progress):
-            row = save_sample(generate_sample(seed + i, shape=shape), out_dir, f"synth_{seed + i:06d}")
-            fh.write(json.dumps(row) + "\n")
+        if workers > 0:
+            import multiprocessing as mp
+
+            with mp.get_context("spawn").Pool(workers) as pool:
+                rows = pool.imap(_write_one, jobs, chunksize=4)
+                for row in tqdm(rows, total=n, desc="synthetic CTs", disable=not progress):
+                    fh.write(json.dumps(row) + "\n")
+        else:
+            for job in tqdm(jobs, desc="synthetic CTs", disable=not progress):
+                fh.write(json.dumps(_write_one(job)) + "\n")
     return manifest
 
 
@@ -690,9 +729,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="first seed; sample i uses seed+i")
     parser.add_argument("--shape", type=int, nargs=3, default=(96, 128, 160), metavar=("SI", "AP", "LR"),
                         help="voxels (superior-inferior, anterior-posterior, left-right)")
+    parser.add_argument("--vary-geometry", action="store_true",
+                        help="vary slice count and source orientation between samples")
+    parser.add_argument("--workers", type=int, default=0, help="worker processes (default 0: in this process)")
     parser.add_argument("--contact-sheet", action="store_true", help="also write contact_sheet.png of 8 samples")
     args = parser.parse_args(argv)
-    manifest = write_dataset(args.out_dir, args.n, args.seed, tuple(args.shape))
+    manifest = write_dataset(args.out_dir, args.n, args.seed, tuple(args.shape), vary_geometry=args.vary_geometry,
+                             workers=args.workers)
     print(f"wrote {args.n} samples and {manifest}")
     if args.contact_sheet:
         sheet = contact_sheet([generate_sample(args.seed + i, shape=tuple(args.shape)) for i in range(min(8, args.n))],

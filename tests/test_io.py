@@ -59,7 +59,7 @@ def test_dicom_label_map_written_as_nifti_overlays_the_same_world_point(shared_d
 
 # ----- hand-made DICOM ------------------------------------------------------------------------------
 def _write_series(folder, n=6, spacing=2.5, series_uid="1.2.3.4", rows=16, cols=20, iop=(1, 0, 0, 0, 1, 0),
-                  skip=(), slope=2.0, intercept=-1024.0, description="AXIAL", localizer=False, seed=0):
+                  skip=(), slope=2.0, intercept=-1024.0, description="AXIAL", localizer=False, seed=0, tilt_mm=0.0):
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -83,7 +83,7 @@ def _write_series(folder, n=6, spacing=2.5, series_uid="1.2.3.4", rows=16, cols=
         ds.SeriesDescription = description
         ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER" if localizer else "AXIAL"]
         ds.InstanceNumber = n - k  # deliberately reversed: ordering must use positions
-        ds.ImagePositionPatient = list(np.array([-50.0, -60.0, 100.0]) + normal * spacing * k)
+        ds.ImagePositionPatient = list(np.array([-50.0, -60.0 + tilt_mm * k, 100.0]) + normal * spacing * k)
         ds.ImageOrientationPatient = list(iop)
         ds.PixelSpacing = [0.8, 0.7]
         ds.Rows, ds.Columns = rows, cols
@@ -123,6 +123,12 @@ def test_oblique_series_keeps_its_direction_cosines(tmp_path):
     assert vol.spacing == pytest.approx((2.5, 0.8, 0.7))
     row_ras = vol.direction[:, 2]
     assert np.allclose(row_ras, [-c, -s, 0], atol=1e-6)  # LPS row cosine in RAS
+
+
+def test_gantry_tilted_series_is_rejected_with_the_angle(tmp_path):
+    _write_series(tmp_path / "s", tilt_mm=0.5)  # slices drift 0.5 mm in y per 2.5 mm step: ~11 degrees
+    with pytest.raises(VolumeReadError, match=r"gantry tilt of 11\.3 degrees"):
+        read_dicom_series(tmp_path / "s")
 
 
 def test_missing_slice_is_detected_and_named(tmp_path):
@@ -274,3 +280,20 @@ def test_napari_transform_is_scale_translate_for_canonical_data():
     warnings.simplefilter("error")
     ras = Volume(np.zeros((4, 5, 6), np.float32), np.diag([1.0, 1.0, 1.0, 1.0]))
     assert "affine" in ras.napari_transform()
+
+
+def test_metaimage_agrees_with_nifti_on_world_coordinates(tmp_path):
+    sitk = pytest.importorskip("SimpleITK")
+    arr = np.random.default_rng(2).normal(size=(5, 6, 7)).astype(np.float32)  # (z, y, x)
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing((0.7, 0.8, 2.5))
+    img.SetOrigin((10.0, 20.0, -30.0))  # LPS
+    sitk.WriteImage(img, str(tmp_path / "v.mha"))
+    vol = read_volume(tmp_path / "v.mha")
+    np.testing.assert_array_equal(vol.data, arr)
+    assert vol.spacing == pytest.approx((2.5, 0.8, 0.7)) and vol.origin == pytest.approx((-10.0, -20.0, -30.0))
+    # voxel (z=1, y=2, x=3) in ITK's own physical space (LPS) equals ours in RAS with x, y negated
+    lps = img.TransformIndexToPhysicalPoint((3, 2, 1))
+    np.testing.assert_allclose(vol.index_to_world([1, 2, 3]), [-lps[0], -lps[1], lps[2]], atol=1e-6)
+    again = read_volume(write_nifti(tmp_path / "v.nii.gz", vol.data, vol))
+    np.testing.assert_allclose(again.affine, vol.affine, atol=1e-5)

@@ -114,3 +114,14 @@ def test_write_dataset_writes_nifti_and_a_manifest(tmp_path):
     assert ct.shape == SHAPE and np.allclose(ct.affine, sample.affine)
     np.testing.assert_array_equal(mask.data.astype(np.uint8), sample.lesion_label_map())
     np.testing.assert_allclose(ct.data, sample.volume.astype(np.int16))
+
+
+def test_varied_geometry_changes_slices_and_orientation_but_not_the_manifest_contract(tmp_path):
+    manifest = write_dataset(tmp_path, 4, seed=20, shape=SHAPE, progress=False, vary_geometry=True)
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    vols = [read_volume(tmp_path / r["volume"]) for r in rows]
+    assert len({v.axcodes for v in vols}) > 1
+    for v, r in zip(vols, rows):
+        mask = read_volume(tmp_path / r["mask"])
+        assert mask.shape == v.shape and np.allclose(mask.affine, v.affine)
+        assert sorted(v.spacing)[0] > 0.5
