@@ -310,3 +310,57 @@ class SyntheticDataset(Dataset):
         return {"id": f"synthetic_{self.seed + index}", "volume": x, "report": s.report, "sentences": s.sentences,
                 "labels": torch.tensor([s.labels[n] for n in LABELS], dtype=torch.float32),
                 "mask": torch.from_numpy(mask.astype(np.int64)) if mask is not None else None}
+
+
+class StepIndexedSampler(torch.utils.data.Sampler):
+    """Data order as a pure function of how many examples this rank has consumed, so a resumed run sees
+    exactly the examples an uninterrupted one would. Epoch e is a permutation seeded by (seed, e); rank r
+    takes every world-th index of it. ``start_fn`` returns (consumed, total, rank, world) when iteration
+    begins (the training module computes it from the restored global step)."""
+
+    def __init__(self, n: int, seed: int, start_fn) -> None:
+        self.n, self.seed, self.start_fn = n, seed, start_fn
+
+    def _epoch_indices(self, epoch: int, rank: int, world: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+        perm = torch.randperm(self.n, generator=g).tolist()
+        share = perm[rank::world]
+        return share or perm[:1]
+
+    def __len__(self) -> int:
+        consumed, total, _, _ = self.start_fn()
+        return max(0, total - consumed)
+
+    def __iter__(self):
+        consumed, total, rank, world = self.start_fn()
+        per_epoch = len(self._epoch_indices(0, rank, world))
+        k = consumed
+        while k < total:
+            epoch, offset = divmod(k, per_epoch)
+            indices = self._epoch_indices(epoch, rank, world)
+            for i in indices[offset:]:
+                if k >= total:
+                    return
+                yield i
+                k += 1
+
+
+def build_dataset(spec: str, preprocess_config: PreprocessConfig, cache_dir: str | None = None, seed: int = 0,
+                  synthetic_shape: tuple[int, int, int] = (96, 128, 160)) -> Dataset:
+    """A dataset from a spec string: synthetic:N | manifest:PATH | ctrate:VOLS,REPORTS[,META[,LABELS]] |
+    ctrg:JSON,VOLS | msd:DATASET_JSON."""
+    kind, _, arg = spec.partition(":")
+    parts = [p for p in arg.split(",") if p]
+    if kind == "synthetic":
+        return SyntheticDataset(int(arg or 256), preprocess_config, seed=seed, shape=synthetic_shape)
+    if kind == "manifest" and parts:
+        return VolumeReportDataset(manifest_records(parts[0]), preprocess_config, cache_dir, name=parts[0])
+    if kind == "ctrate" and len(parts) >= 2:
+        return VolumeReportDataset(ct_rate_records(*parts[:4]), preprocess_config, cache_dir, name="CT-RATE")
+    if kind == "ctrg" and len(parts) == 2:
+        return VolumeReportDataset(ctrg_chest_records(parts[0], parts[1]), preprocess_config, cache_dir, name="CTRG-Chest")
+    if kind == "msd" and parts:
+        records, _ = msd_records(parts[0])
+        return VolumeReportDataset(records, preprocess_config, cache_dir, name=parts[0], require_report=False)
+    raise ValueError(f"cannot read data spec {spec!r}; expected synthetic:N, manifest:PATH, "
+                     "ctrate:VOLUMES_DIR,REPORTS_CSV[,METADATA_CSV[,LABELS_CSV]], ctrg:REPORTS_JSON,VOLUMES_DIR or msd:DATASET_JSON")

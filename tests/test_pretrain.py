@@ -1,0 +1,123 @@
+"""python -m training.pretrain: a few steps write a bundle; exact resume; DDP (gloo, 2 processes); bf16."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("lightning")
+
+from napari_mg3d.checkpoint import load_bundle  # noqa: E402
+from training.data import StepIndexedSampler  # noqa: E402
+from training.module import lr_lambda  # noqa: E402
+from training.params import PretrainParams, build_parser  # noqa: E402
+from training.pretrain import run  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _params(tmp: Path, text_encoder: Path, **kw) -> PretrainParams:
+    base = dict(data="synthetic:5", max_steps=4, batch_size=2, input_size=[32, 32, 32], num_workers=0,
+                checkpoint_every=1, synthetic_shape=[40, 48, 56], progress=False, log_every=1, warmup_steps=2,
+                text_encoder=str(text_encoder), out_dir=str(tmp))
+    base.update(kw)
+    return PretrainParams(**base)
+
+
+def _losses(out: Path) -> dict[int, float]:
+    values = {}
+    for path in sorted((out / "logs").glob("version_*/metrics.csv")):
+        for row in csv.DictReader(open(path)):
+            if row.get("train/total"):
+                values[int(row["step"])] = float(row["train/total"])
+    return values
+
+
+def test_a_few_steps_write_a_loadable_bundle_with_every_loss_logged(tmp_path, tiny_text_encoder_dir):
+    bundle = run(_params(tmp_path, tiny_text_encoder_dir, max_steps=3))
+    loaded = load_bundle(bundle)
+    assert set(loaded.heads) == {"mim_decoder", "mlm_head"}
+    assert loaded.meta["provenance"]["steps"] == 3 and loaded.config.input_size == (32, 32, 32)
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file() and (tmp_path / "checkpoints" / "best.ckpt").is_file()
+    header = next(csv.reader(open(next((tmp_path / "logs").glob("version_*/metrics.csv")))))
+    for name in ("mim", "mlm", "sfr", "cml", "ssm", "dfa", "total"):
+        assert f"train/{name}" in header
+    assert len(_losses(tmp_path)) == 3
+
+
+def test_killed_and_resumed_run_continues_with_the_same_losses(tmp_path, tiny_text_encoder_dir):
+    straight = tmp_path / "straight"
+    run(_params(straight, tiny_text_encoder_dir, max_steps=5))
+    split = tmp_path / "split"
+    stopped = run(_params(split, tiny_text_encoder_dir, max_steps=5, stop_after_steps=2))
+    assert stopped.name == "last.ckpt" and not (split / "bundle").exists()
+    assert torch.load(stopped, map_location="cpu", weights_only=False)["global_step"] == 2
+    run(_params(split, tiny_text_encoder_dir, max_steps=5, resume="last"))
+    a, b = _losses(straight), _losses(split)
+    assert sorted(b) == [0, 1, 2, 3, 4]
+    for step in (2, 3, 4):
+        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), step
+
+
+def test_missing_resume_checkpoint_is_a_clear_error(tmp_path, tiny_text_encoder_dir):
+    with pytest.raises(SystemExit, match="does not exist"):
+        run(_params(tmp_path, tiny_text_encoder_dir, resume="last"))
+
+
+def test_bf16_mixed_precision_step_runs_on_cpu(tmp_path, tiny_text_encoder_dir):
+    run(_params(tmp_path, tiny_text_encoder_dir, max_steps=1, precision="bf16-mixed"))
+    losses = _losses(tmp_path)
+    assert len(losses) == 1 and all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+
+
+@pytest.mark.slow
+def test_ddp_with_two_cpu_processes(tmp_path, tiny_text_encoder_dir):
+    cmd = [sys.executable, "-m", "training.pretrain", "--data", "synthetic:8", "--max-steps", "2", "--batch-size", "2",
+           "--input-size", "32", "32", "32", "--num-workers", "0", "--synthetic-shape", "40", "48", "56",
+           "--no-progress", "--log-every", "1", "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp",
+           "--text-encoder", str(tiny_text_encoder_dir), "--out-dir", str(tmp_path)]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "finished at step 2" in result.stdout
+    assert load_bundle(tmp_path / "bundle").meta["provenance"]["steps"] == 2
+
+
+def test_help_explains_every_option():
+    text = build_parser("pretrain", "").format_help()
+    for name in PretrainParams.__dataclass_fields__:
+        assert f"--{name.replace('_', '-')}" in text
+
+
+def test_yaml_config_and_command_line_overrides(tmp_path):
+    from training.params import parse_params
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("preset: base\nmax_steps: 50\nlambdas: [1.0, 0.2, 0.3]\n")
+    p = parse_params(["--config", str(cfg), "--max-steps", "7"], "pretrain", "")
+    assert (p.preset, p.max_steps, p.lambdas) == ("base", 7, [1.0, 0.2, 0.3])
+    cfg.write_text("max_stepz: 5\n")
+    with pytest.raises(SystemExit, match="unknown options"):
+        parse_params(["--config", str(cfg)], "pretrain", "")
+
+
+def test_learning_rate_warms_up_then_decays_to_zero():
+    f = lr_lambda(10, 110)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.5) and f(110) == pytest.approx(0.0)
+
+
+def test_step_indexed_sampler_resumes_exactly_and_splits_ranks():
+    def make(consumed, total, rank=0, world=1):
+        return list(StepIndexedSampler(7, 3, lambda: (consumed, total, rank, world)))
+
+    full = make(0, 20)
+    assert make(9, 20) == full[9:]
+    assert sorted(full[:7]) == list(range(7)) and sorted(full[7:14]) == list(range(7))
+    r0, r1 = make(0, 3, 0, 2), make(0, 3, 1, 2)
+    assert not set(r0) & set(r1)

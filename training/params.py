@@ -1,0 +1,100 @@
+"""Pre-training parameters: one dataclass, loadable from YAML, every field overridable on the command line."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class PretrainParams:
+    """Everything ``python -m training.pretrain`` needs. Units: learning rates per step; sizes in voxels."""
+
+    data: str = field(default="synthetic:256", metadata={"help": (
+        "training data: synthetic:N | manifest:PATH(.csv|.jsonl) | ctrate:VOLUMES_DIR,REPORTS_CSV[,METADATA_CSV[,LABELS_CSV]] "
+        "| ctrg:REPORTS_JSON,VOLUMES_DIR | msd:DATASET_JSON")})
+    val_data: str = field(default="", metadata={"help": "optional validation data, same syntax as --data"})
+    preset: str = field(default="tiny", metadata={"help": "model preset: tiny | base | large"})
+    input_size: list[int] | None = field(default=None, metadata={"help": "override the preset input size (z y x), multiples of 32"})
+    text_encoder: str = field(default="", metadata={"help": "Hugging Face name or local path of the frozen text encoder (default: preset's)"})
+    objectives: list[str] | None = field(default=None, metadata={"help": "objectives to train (default all): mim mlm sfr cml ssm dfa"})
+    lambdas: list[float] | None = field(default=None, metadata={"help": "loss weights alpha beta gamma (default 1.0 0.1 0.1)"})
+    temperature: float = field(default=0.07, metadata={"help": "InfoNCE temperature"})
+    window_size: int = field(default=0, metadata={"help": "Swin window size (0: preset's)"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute Swin activations in backward (saves memory)"})
+
+    max_steps: int = field(default=1000, metadata={"help": "optimizer steps to train"})
+    batch_size: int = field(default=4, metadata={"help": "volumes per device per step (paper: 4)"})
+    accumulate: int = field(default=1, metadata={"help": "gradient accumulation steps"})
+    lr_vision: float = field(default=2e-5, metadata={"help": "learning rate of the vision encoder (paper: 2e-5)"})
+    lr_fusion: float = field(default=1e-4, metadata={"help": "learning rate of fusion layers and heads (paper: 1e-4)"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (paper: 0.01)"})
+    warmup_steps: int = field(default=100, metadata={"help": "linear warm-up steps, then cosine decay to 0"})
+    grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip (0: off)"})
+
+    precision: str = field(default="32-true", metadata={"help": "Lightning precision: 32-true | bf16-mixed | 16-mixed"})
+    accelerator: str = field(default="auto", metadata={"help": "cpu | gpu | auto"})
+    devices: str = field(default="auto", metadata={"help": "devices per node: a count, a list like 0,1, or auto"})
+    num_nodes: int = field(default=1, metadata={"help": "nodes (SLURM or torchrun provides the rendezvous)"})
+    strategy: str = field(default="auto", metadata={"help": "Lightning strategy: auto | ddp | ddp_spawn | ..."})
+    num_workers: int = field(default=2, metadata={"help": "data-loading worker processes per device"})
+    cache_dir: str = field(default="", metadata={"help": "folder for the preprocessed-volume cache (empty: no cache)"})
+
+    out_dir: str = field(default="runs/pretrain", metadata={"help": "where checkpoints, logs and the bundle go"})
+    resume: str = field(default="", metadata={"help": "checkpoint to resume from, or 'last' for OUT_DIR/checkpoints/last.ckpt"})
+    stop_after_steps: int = field(default=0, metadata={"help": (
+        "end this run after N more steps with a checkpoint, e.g. before a cluster time limit; continue with --resume last")})
+    checkpoint_every: int = field(default=100, metadata={"help": "save last.ckpt every N steps"})
+    val_every: int = field(default=0, metadata={"help": "validate every N steps (0: only with --val-data, at the end of each epoch)"})
+    log_every: int = field(default=10, metadata={"help": "log losses every N steps"})
+    seed: int = field(default=0, metadata={"help": "random seed (data order, masks, initialisation)"})
+    synthetic_shape: list[int] = field(default_factory=lambda: [96, 128, 160], metadata={"help": "voxels of generated synthetic CTs"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _arg_type(f: dataclasses.Field):
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    hint = str(f.type)
+    if hint.startswith("bool"):
+        return {"action": argparse.BooleanOptionalAction}
+    if "list[int]" in hint:
+        return {"type": int, "nargs": "+"}
+    if "list[float]" in hint:
+        return {"type": float, "nargs": "+"}
+    if "list[str]" in hint:
+        return {"type": str, "nargs": "+"}
+    return {"type": type(default) if default is not None else str}
+
+
+def build_parser(prog: str, description: str, params_cls=PretrainParams) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", type=str, default="", help="YAML file with any of the options below")
+    for f in dataclasses.fields(params_cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None,
+                            help=f"{f.metadata.get('help', '')} (default: {default})", **_arg_type(f))
+    return parser
+
+
+def parse_params(argv: list[str] | None, prog: str, description: str, params_cls=PretrainParams):
+    """Defaults < YAML (--config) < command line."""
+    args = build_parser(prog, description, params_cls).parse_args(argv)
+    values: dict[str, Any] = {}
+    if args.config:
+        loaded = yaml.safe_load(Path(args.config).read_text()) or {}
+        names = {f.name for f in dataclasses.fields(params_cls)}
+        unknown = set(loaded) - names
+        if unknown:
+            raise SystemExit(f"{args.config}: unknown options {sorted(unknown)}; see --help")
+        values.update(loaded)
+    values.update({k: v for k, v in vars(args).items() if v is not None and k != "config"})
+    return params_cls(**values)

@@ -1,0 +1,160 @@
+"""MG-3D pre-training (MIM, MLM, SFR, CML, SSM, DFA) on one device, several GPUs or several nodes.
+
+    python -m training.pretrain --data synthetic:2000 --preset tiny --max-steps 2000
+    python -m training.pretrain --config configs/base.yaml --devices 4 --strategy ddp --precision bf16-mixed
+    torchrun / srun launch the same command on many nodes (Lightning reads the environment).
+
+Writes OUT_DIR/checkpoints/{last,best}.ckpt (for exact resume with --resume last), OUT_DIR/logs (CSV and
+TensorBoard, every loss separately) and, at the end, OUT_DIR/bundle: the model bundle the napari plugin loads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from torch.utils.data import DataLoader
+
+from napari_mg3d.checkpoint import save_bundle
+from napari_mg3d.model import preset_config
+from napari_mg3d.preprocess import PreprocessConfig
+
+from .data import StepIndexedSampler, build_dataset, collate
+from .module import PretrainModule
+from .params import PretrainParams, parse_params
+
+log = logging.getLogger("training.pretrain")
+
+
+def model_config(p: PretrainParams):
+    overrides = {"temperature": p.temperature, "gradient_checkpointing": p.gradient_checkpointing}
+    if p.input_size:
+        overrides["input_size"] = tuple(p.input_size)
+    if p.text_encoder:
+        overrides["text_encoder"] = p.text_encoder
+    if p.objectives:
+        overrides["objectives"] = tuple(p.objectives)
+    if p.lambdas:
+        if len(p.lambdas) != 3:
+            raise SystemExit(f"--lambdas needs 3 values (alpha beta gamma), got {p.lambdas}")
+        overrides.update(lambda_alpha=p.lambdas[0], lambda_beta=p.lambdas[1], lambda_gamma=p.lambdas[2])
+    if p.window_size:
+        overrides["window_size"] = p.window_size
+    return preset_config(p.preset, **overrides)
+
+
+class StopAfterSteps(L.Callback):
+    """End the run after ``n`` more optimiser steps, writing last.ckpt first (as a kill would find it)."""
+
+    def __init__(self, n: int, path: Path) -> None:
+        self.n, self.path, self.start = n, path, None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.start = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.start is not None and trainer.global_step - self.start >= self.n and not trainer.should_stop:
+            trainer.save_checkpoint(self.path)
+            trainer.should_stop = True
+
+
+class _Progress:
+    """Callable handed to the sampler: (consumed, total, rank, world) from the trainer's restored state."""
+
+    def __init__(self, params: PretrainParams) -> None:
+        self.params = params
+        self.trainer: L.Trainer | None = None
+
+    def __call__(self):
+        p, t = self.params, self.trainer
+        per_step = p.batch_size * max(1, p.accumulate)
+        step = t.global_step if t is not None else 0
+        rank = t.global_rank if t is not None else 0
+        world = t.world_size if t is not None else 1
+        return step * per_step, p.max_steps * per_step, rank, world
+
+
+def make_trainer(p: PretrainParams, out: Path, val: bool) -> L.Trainer:
+    monitor = "val/total" if val else "train/total"
+    last = ModelCheckpoint(dirpath=out / "checkpoints", filename="last", every_n_train_steps=p.checkpoint_every,
+                           save_top_k=1, enable_version_counter=False)
+    best = ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor=monitor, mode="min",
+                           every_n_train_steps=None if val else p.checkpoint_every, save_top_k=1,
+                           enable_version_counter=False)
+    callbacks = [last, best, LearningRateMonitor(logging_interval="step")]
+    if p.progress:
+        callbacks.append(TQDMProgressBar(refresh_rate=1))
+    if p.stop_after_steps:
+        callbacks.append(StopAfterSteps(p.stop_after_steps, out / "checkpoints" / "last.ckpt"))
+    devices = p.devices if p.devices == "auto" else (int(p.devices) if p.devices.isdigit() else
+                                                    [int(d) for d in p.devices.split(",")])
+    return L.Trainer(
+        max_steps=p.max_steps, accelerator=p.accelerator, devices=devices, num_nodes=p.num_nodes,
+        strategy=p.strategy, precision=p.precision, accumulate_grad_batches=p.accumulate,
+        gradient_clip_val=p.grad_clip or None, log_every_n_steps=p.log_every, callbacks=callbacks,
+        logger=[CSVLogger(out, name="logs"), TensorBoardLogger(out, name="tb")],
+        use_distributed_sampler=False, enable_progress_bar=p.progress, default_root_dir=out,
+        val_check_interval=p.val_every or None, check_val_every_n_epoch=None if p.val_every else 1,
+        num_sanity_val_steps=0, deterministic=False, enable_model_summary=False,
+    )
+
+
+def run(p: PretrainParams) -> Path:
+    """Train; returns the bundle directory."""
+    L.seed_everything(p.seed, workers=True)
+    out = Path(p.out_dir)
+    cfg = model_config(p)
+    pre_cfg = PreprocessConfig(target_size=cfg.input_size)
+    train_set = build_dataset(p.data, pre_cfg, p.cache_dir or None, p.seed, tuple(p.synthetic_shape))
+    val_set = build_dataset(p.val_data, pre_cfg, p.cache_dir or None, p.seed + 10_000_000,
+                            tuple(p.synthetic_shape)) if p.val_data else None
+
+    progress = _Progress(p)
+    sampler = StepIndexedSampler(len(train_set), p.seed, progress)
+    loader_kw = dict(num_workers=p.num_workers, collate_fn=collate, pin_memory=torch.cuda.is_available(),
+                     persistent_workers=p.num_workers > 0)
+    train_loader = DataLoader(train_set, batch_size=p.batch_size, sampler=sampler, drop_last=False, **loader_kw)
+    val_loader = DataLoader(val_set, batch_size=p.batch_size, shuffle=False, **loader_kw) if val_set else None
+
+    module = PretrainModule(cfg, p)
+    trainer = make_trainer(p, out, val_set is not None)
+    progress.trainer = trainer
+    ckpt = None
+    if p.resume:
+        ckpt = str(out / "checkpoints" / "last.ckpt") if p.resume == "last" else p.resume
+        if not Path(ckpt).is_file():
+            raise SystemExit(f"--resume {p.resume}: checkpoint {ckpt} does not exist")
+    trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=ckpt)
+
+    bundle = out / "bundle"
+    if trainer.global_step < p.max_steps:
+        if trainer.is_global_zero:
+            print(f"stopped at step {trainer.global_step} of {p.max_steps}; continue with --resume last", flush=True)
+        return out / "checkpoints" / "last.ckpt"
+    if trainer.is_global_zero:
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+        save_bundle(bundle, module.model, heads={"mim_decoder": module.pretrainer.mim_decoder,
+                                                 "mlm_head": module.pretrainer.mlm_head},
+                    meta={"preprocessing": pre_cfg.to_dict(), "labels": [],
+                          "provenance": {"stage": "pretrain", "steps": trainer.global_step, "data": p.data,
+                                         "params": p.to_dict(), "final_metrics": metrics}})
+        (out / "params.json").write_text(json.dumps(p.to_dict(), indent=2))
+        print(f"pre-training finished at step {trainer.global_step}; bundle: {bundle.resolve()}", flush=True)
+    return bundle
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    p = parse_params(argv, "python -m training.pretrain", __doc__)
+    run(p)
+
+
+if __name__ == "__main__":
+    main()
