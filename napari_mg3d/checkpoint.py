@@ -98,7 +98,8 @@ def save_bundle(
             raise ValueError(f"head name {head_name!r} must not contain '.'")
         for name, value in module.state_dict().items():
             tensors[f"{head_name}.{name}"] = value
-    tensors = {k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous()
+    # clone: tied weights share storage, which safetensors refuses
+    tensors = {k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().clone().contiguous()
                for k, v in tensors.items()}
 
     config = {

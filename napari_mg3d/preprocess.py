@@ -188,9 +188,17 @@ def to_original(
             x = F.one_hot(x.long(), max(int(x.max()) + 1, 2)).permute(3, 0, 1, 2).float()
         elif x.dim() != 4:
             raise ValueError(f"class scores must be (C, Z, Y, X), got {tuple(x.shape)}")
-        up = _resize(x.float(), record.crop_shape, "trilinear" if kind == "label" else "smooth-linear")
+        mode = "trilinear" if kind == "label" else "smooth-linear"
+        # one class at a time: a running max/argmax keeps memory at ~3 crop-sized arrays, not C of them
+        best = _resize(x[:1].float(), record.crop_shape, mode)[0]
+        arg = torch.zeros(best.shape, dtype=torch.int32)
+        for c in range(1, x.shape[0]):
+            up = _resize(x[c:c + 1].float(), record.crop_shape, mode)[0]
+            better = up > best
+            arg[better] = c
+            best = torch.where(better, up, best)
         canvas = np.full(record.canonical_shape, int(fill), np.int32)
-        canvas[a[0]:b[0], a[1]:b[1], a[2]:b[2]] = up.argmax(0).numpy()
+        canvas[a[0]:b[0], a[1]:b[1], a[2]:b[2]] = arg.numpy()
         return _invert_ornt(canvas, np.asarray(record.ornt))
     squeeze = x.dim() == 3
     up = _resize((x[None] if squeeze else x).float(), record.crop_shape, "trilinear").numpy()

@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 from napari_mg3d.io import VolumeReadError, read_volume
 from napari_mg3d.preprocess import PreprocessConfig, labels_to_model, preprocess
 from napari_mg3d.reports import sentence_texts
-from napari_mg3d.synthetic import LABELS, generate_sample
+from napari_mg3d.synthetic import LABELS, ORGANS, generate_sample
 from napari_mg3d.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -298,6 +298,7 @@ class SyntheticDataset(Dataset):
     def __init__(self, n: int, preprocess_config: PreprocessConfig, seed: int = 0,
                  shape: tuple[int, int, int] = (96, 128, 160), with_mask: bool = True) -> None:
         self.n, self.config, self.seed, self.shape, self.with_mask = n, preprocess_config, seed, shape, with_mask
+        self.target = "lesions"  # "organs", or "all" (organs, with lesions drawn over them): the "mask"
 
     def __len__(self) -> int:
         return self.n
@@ -306,10 +307,23 @@ class SyntheticDataset(Dataset):
         s = generate_sample(self.seed + index, shape=self.shape)
         vol = Volume(s.volume, s.affine)
         x, record = preprocess(vol, self.config)
-        mask = labels_to_model(s.lesion_label_map(), record, representation="labels") if self.with_mask else None
+        label_map = combined_label_map(s) if self.target == "all" else (
+            s.organ_label_map() if self.target == "organs" else s.lesion_label_map())
+        mask = labels_to_model(label_map, record, representation="labels") if self.with_mask else None
         return {"id": f"synthetic_{self.seed + index}", "volume": x, "report": s.report, "sentences": s.sentences,
                 "labels": torch.tensor([s.labels[n] for n in LABELS], dtype=torch.float32),
                 "mask": torch.from_numpy(mask.astype(np.int64)) if mask is not None else None}
+
+
+ALL_CLASSES = ["background", *ORGANS, *LABELS]
+
+
+def combined_label_map(sample) -> np.ndarray:
+    """Organs 1..9, lesions 10..27 drawn over them (class names: ALL_CLASSES)."""
+    out = sample.organ_label_map()
+    lesions = sample.lesion_label_map()
+    out[lesions > 0] = lesions[lesions > 0] + len(ORGANS)
+    return out
 
 
 class StepIndexedSampler(torch.utils.data.Sampler):

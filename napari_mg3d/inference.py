@@ -1,0 +1,317 @@
+"""Predictor: a model bundle + a Volume (+ sentences) -> segmentation, abnormality scores, drafted report and
+per-sentence heat maps, all on the volume's own voxel grid. No napari or Qt.
+
+The encoder output is cached per volume, so a new sentence's heat map costs only the text encoder and one
+attention step. Long stages report progress through a callback and stop between stages when ``cancel`` is set.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import Bundle, load_bundle
+from .model.heads import GenerationSettings, build_head, zero_shot_scores
+from .model.text import tokenize_reports
+from .preprocess import PreprocessConfig, PreprocessRecord, preprocess, to_original
+from .synthetic import LABELS
+from .volume import Volume
+
+log = logging.getLogger(__name__)
+
+OUTPUTS = ("segmentation", "scores", "report", "heatmaps")
+ProgressFn = Callable[[str, float], None]
+DEMO_BUNDLE_DIR = Path(__file__).parent / "assets" / "demo_bundle"
+
+
+class Cancelled(RuntimeError):
+    """The run was cancelled between stages."""
+
+
+class PredictorError(ValueError):
+    """Input or bundle the predictor cannot use; the message says what and what to do."""
+
+
+def default_bundle_path() -> Path:
+    """The bundle the plugin uses unless told otherwise: $MG3D_BUNDLE, else the shipped demo bundle."""
+    env = os.environ.get("MG3D_BUNDLE")
+    return Path(env).expanduser() if env else DEMO_BUNDLE_DIR
+
+
+def available_devices() -> list[str]:
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices.insert(0, "cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        devices.insert(0, "mps")
+    return devices
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device(available_devices()[0])
+    if name not in available_devices():
+        raise PredictorError(f"device {name!r} is not available here; available: {available_devices()}")
+    return torch.device(name)
+
+
+def available_memory_bytes() -> int:
+    """MemAvailable from /proc/meminfo (Linux), else total physical memory."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def estimate_memory_bytes(shape: tuple[int, int, int], n_classes: int = 2) -> int:
+    """Peak host memory of one run on a volume of ``shape`` voxels, beyond the volume itself: a canonical
+    copy and the crop (float32), the label map (int32) and, while mapping segmentation back, one class's
+    resampled scores plus a running max and argmax (float32) and one heat map (float32)."""
+    n = int(np.prod(shape))
+    return n * 4 * 7 + 256 * 2**20  # 7 float32-sized arrays + model and workspace
+
+
+@dataclass
+class Result:
+    """Outputs on the source grid of ``volume``. ``heatmaps_model`` (S, z, y, x) stay at model resolution;
+    :meth:`heatmap` maps one back (float32 in [0, 1], the source grid)."""
+
+    volume_shape: tuple[int, int, int]
+    labels: np.ndarray | None = None
+    class_names: list[str] = field(default_factory=list)
+    scores: dict[str, float] = field(default_factory=dict)
+    score_source: str = ""
+    report: list[str] = field(default_factory=list)
+    sentences: list[str] = field(default_factory=list)
+    heatmaps_model: np.ndarray | None = None
+    record: PreprocessRecord | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    messages: list[str] = field(default_factory=list)
+
+    def heatmap(self, index: int) -> np.ndarray:
+        if self.heatmaps_model is None or self.record is None:
+            raise PredictorError("this result has no heat maps")
+        return to_original(self.heatmaps_model[index], self.record).astype(np.float32)
+
+
+class Predictor:
+    """Runs a bundle on volumes. ``bundle``: a path (directory or .zip) or a loaded Bundle; default: the
+    demo bundle. ``device``: 'auto' (cuda, then mps, then cpu), or a name."""
+
+    def __init__(self, bundle: str | Path | Bundle | None = None, device: str = "auto",
+                 memory_limit_bytes: int | None = None) -> None:
+        self.device = pick_device(device)
+        if not isinstance(bundle, Bundle):
+            path = Path(bundle) if bundle is not None else default_bundle_path()
+            if not path.exists():
+                raise PredictorError(
+                    f"model bundle {path} not found. Make the demo bundle with `python -m training.make_demo_bundle`, "
+                    "or choose a bundle written by training (python -m training.pretrain / finetune)")
+            bundle = load_bundle(path)
+        self.bundle = bundle
+        self.model = bundle.model.to(self.device).eval()
+        self.config = bundle.config
+        self.preprocess_config = PreprocessConfig.from_dict(bundle.meta.get("preprocessing", {})) \
+            if bundle.meta.get("preprocessing") else PreprocessConfig(target_size=self.config.input_size)
+        self.memory_limit = memory_limit_bytes
+        self.heads = self._build_heads()
+        self._cache_key = None
+        self._encoding = None
+        self._record: PreprocessRecord | None = None
+        self._input: torch.Tensor | None = None
+        if self.device.type == "cpu" and "cuda" not in available_devices():
+            log.info("no GPU found: running MG-3D on the CPU")
+
+    # ----- heads --------------------------------------------------------------------------------------
+    def _build_heads(self) -> dict[str, torch.nn.Module]:
+        specs = dict(self.bundle.meta.get("head_specs", {}))
+        heads = {}
+        for name, state in self.bundle.head_state.items():
+            spec = specs.get(name) or {"mim_decoder": {"type": "mim"}, "mlm_head": {"type": "mlm"}}.get(name)
+            if spec is None:
+                log.warning("bundle head %r has no description; ignored", name)
+                continue
+            try:
+                head = build_head(spec, self.config, self.model.text.vocab_size)
+                head.load_state_dict(state)
+            except (ValueError, RuntimeError, KeyError) as err:
+                log.warning("bundle head %r could not be loaded (%s); its output is disabled", name, err)
+                continue
+            heads[name] = head.to(self.device).eval()
+        return heads
+
+    def capabilities(self) -> dict[str, str]:
+        """Each output -> '' if available, else why not."""
+        h = self.heads
+        return {
+            "segmentation": "" if "segmentation" in h else "the bundle has no segmentation head (fine-tune with --task segment)",
+            "scores": "" if ({"classifier", "prompt", "mlm_head"} & set(h)) else
+                      "the bundle has neither a classifier, a prompt head nor the MLM head for zero-shot scores",
+            "report": "" if "report" in h else "the bundle has no report head (fine-tune with --task report)",
+            "heatmaps": "",
+        }
+
+    @property
+    def class_names(self) -> list[str]:
+        spec = self.bundle.meta.get("head_specs", {}).get("segmentation", {})
+        return list(spec.get("classes") or self.bundle.meta.get("classes") or [])
+
+    @property
+    def label_names(self) -> list[str]:
+        specs = self.bundle.meta.get("head_specs", {})
+        for name in ("classifier", "prompt"):
+            if name in self.heads and specs.get(name, {}).get("labels"):
+                return list(specs[name]["labels"])
+        return list(self.bundle.meta.get("labels") or LABELS)
+
+    # ----- checks -------------------------------------------------------------------------------------
+    def check_volume(self, volume: Volume) -> None:
+        data = volume.data
+        if data.ndim != 3:
+            raise PredictorError(f"expected a 3D volume (z, y, x); got shape {data.shape}")
+        if min(data.shape) < 2:
+            raise PredictorError(f"volume of shape {data.shape} is a single slice; MG-3D needs a 3D volume")
+        if not np.issubdtype(data.dtype, np.number) or np.issubdtype(data.dtype, np.complexfloating):
+            raise PredictorError(f"volume dtype {data.dtype} is not a grey-value image")
+        need = estimate_memory_bytes(volume.shape)
+        limit = self.memory_limit if self.memory_limit is not None else available_memory_bytes()
+        if need > limit:
+            raise PredictorError(
+                f"a volume of {volume.shape} voxels needs about {need / 2**30:.1f} GiB of memory to process; "
+                f"{limit / 2**30:.1f} GiB are available. Crop or downsample it first.")
+
+    # ----- stages -------------------------------------------------------------------------------------
+    def encode(self, volume: Volume, progress: ProgressFn | None = None) -> None:
+        """Preprocess and encode ``volume``, cached until another volume comes."""
+        key = (id(volume), volume.shape, float(volume.data.ravel()[:: max(1, volume.data.size // 4096)].sum()))
+        if key == self._cache_key:
+            return
+        self.check_volume(volume)
+        x, record = preprocess(volume, self.preprocess_config)
+        self._input = x[None].to(self.device)
+        with torch.inference_mode():
+            self._encoding = self.model.encode_volume(self._input)
+        self._record, self._cache_key = record, key
+
+    def sentence_heatmaps(self, sentences: list[str]) -> np.ndarray:
+        """(S, Z, Y, X) model-grid heat maps for the cached volume, each scaled to max 1."""
+        if self._encoding is None:
+            raise PredictorError("no volume encoded yet: call run() or encode() first")
+        sentences = [s for s in sentences if s and s.strip()]
+        if not sentences:
+            raise PredictorError("no sentence given: type a sentence with some text in it")
+        c = self.config
+        text = tokenize_reports(self.model.text.tokenizer, [sentences], c.max_words, len(sentences),
+                                c.max_sentence_words).to(self.device)
+        with torch.inference_mode():
+            _, feats = self.model.encode_sentences_separately(text)
+            grid = self.model.sentence_heatmaps(self._encoding, feats, text.sentence_valid)[0]
+            up = F.interpolate(grid[:, None], size=c.input_size, mode="trilinear", align_corners=False)[:, 0]
+            up = up / up.flatten(1).amax(1).clamp_min(1e-12)[:, None, None, None]
+        return up.float().cpu().numpy()
+
+    def heatmap(self, sentence: str) -> np.ndarray:
+        """One sentence's heat map on the source grid of the cached volume (float32, max 1)."""
+        return to_original(self.sentence_heatmaps([sentence])[0], self._record).astype(np.float32)
+
+    def _scores(self) -> tuple[dict[str, float], str]:
+        names = self.label_names
+        enc = self._encoding
+        with torch.inference_mode():
+            if "classifier" in self.heads:
+                head = self.heads["classifier"]
+                probs = head.probabilities(head(enc.global_feature))[0]
+                return dict(zip(names, probs.float().cpu().tolist())), "classifier"
+            if "prompt" in self.heads:
+                from .model.heads import prompt_texts
+
+                tok = self.model.text.tokenizer
+                enc_t = tok([t for pair in prompt_texts(names) for t in pair], padding=True, return_tensors="pt").to(self.device)
+                raw = self.model.text.word_features(enc_t["input_ids"], enc_t["attention_mask"])
+                m = enc_t["attention_mask"].unsqueeze(-1).float()
+                prompts = self.model.text_proj((raw * m).sum(1) / m.sum(1)).view(len(names), 2, -1)
+                probs = self.heads["prompt"](enc.global_feature, prompts)[0].softmax(-1)[:, 0]
+                return dict(zip(names, probs.float().cpu().tolist())), "prompt (CT-VocabFine)"
+            probs = zero_shot_scores(self.model, self.heads["mlm_head"], enc.tokens, names)
+            return dict(zip(names, probs.float().cpu().tolist())), "zero-shot (MLM pseudo-likelihood)"
+
+    def _segment(self) -> np.ndarray:
+        head = self.heads["segmentation"]
+        with torch.inference_mode():
+            logits = head(self._input, self._encoding.features)[0].float().cpu()
+        return to_original(logits, self._record, kind="scores")
+
+    def _draft(self, settings: GenerationSettings | None) -> list[str]:
+        from .reports import split_sentences
+
+        head = self.heads["report"]
+        ids = head.generate(self._encoding.tokens, settings)[0]
+        text = self.model.text.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        text = ". ".join(part.strip().capitalize() for part in text.split(" . ") if part.strip())
+        return [s.text for s in split_sentences(text)] if text else []
+
+    def run(
+        self,
+        volume: Volume,
+        sentences: list[str] | None = None,
+        outputs: tuple[str, ...] = OUTPUTS,
+        progress: ProgressFn | None = None,
+        cancel=None,
+        generation: GenerationSettings | None = None,
+    ) -> Result:
+        """Run the chosen outputs. ``sentences`` get heat maps (default: the drafted report's sentences).
+        ``cancel``: anything with is_set() (threading.Event), checked between stages."""
+        unknown = set(outputs) - set(OUTPUTS)
+        if unknown:
+            raise PredictorError(f"unknown outputs {sorted(unknown)}; choose from {OUTPUTS}")
+        caps = self.capabilities()
+        result = Result(volume_shape=volume.shape)
+        stages = ["encode"] + [o for o in ("segmentation", "scores", "report", "heatmaps") if o in outputs]
+
+        def step(name: str, i: int) -> float:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled(f"cancelled before {name}")
+            if progress:
+                progress(name, i / len(stages))
+            return time.perf_counter()
+
+        t = step("encode", 0)
+        self.encode(volume)
+        result.timings["preprocess + encode"] = time.perf_counter() - t
+        result.record = self._record
+        for i, stage in enumerate(stages[1:], start=1):
+            if caps[stage]:
+                result.messages.append(f"{stage} disabled: {caps[stage]}")
+                continue
+            t = step(stage, i)
+            if stage == "segmentation":
+                result.labels = self._segment()
+                result.class_names = self.class_names or [f"class {k}" for k in range(int(result.labels.max()) + 1)]
+            elif stage == "scores":
+                result.scores, result.score_source = self._scores()
+            elif stage == "report":
+                result.report = self._draft(generation)
+            elif stage == "heatmaps":
+                result.sentences = [s for s in (sentences if sentences is not None else result.report) if s.strip()]
+                if result.sentences:
+                    result.heatmaps_model = self.sentence_heatmaps(result.sentences)
+                else:
+                    result.messages.append("heat maps skipped: no sentences (no report drafted and none given)")
+            result.timings[stage] = time.perf_counter() - t
+        if progress:
+            progress("done", 1.0)
+        for stage, seconds in result.timings.items():
+            log.info("MG-3D %s: %.2f s", stage, seconds)
+        return result

@@ -1,0 +1,245 @@
+"""Downstream heads on the MG-3D encoder (paper Sec. IV.B.2) and the prompt-driven anomaly scorer.
+
+* :class:`LinearClassifier` -- disease classification / prognosis on the pooled visual feature F̄_I.
+* :class:`SegmentationDecoder` -- the SwinUNETR decoder over the five Swin feature maps.
+* :class:`ReportDecoder` -- a transformer decoder over the visual tokens using the text encoder's tokenizer;
+  greedy or beam search with length and repetition controls.
+* :class:`PromptScorer` -- "{finding} is present." vs "{finding} is not present.", softmax over the pair;
+  trainable few-shot (CT-VocabFine). :func:`zero_shot_scores` scores the same pairs with no fine-tuning at
+  all, by the volume-conditioned pseudo-log-likelihood under the pre-trained MLM head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrUpBlock
+from torch import nn
+
+PROMPT_PAIR = ("{finding} is present.", "{finding} is not present.")
+
+
+class LinearClassifier(nn.Module):
+    """Linear layer on F̄_I (B, d) -> logits (B, n_classes). ``multilabel`` selects sigmoid vs softmax."""
+
+    def __init__(self, dim: int, n_classes: int, multilabel: bool = True) -> None:
+        super().__init__()
+        self.multilabel = multilabel
+        self.norm = nn.LayerNorm(dim)
+        self.linear = nn.Linear(dim, n_classes)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.norm(pooled))
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(logits) if self.multilabel else logits.softmax(-1)
+
+
+class SegmentationDecoder(nn.Module):
+    """SwinUNETR decoder: input volume + Swin features (strides 2..32) -> (B, n_classes, Z, Y, X) logits."""
+
+    def __init__(self, feature_size: int, n_classes: int, norm: str = "instance") -> None:
+        super().__init__()
+        f = feature_size
+
+        def basic(cin, cout):
+            return UnetrBasicBlock(3, cin, cout, kernel_size=3, stride=1, norm_name=norm, res_block=True)
+
+        def up(cin, cout):
+            return UnetrUpBlock(3, cin, cout, kernel_size=3, upsample_kernel_size=2, norm_name=norm, res_block=True)
+
+        self.encoder1, self.encoder2, self.encoder3 = basic(1, f), basic(f, f), basic(2 * f, 2 * f)
+        self.encoder4, self.encoder10 = basic(4 * f, 4 * f), basic(16 * f, 16 * f)
+        self.decoder5, self.decoder4, self.decoder3 = up(16 * f, 8 * f), up(8 * f, 4 * f), up(4 * f, 2 * f)
+        self.decoder2, self.decoder1 = up(2 * f, f), up(f, f)
+        self.out = UnetOutBlock(3, f, n_classes)
+
+    def forward(self, volume: torch.Tensor, features: list[torch.Tensor]) -> torch.Tensor:
+        enc0 = self.encoder1(volume)
+        enc1, enc2, enc3 = self.encoder2(features[0]), self.encoder3(features[1]), self.encoder4(features[2])
+        x = self.decoder5(self.encoder10(features[4]), features[3])
+        x = self.decoder2(self.decoder3(self.decoder4(x, enc3), enc2), enc1)
+        return self.out(self.decoder1(x, enc0))
+
+
+@dataclass
+class GenerationSettings:
+    """max_len / min_len in tokens; beams 1 = greedy; no_repeat_ngram blocks repeated n-grams;
+    repetition_penalty > 1 discourages tokens already generated; length_penalty for beam ranking."""
+
+    max_len: int = 96
+    min_len: int = 4
+    beams: int = 1
+    no_repeat_ngram: int = 3
+    repetition_penalty: float = 1.2
+    length_penalty: float = 1.0
+
+
+class ReportDecoder(nn.Module):
+    """Transformer decoder over visual tokens (B, N, d) predicting report tokens of the text tokenizer."""
+
+    def __init__(self, dim: int, vocab_size: int, layers: int = 2, heads: int = 4, max_len: int = 160,
+                 bos_id: int = 101, eos_id: int = 102, pad_id: int = 0) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, dim)
+        self.pos = nn.Parameter(torch.zeros(1, max_len, dim))
+        nn.init.trunc_normal_(self.pos, std=0.02)
+        layer = nn.TransformerDecoderLayer(dim, heads, 4 * dim, dropout=0.1, batch_first=True, norm_first=True)
+        self.decoder = nn.TransformerDecoder(layer, layers)
+        self.norm = nn.LayerNorm(dim)
+        self.lm = nn.Linear(dim, vocab_size)
+        self.lm.weight = self.embed.weight  # tied input/output embeddings: half the parameters
+        self.bos_id, self.eos_id, self.pad_id, self.max_len = bos_id, eos_id, pad_id, max_len
+
+    def forward(self, tokens: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing: tokens (B, T) starting with BOS -> logits (B, T, V) for the next token."""
+        T = tokens.shape[1]
+        x = self.embed(tokens) + self.pos[:, :T]
+        causal = torch.triu(torch.ones(T, T, dtype=torch.bool, device=tokens.device), diagonal=1)
+        pad = tokens == self.pad_id
+        pad[:, 0] = False
+        x = self.decoder(x, memory, tgt_mask=causal, tgt_key_padding_mask=pad)
+        return self.lm(self.norm(x))
+
+    def loss(self, target_ids: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the next token; target_ids (B, T) = [BOS] report [EOS] [PAD]..."""
+        logits = self(target_ids[:, :-1], memory)
+        gold = target_ids[:, 1:]
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), gold.reshape(-1), ignore_index=self.pad_id)
+
+    def _adjust(self, logits: torch.Tensor, seqs: torch.Tensor, s: GenerationSettings, step: int) -> torch.Tensor:
+        logp = logits.log_softmax(-1)
+        if s.repetition_penalty != 1.0:
+            seen = torch.zeros_like(logp, dtype=torch.bool).scatter_(1, seqs, True)
+            logp = torch.where(seen, logp * s.repetition_penalty, logp)
+        if s.no_repeat_ngram > 1 and seqs.shape[1] >= s.no_repeat_ngram:
+            n = s.no_repeat_ngram
+            for b in range(seqs.shape[0]):
+                seq = seqs[b].tolist()
+                prefix = tuple(seq[-(n - 1):])
+                banned = [seq[i + n - 1] for i in range(len(seq) - n + 1) if tuple(seq[i:i + n - 1]) == prefix]
+                if banned:
+                    logp[b, banned] = float("-inf")
+        if step < s.min_len:
+            logp[:, self.eos_id] = float("-inf")
+        return logp
+
+    @torch.no_grad()
+    def generate(self, memory: torch.Tensor, settings: GenerationSettings | None = None) -> list[list[int]]:
+        """Token ids (without BOS/EOS) per volume; greedy when beams == 1, else beam search."""
+        s = settings or GenerationSettings()
+        max_len = min(s.max_len, self.max_len - 1)
+        results = []
+        for b in range(memory.shape[0]):
+            mem = memory[b:b + 1]
+            beams = [(torch.tensor([[self.bos_id]], device=memory.device), 0.0, False)]
+            for step in range(max_len):
+                candidates = []
+                alive = [bm for bm in beams if not bm[2]]
+                if not alive:
+                    break
+                seqs = torch.cat([bm[0] for bm in alive])
+                logp = self._adjust(self(seqs, mem.expand(len(alive), -1, -1))[:, -1], seqs, s, step)
+                top = logp.topk(max(1, s.beams), dim=-1)
+                for i, (seq, score, _) in enumerate(alive):
+                    for lp, tok in zip(top.values[i].tolist(), top.indices[i].tolist()):
+                        if lp == float("-inf"):
+                            continue
+                        candidates.append((torch.cat([seq, seq.new_tensor([[tok]])], 1), score + lp, tok == self.eos_id))
+                candidates += [bm for bm in beams if bm[2]]
+                rank = sorted(candidates, key=lambda c: c[1] / (c[0].shape[1] ** s.length_penalty), reverse=True)
+                beams = rank[: max(1, s.beams)]
+                if all(bm[2] for bm in beams):
+                    break
+            best = max(beams, key=lambda c: c[1] / (c[0].shape[1] ** s.length_penalty))[0][0, 1:].tolist()
+            results.append([t for t in best if t not in (self.eos_id, self.pad_id)])
+        return results
+
+
+class PromptScorer(nn.Module):
+    """p(present) = softmax over the prompt pair of cos(W_v F̄_I, W_t F_prompt) / τ (CT-VocabFine head).
+
+    Projections start at identity so the untrained head already compares MG-3D's own features."""
+
+    def __init__(self, dim: int, temperature: float = 0.07) -> None:
+        super().__init__()
+        self.visual = nn.Linear(dim, dim)
+        self.textual = nn.Linear(dim, dim)
+        for lin in (self.visual, self.textual):
+            nn.init.eye_(lin.weight)
+            nn.init.zeros_(lin.bias)
+        self.log_scale = nn.Parameter(torch.tensor(float(-torch.log(torch.tensor(temperature)))))
+
+    def forward(self, visual: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+        """visual (B, d), prompts (F, 2, d) -> logits (B, F, 2)."""
+        v = F.normalize(self.visual(visual), dim=-1)
+        t = F.normalize(self.textual(prompts), dim=-1)
+        return torch.einsum("bd,fpd->bfp", v, t) * self.log_scale.exp()
+
+
+def prompt_texts(findings: list[str], pair: tuple[str, str] = PROMPT_PAIR) -> list[list[str]]:
+    """[[positive, negative] for each finding]."""
+    return [[pair[0].format(finding=f), pair[1].format(finding=f)] for f in findings]
+
+
+def build_head(spec: dict, config, vocab_size: int) -> nn.Module:
+    """Rebuild a head from its bundle description ``{"type": ..., ...}`` (config: MG3DConfig)."""
+    kind = spec.get("type")
+    if kind == "classifier":
+        return LinearClassifier(config.fusion_dim, int(spec["n_classes"]), bool(spec.get("multilabel", True)))
+    if kind == "segmentation":
+        return SegmentationDecoder(config.feature_size, int(spec["n_classes"]))
+    if kind == "report":
+        return ReportDecoder(config.fusion_dim, vocab_size, int(spec.get("layers", 2)), int(spec.get("heads", 4)),
+                             int(spec.get("max_len", 160)), int(spec.get("bos_id", 101)), int(spec.get("eos_id", 102)),
+                             int(spec.get("pad_id", 0)))
+    if kind == "prompt":
+        return PromptScorer(config.fusion_dim, float(spec.get("temperature", 0.07)))
+    if kind == "mlm":
+        from .mg3d import MLMHead
+
+        return MLMHead(config.fusion_dim, vocab_size)
+    if kind == "mim":
+        from .mg3d import MIMDecoder
+
+        return MIMDecoder(config.fusion_dim)
+    raise ValueError(f"unknown head type {kind!r} in bundle; this napari-mg3d knows classifier, segmentation, "
+                     "report, prompt, mlm, mim")
+
+
+@torch.no_grad()
+def zero_shot_scores(model, mlm_head: nn.Module, tokens: torch.Tensor, findings: list[str],
+                     pair: tuple[str, str] = PROMPT_PAIR) -> torch.Tensor:
+    """p(present) per finding for one volume, with no fine-tuning: for each prompt of the pair, the mean
+    log-probability of its words when each is masked in turn and predicted by the pre-trained MLM head
+    from the volume (pseudo-log-likelihood, volume-conditioned); softmax over the pair.
+
+    tokens: (1, N, d) volume tokens of one volume. Returns (F,) probabilities.
+    """
+    tok = model.text.tokenizer
+    texts = [t for p in prompt_texts(findings, pair) for t in p]
+    enc = tok(texts, padding=True, return_tensors="pt")
+    ids, att = enc["input_ids"].to(tokens.device), enc["attention_mask"].to(tokens.device)
+    special = torch.isin(ids, torch.tensor(tok.all_special_ids, device=ids.device))
+    rows, owner, target, position = [], [], [], []
+    for p in range(ids.shape[0]):
+        for t in torch.nonzero(att[p].bool() & ~special[p]).flatten().tolist():
+            masked = ids[p].clone()
+            masked[t] = model.text.mask_token_id
+            rows.append(masked)
+            owner.append(p)
+            target.append(int(ids[p, t]))
+            position.append(t)
+    masked_ids = torch.stack(rows)
+    row_att = att[torch.tensor(owner, device=ids.device)]
+    words = model.text_proj(model.text.word_features(masked_ids, row_att))
+    fused, _ = model.text_fusion(words, tokens.expand(len(rows), -1, -1), row_att.bool(), None)
+    idx = torch.arange(len(rows), device=ids.device)
+    logp = mlm_head(fused[idx, torch.tensor(position, device=ids.device)]).log_softmax(-1)
+    picked = logp[idx, torch.tensor(target, device=ids.device)]
+    owner_t = torch.tensor(owner, device=ids.device)
+    pll = torch.zeros(ids.shape[0], device=ids.device).index_add_(0, owner_t, picked)
+    pll = pll / torch.bincount(owner_t, minlength=ids.shape[0]).clamp_min(1)
+    return pll.view(len(findings), 2).softmax(-1)[:, 0]

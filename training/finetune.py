@@ -1,0 +1,296 @@
+"""Fine-tune MG-3D for a downstream task and write a bundle the napari plugin loads.
+
+    python -m training.finetune --task segment  --bundle runs/pretrain/bundle --data manifest:train.jsonl
+    python -m training.finetune --task classify --bundle runs/seg/bundle --data synthetic:200   # adds a head
+    python -m training.finetune --task report | prognosis | vocabfine ...
+
+Tasks: classify / prognosis (linear classifier on the pooled visual feature; frozen or full fine-tuning;
+multi-label or multi-class), segment (SwinUNETR decoder, Dice+CE, sliding-window validation with Dice per
+class), report (transformer decoder over the visual tokens, the text encoder's tokenizer), vocabfine
+(prompt pair "{finding} is present." / "is not present.", softmax over the pair, few-shot).
+Heads already in the input bundle are kept, so several fine-tunes combine into one bundle.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from napari_mg3d.checkpoint import load_bundle, save_bundle
+from napari_mg3d.model import MG3DModel, preset_config
+from napari_mg3d.model.heads import PROMPT_PAIR, build_head, prompt_texts
+from napari_mg3d.preprocess import PreprocessConfig
+from napari_mg3d.synthetic import LABELS, ORGANS
+
+from .data import ALL_CLASSES, build_dataset, collate
+from .params import parse_params
+
+log = logging.getLogger("training.finetune")
+TASKS = ("classify", "prognosis", "segment", "report", "vocabfine")
+
+
+@dataclass
+class FinetuneParams:
+    task: str = field(default="classify", metadata={"help": f"one of {', '.join(TASKS)}"})
+    bundle: str = field(default="", metadata={"help": "pre-trained bundle to start from (empty: --preset from scratch)"})
+    preset: str = field(default="tiny", metadata={"help": "preset when training from scratch"})
+    input_size: list[int] | None = field(default=None, metadata={"help": "input size when training from scratch"})
+    text_encoder: str = field(default="", metadata={"help": "text encoder when training from scratch"})
+    data: str = field(default="synthetic:64", metadata={"help": "training data (same syntax as pretrain)"})
+    val_data: str = field(default="", metadata={"help": "validation data"})
+    label_names: list[str] | None = field(default=None, metadata={"help": "class/label names (default: the 18 CT-RATE names, or the lesion classes for segment)"})
+    multiclass: bool = field(default=False, metadata={"help": "classify: one class per volume (softmax) instead of multi-label"})
+    freeze_encoder: bool = field(default=False, metadata={"help": "train only the head (linear probing)"})
+    steps: int = field(default=200, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=2, metadata={"help": "volumes per step"})
+    lr: float = field(default=1e-4, metadata={"help": "learning rate of the head"})
+    lr_encoder: float = field(default=2e-5, metadata={"help": "learning rate of the encoder when not frozen"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    shots: int = field(default=0, metadata={"help": "vocabfine: use only this many training volumes (0: all)"})
+    device: str = field(default="auto", metadata={"help": "cuda | mps | cpu | auto"})
+    num_workers: int = field(default=0, metadata={"help": "data-loading workers"})
+    cache_dir: str = field(default="", metadata={"help": "preprocessed-volume cache"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    synthetic_shape: list[int] = field(default_factory=lambda: [96, 128, 160], metadata={"help": "voxels of synthetic CTs"})
+    seg_target: str = field(default="lesions", metadata={"help": "segment on synthetic data: lesions | organs | all"})
+    out_dir: str = field(default="runs/finetune", metadata={"help": "output folder; the bundle goes to OUT_DIR/bundle"})
+    log_every: int = field(default=10, metadata={"help": "print the loss every N steps"})
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def load_start(p: FinetuneParams):
+    """(model, existing heads {name: module}, head specs, meta) from --bundle or from scratch."""
+    if p.bundle:
+        b = load_bundle(p.bundle)
+        specs = dict(b.meta.get("head_specs", {}))
+        heads = {}
+        for name, state in b.head_state.items():
+            spec = specs.get(name) or {"type": {"mim_decoder": "mim", "mlm_head": "mlm"}.get(name, name)}
+            head = build_head(spec, b.config, b.model.text.vocab_size)
+            head.load_state_dict(state)
+            heads[name] = head
+            specs[name] = spec
+        return b.model, heads, specs, b.meta
+    overrides = {}
+    if p.input_size:
+        overrides["input_size"] = tuple(p.input_size)
+    if p.text_encoder:
+        overrides["text_encoder"] = p.text_encoder
+    return MG3DModel(preset_config(p.preset, **overrides)), {}, {}, {}
+
+
+def _infinite(loader):
+    while True:
+        got = False
+        for batch in loader:
+            if batch is not None:
+                got = True
+                yield batch
+        if not got:
+            raise RuntimeError("the training data produced no loadable batch")
+
+
+def dice_per_class(pred: torch.Tensor, target: torch.Tensor, n_classes: int) -> list[float]:
+    """Dice of each foreground class (NaN where the class is absent from both)."""
+    out = []
+    for c in range(1, n_classes):
+        a, b = pred == c, target == c
+        denom = a.sum() + b.sum()
+        out.append(float(2 * (a & b).sum() / denom) if denom > 0 else float("nan"))
+    return out
+
+
+def run(p: FinetuneParams) -> Path:
+    if p.task not in TASKS:
+        raise SystemExit(f"--task {p.task!r}: choose one of {TASKS}")
+    torch.manual_seed(p.seed)
+    device = pick_device(p.device)
+    model, heads, specs, meta = load_start(p)
+    cfg = model.config
+    pre_cfg = PreprocessConfig(target_size=cfg.input_size)
+    train_set = build_dataset(p.data, pre_cfg, p.cache_dir or None, p.seed, tuple(p.synthetic_shape))
+    if p.task == "segment" and p.data.startswith("synthetic"):
+        train_set.target = p.seg_target  # type: ignore[attr-defined]
+    if p.shots:
+        train_set = torch.utils.data.Subset(train_set, list(range(min(p.shots, len(train_set)))))
+    loader = DataLoader(train_set, batch_size=p.batch_size, shuffle=True, collate_fn=collate,
+                        num_workers=p.num_workers, generator=torch.Generator().manual_seed(p.seed))
+
+    names = p.label_names
+    tok = model.text.tokenizer
+    if p.task in ("classify", "prognosis"):
+        names = names or LABELS
+        head_name = "classifier" if p.task == "classify" else "prognosis"
+        spec = {"type": "classifier", "n_classes": len(names), "multilabel": not p.multiclass, "labels": names}
+    elif p.task == "segment":
+        names = names or {"organs": ["background", *ORGANS], "all": ALL_CLASSES}.get(p.seg_target, ["background", *LABELS])
+        head_name, spec = "segmentation", {"type": "segmentation", "n_classes": len(names), "classes": names}
+    elif p.task == "report":
+        head_name = "report"
+        spec = {"type": "report", "layers": 2, "heads": 4, "max_len": 160, "bos_id": tok.cls_token_id,
+                "eos_id": tok.sep_token_id, "pad_id": tok.pad_token_id}
+    else:
+        names = names or LABELS
+        head_name, spec = "prompt", {"type": "prompt", "labels": names, "pair": list(PROMPT_PAIR)}
+    if p.task == "segment" and min(cfg.input_size) < 64:
+        raise SystemExit(f"--task segment needs an input of at least 64 voxels per axis (got {cfg.input_size}): "
+                         "the decoder's 1/32 bottleneck must have more than one voxel")
+    head = build_head(spec, cfg, model.text.vocab_size)
+    model.to(device)
+    head.to(device)
+
+    encoder_params = [p_ for n, p_ in model.trainable_named_parameters()]
+    for q in encoder_params:
+        q.requires_grad_(not p.freeze_encoder)
+    groups = [{"params": list(head.parameters()), "lr": p.lr}]
+    if not p.freeze_encoder:
+        groups.append({"params": encoder_params, "lr": p.lr_encoder})
+    opt = torch.optim.AdamW(groups, weight_decay=p.weight_decay)
+    model.train()
+    head.train()
+
+    prompt_ids = None
+    if p.task == "vocabfine":
+        texts = [t for pair in prompt_texts(names) for t in pair]
+        prompt_ids = tok(texts, padding=True, return_tensors="pt").to(device)
+
+    seg_loss = None
+    if p.task == "segment":
+        from monai.losses import DiceCELoss
+
+        seg_loss = DiceCELoss(to_onehot_y=True, softmax=True)
+
+    t0, history = time.perf_counter(), []
+    batches = _infinite(loader)
+    for step in range(1, p.steps + 1):
+        batch = next(batches)
+        x = batch["volume"].to(device)
+        with torch.set_grad_enabled(True):
+            enc = model.encode_volume(x)
+            if p.task in ("classify", "prognosis", "vocabfine"):
+                if batch["labels"] is None:
+                    raise SystemExit(f"--task {p.task} needs labels in the data ({p.data} has none)")
+                y = batch["labels"].to(device)
+                if p.task == "vocabfine":
+                    raw = model.text.word_features(prompt_ids["input_ids"], prompt_ids["attention_mask"])
+                    m = prompt_ids["attention_mask"].unsqueeze(-1).float()
+                    prompts = model.text_proj((raw * m).sum(1) / m.sum(1)).view(len(names), 2, -1)
+                    logits = head(enc.global_feature, prompts)  # (B, F, 2); class 0 = present
+                    loss = F.cross_entropy(logits.reshape(-1, 2), (1 - y.long()).reshape(-1))
+                else:
+                    logits = head(enc.global_feature)
+                    loss = (F.binary_cross_entropy_with_logits(logits, y) if not p.multiclass
+                            else F.cross_entropy(logits, y.argmax(-1) if y.dim() > 1 else y.long()))
+            elif p.task == "segment":
+                if batch["mask"] is None:
+                    raise SystemExit(f"--task segment needs masks in the data ({p.data} has none)")
+                logits = head(x, enc.features)
+                loss = seg_loss(logits, batch["mask"].to(device)[:, None])
+            else:
+                target = tok(batch["report"], padding=True, truncation=True, max_length=spec["max_len"],
+                             return_tensors="pt")["input_ids"].to(device)
+                loss = head.loss(target, enc.tokens)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        history.append(float(loss.detach()))
+        if step % p.log_every == 0 or step == p.steps:
+            print(f"step {step}/{p.steps} loss {np.mean(history[-p.log_every:]):.4f} "
+                  f"({(time.perf_counter() - t0) / step:.2f} s/step)", flush=True)
+
+    metrics = {"final_loss": float(np.mean(history[-max(1, p.log_every):]))}
+    if p.val_data:
+        metrics.update(validate(p, model, head, spec, names, pre_cfg, device))
+        print("validation: " + json.dumps(metrics), flush=True)
+
+    heads[head_name] = head
+    specs[head_name] = spec
+    out = Path(p.out_dir)
+    provenance = list(meta.get("provenance_chain", []))
+    if meta.get("provenance"):
+        provenance.append(meta["provenance"])
+    new_meta = {k: v for k, v in meta.items() if k not in ("format", "format_version", "model", "text_encoder",
+                                                             "weights_dtype", "heads", "package_version")}
+    new_meta.update({"head_specs": specs, "preprocessing": pre_cfg.to_dict(), "provenance_chain": provenance,
+                     "provenance": {"stage": f"finetune-{p.task}", "steps": p.steps, "data": p.data,
+                                    "params": p.to_dict(), "metrics": metrics}})
+    if spec.get("labels"):
+        new_meta["labels"] = spec["labels"]
+    if spec.get("classes"):
+        new_meta["classes"] = spec["classes"]
+    bundle = save_bundle(out / "bundle", model.cpu(), heads={k: v.cpu() for k, v in heads.items()}, meta=new_meta)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(f"fine-tuning ({p.task}) finished; bundle: {bundle.resolve()}", flush=True)
+    return bundle
+
+
+@torch.no_grad()
+def validate(p: FinetuneParams, model, head, spec, names, pre_cfg, device) -> dict:
+    """Task metrics on --val-data: Dice per class (sliding window) for segment, AUC for classification."""
+    val_set = build_dataset(p.val_data, pre_cfg, p.cache_dir or None, p.seed + 10_000_000, tuple(p.synthetic_shape))
+    if p.task == "segment" and p.val_data.startswith("synthetic"):
+        val_set.target = p.seg_target  # type: ignore[attr-defined]
+    model.eval()
+    head.eval()
+    loader = DataLoader(val_set, batch_size=1, collate_fn=collate)
+    if p.task == "segment":
+        from monai.inferers import sliding_window_inference
+
+        def predictor(x):
+            return head(x, model.encode_volume(x).features)
+
+        scores = []
+        for batch in loader:
+            if batch is None:
+                continue
+            x = batch["volume"].to(device)
+            logits = sliding_window_inference(x, model.config.input_size, 1, predictor, overlap=0.25)
+            scores.append(dice_per_class(logits.argmax(1).cpu(), batch["mask"], spec["n_classes"]))
+        per_class = np.nanmean(np.array(scores, dtype=float), axis=0) if scores else []
+        return {"dice_per_class": {n: (None if np.isnan(v) else float(v)) for n, v in zip(names[1:], per_class)},
+                "mean_dice": float(np.nanmean(per_class)) if len(per_class) else None}
+    if p.task in ("classify", "prognosis"):
+        from .metrics import auc
+
+        probs, labels = [], []
+        for batch in loader:
+            if batch is None:
+                continue
+            logits = head(model.encode_volume(batch["volume"].to(device)).global_feature)
+            probs.append(head.probabilities(logits).cpu())
+            labels.append(batch["labels"])
+        P, Y = torch.cat(probs).numpy(), torch.cat(labels).numpy()
+        per = {n: auc(Y[:, i], P[:, i]) for i, n in enumerate(names) if 0 < Y[:, i].sum() < len(Y)}
+        return {"auc_per_label": per, "mean_auc": float(np.mean(list(per.values()))) if per else None}
+    return {}
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    run(parse_params(argv, "python -m training.finetune", __doc__, FinetuneParams))
+
+
+if __name__ == "__main__":
+    main()

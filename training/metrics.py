@@ -1,0 +1,81 @@
+"""Evaluation metrics with bootstrap confidence intervals, on well-kept implementations (torchmetrics).
+
+All functions take plain arrays; ``bootstrap`` wraps any of them: 95% interval over patients resampled
+with replacement.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+
+def auc(labels: Sequence[float], scores: Sequence[float]) -> float:
+    """Area under the ROC curve (binary); NaN when only one class is present."""
+    from torchmetrics.functional.classification import binary_auroc
+
+    y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    if y.min() == y.max():
+        return float("nan")
+    return float(binary_auroc(torch.as_tensor(np.asarray(scores), dtype=torch.float32), y))
+
+
+def accuracy(labels: Sequence[int], predictions: Sequence[int]) -> float:
+    y, p = np.asarray(labels), np.asarray(predictions)
+    return float((y == p).mean()) if len(y) else float("nan")
+
+
+def dice(pred: np.ndarray, target: np.ndarray) -> float:
+    """Dice of two binary masks; 1.0 when both are empty."""
+    a, b = np.asarray(pred, bool), np.asarray(target, bool)
+    denom = a.sum() + b.sum()
+    return float(2 * (a & b).sum() / denom) if denom else 1.0
+
+
+def bleu(candidates: list[str], references: list[str], n: int = 4) -> float:
+    """Corpus BLEU-n (uniform weights up to n), one reference per candidate, lower-cased."""
+    from torchmetrics.functional.text import bleu_score
+
+    return float(bleu_score([c.lower() for c in candidates], [[r.lower()] for r in references], n_gram=n))
+
+
+def rouge_l(candidates: list[str], references: list[str]) -> float:
+    """Mean ROUGE-L F-measure."""
+    from torchmetrics.functional.text import rouge_score
+
+    return float(rouge_score([c.lower() for c in candidates], [r.lower() for r in references],
+                             rouge_keys="rougeL")["rougeL_fmeasure"])
+
+
+def recall_at_k(similarity: np.ndarray, k: int) -> float:
+    """Report->volume retrieval: similarity[i, j] of report i and volume j, the match of report i is
+    volume i; fraction of reports whose volume ranks in the top k."""
+    s = np.asarray(similarity)
+    own = s[np.arange(len(s)), np.arange(len(s))]
+    rank = (s > own[:, None]).sum(1)  # ties count in the report's favour
+    return float((rank < k).mean())
+
+
+def bootstrap(metric: Callable[..., float], *arrays, n: int = 1000, seed: int = 0, alpha: float = 0.05) -> dict:
+    """{"value", "low", "high"}: the metric on all data and its (1-alpha) bootstrap interval over rows."""
+    rng = np.random.default_rng(seed)
+    m = len(arrays[0])
+    value = metric(*arrays)
+    samples = []
+    for _ in range(n):
+        idx = rng.integers(0, m, m)
+        v = metric(*[_take(a, idx) for a in arrays])
+        if v == v:  # skip NaN resamples (e.g. one class only)
+            samples.append(v)
+    if not samples:
+        return {"value": value, "low": float("nan"), "high": float("nan")}
+    low, high = np.quantile(samples, [alpha / 2, 1 - alpha / 2])
+    return {"value": value, "low": float(low), "high": float(high)}
+
+
+def _take(a, idx):
+    if isinstance(a, np.ndarray):
+        return a[idx]
+    return [a[i] for i in idx]
