@@ -58,3 +58,26 @@ def tiny_model(tiny_config):
 
     torch.manual_seed(0)
     return MG3DModel(tiny_config)
+
+
+@pytest.fixture(scope="session")
+def gui_bundle(tmp_path_factory, tiny_text_encoder_dir):
+    """A 64^3 tiny bundle with every head (segmentation, classifier, report), randomly initialised: enough to
+    exercise the Predictor and the widget end to end in seconds."""
+    from napari_mg3d.checkpoint import save_bundle
+    from napari_mg3d.model import MG3DModel, preset_config
+    from napari_mg3d.model.heads import build_head
+    from napari_mg3d.synthetic import LABELS, ORGANS
+
+    torch.manual_seed(0)
+    cfg = preset_config("tiny", text_encoder=str(tiny_text_encoder_dir), fusion_dim=32, fusion_heads=4)
+    model = MG3DModel(cfg)
+    tok = model.text.tokenizer
+    classes = ["background", *ORGANS, *LABELS]
+    specs = {"segmentation": {"type": "segmentation", "n_classes": len(classes), "classes": classes},
+             "classifier": {"type": "classifier", "n_classes": 18, "multilabel": True, "labels": LABELS},
+             "report": {"type": "report", "layers": 1, "heads": 2, "max_len": 24, "bos_id": tok.cls_token_id,
+                        "eos_id": tok.sep_token_id, "pad_id": tok.pad_token_id}}
+    heads = {name: build_head(spec, cfg, model.text.vocab_size) for name, spec in specs.items()}
+    out = tmp_path_factory.mktemp("gui-bundle") / "bundle"
+    return save_bundle(out, model, heads=heads, meta={"head_specs": specs, "labels": LABELS, "classes": classes})

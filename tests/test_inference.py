@@ -1,0 +1,98 @@
+"""Predictor: outputs on the source grid, cached encoder for new sentences, progress, cancel, bad input."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from napari_mg3d.checkpoint import load_bundle, save_bundle
+from napari_mg3d.inference import Cancelled, Predictor, PredictorError, estimate_memory_bytes
+from napari_mg3d.synthetic import LABELS, generate_sample
+from napari_mg3d.volume import Volume
+
+
+@pytest.fixture(scope="module")
+def sample():
+    s = generate_sample(2, shape=(48, 64, 80), findings=["Lung nodule"], axcodes=("R", "A", "S"))
+    return s, Volume(s.volume, s.affine)
+
+
+def test_every_output_lands_on_the_source_grid(gui_bundle, sample):
+    s, vol = sample
+    stages = []
+    result = Predictor(gui_bundle, device="cpu").run(vol, progress=lambda st, f: stages.append((st, f)))
+    assert result.labels.shape == vol.shape and result.labels.dtype == np.int32
+    assert len(result.class_names) == 28 and result.class_names[0] == "background"
+    assert set(result.scores) == set(LABELS) and all(0 <= p <= 1 for p in result.scores.values())
+    assert result.score_source == "classifier"
+    assert result.report and result.sentences == result.report
+    heat = result.heatmap(0)
+    assert heat.shape == vol.shape and heat.dtype == np.float32
+    assert heat.max() == pytest.approx(1.0, abs=0.05) and heat.min() >= 0
+    assert [st for st, _ in stages] == ["encode", "segmentation", "scores", "report", "heatmaps", "done"]
+    assert [f for _, f in stages] == sorted(f for _, f in stages)
+    assert set(result.timings) == {"preprocess + encode", "segmentation", "scores", "report", "heatmaps"}
+
+
+def test_given_sentences_get_heat_maps_and_requery_reuses_the_encoding(gui_bundle, sample, monkeypatch):
+    _, vol = sample
+    pred = Predictor(gui_bundle, device="cpu")
+    result = pred.run(vol, sentences=["Nodule in the right upper lobe.", "No effusion."], outputs=("heatmaps",))
+    assert result.sentences == ["Nodule in the right upper lobe.", "No effusion."]
+    assert result.heatmaps_model.shape[0] == 2
+    calls = []
+    original = pred.model.encode_volume
+    monkeypatch.setattr(pred.model, "encode_volume", lambda *a, **k: calls.append(1) or original(*a, **k))
+    heat = pred.heatmap("Small nodule in the right lower lobe.")
+    assert heat.shape == vol.shape and calls == []
+    pred.run(vol, sentences=["again"], outputs=("heatmaps",))
+    assert calls == []  # same volume: cached
+
+
+def test_heat_maps_differ_between_sentences(gui_bundle, sample):
+    _, vol = sample
+    pred = Predictor(gui_bundle, device="cpu")
+    pred.encode(vol)
+    maps = pred.sentence_heatmaps(["A nodule in the left lower lobe.", "The heart is enlarged."])
+    assert maps.shape[0] == 2 and not np.allclose(maps[0], maps[1])
+
+
+def test_cancel_stops_between_stages(gui_bundle, sample):
+    _, vol = sample
+    pred = Predictor(gui_bundle, device="cpu")
+    event = threading.Event()
+
+    def progress(stage, fraction):
+        if stage == "segmentation":
+            event.set()
+
+    with pytest.raises(Cancelled, match="before scores"):
+        pred.run(vol, progress=progress, cancel=event)
+
+
+def test_missing_heads_disable_outputs_and_say_why(gui_bundle, sample, tmp_path):
+    _, vol = sample
+    b = load_bundle(gui_bundle)
+    bare = save_bundle(tmp_path / "bare", b.model)
+    result = Predictor(bare, device="cpu").run(vol, sentences=["Nodule."])
+    assert result.labels is None and not result.scores and not result.report
+    assert any("no segmentation head" in m for m in result.messages)
+    assert any("no report head" in m for m in result.messages)
+    assert result.heatmaps_model is not None
+
+
+def test_bad_volumes_and_missing_bundles(gui_bundle, tmp_path):
+    pred = Predictor(gui_bundle, device="cpu", memory_limit_bytes=300 * 2**20)
+    with pytest.raises(PredictorError, match="single slice"):
+        pred.run(Volume(np.zeros((1, 64, 64), np.float32), np.eye(4)))
+    big = Volume(np.zeros((2, 2, 2), np.float32), np.eye(4))
+    big.data = np.broadcast_to(np.float32(0), (300, 512, 512))  # no memory spent on the test itself
+    with pytest.raises(PredictorError, match=r"needs about .* GiB .* 0\.3 GiB are available"):
+        pred.run(big)
+    with pytest.raises(PredictorError, match="not found"):
+        Predictor(tmp_path / "nope")
+    with pytest.raises(PredictorError, match="not available"):
+        Predictor(gui_bundle, device="cuda:7")
+    assert estimate_memory_bytes((300, 512, 512)) > 2 * 2**30

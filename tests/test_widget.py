@@ -1,0 +1,187 @@
+"""The napari plugin: manifest, reader, writers, sample data, and the MG-3D dock widget (pytest-qt, Xvfb)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+napari = pytest.importorskip("napari")
+pytestmark = pytest.mark.gui
+
+from napari_mg3d._widget import HEATMAP_LAYER, LABELS_LAYER, MG3DWidget  # noqa: E402
+from napari_mg3d.io import read_volume  # noqa: E402
+from napari_mg3d.synthetic import LABELS, generate_sample  # noqa: E402
+from napari_mg3d.volume import Volume  # noqa: E402
+
+
+@pytest.fixture()
+def viewer_with_sample(make_napari_viewer):
+    viewer = make_napari_viewer(show=True)
+    from napari_mg3d._layers import volume_to_layer_data
+
+    s = generate_sample(4, shape=(48, 64, 80), findings=["Lung nodule", "Pleural effusion"])
+    data, kwargs, _ = volume_to_layer_data(Volume(s.volume, s.affine), name="ct")
+    viewer.add_image(data, **kwargs)
+    return viewer, s
+
+
+def _widget(viewer, bundle, qtbot):
+    widget = MG3DWidget(viewer)
+    widget.bundle_edit.setText(str(bundle))
+    widget.device_combo.setCurrentText("cpu")
+    viewer.window.add_dock_widget(widget)
+    return widget
+
+
+def _run(widget, qtbot, timeout=120_000):
+    widget.run()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=timeout)
+
+
+def test_widget_docks_through_the_manifest(make_napari_viewer):
+    viewer = make_napari_viewer()
+    dock, widget = viewer.window.add_plugin_dock_widget("napari-mg3d", "MG-3D")
+    assert isinstance(widget, MG3DWidget)
+
+
+def test_run_produces_layers_on_the_image_geometry_scores_and_report(viewer_with_sample, gui_bundle, qtbot):
+    viewer, _ = viewer_with_sample
+    widget = _widget(viewer, gui_bundle, qtbot)
+    _run(widget, qtbot)
+    image = viewer.layers["ct"]
+    labels, heat = viewer.layers[LABELS_LAYER], viewer.layers[HEATMAP_LAYER]
+    for layer in (labels, heat):
+        np.testing.assert_allclose(layer.scale, image.scale)
+        np.testing.assert_allclose(layer.translate, image.translate)
+        np.testing.assert_allclose(layer.affine.affine_matrix, image.affine.affine_matrix)
+        assert layer.data.shape == image.data.shape
+    assert labels.metadata["class_names"][0] == "background"
+    assert tuple(heat.contrast_limits) == (0.0, 1.0)
+    assert widget.scores_table.rowCount() == 18
+    probs = [widget.scores_table.cellWidget(r, 1).value() for r in range(18)]
+    assert probs == sorted(probs, reverse=True)
+    assert {widget.scores_table.item(r, 0).text() for r in range(18)} == set(LABELS)
+    assert widget.report_edit.toPlainText().strip()
+    assert widget.sentence_list.count() == len(widget.result.sentences) > 0
+    assert "preprocess + encode" in widget.timing_label.text()
+    # running again updates the layers instead of adding new ones
+    n = len(viewer.layers)
+    _run(widget, qtbot)
+    assert len(viewer.layers) == n
+
+
+def test_selecting_a_sentence_and_typing_one_switch_the_heat_map(viewer_with_sample, gui_bundle, qtbot):
+    viewer, _ = viewer_with_sample
+    widget = _widget(viewer, gui_bundle, qtbot)
+    widget.output_boxes["report"].setChecked(False)
+    widget.report_edit.setPlainText("Nodule in the right upper lobe. The heart is enlarged. Left pleural effusion.")
+    _run(widget, qtbot)
+    assert widget.sentence_list.count() == 3
+    first = np.array(viewer.layers[HEATMAP_LAYER].data)
+    widget.sentence_list.setCurrentRow(2)
+    second = np.array(viewer.layers[HEATMAP_LAYER].data)
+    assert viewer.layers[HEATMAP_LAYER].metadata["sentence"] == "Left pleural effusion."
+    assert not np.allclose(first, second)
+    widget.query_edit.setText("Consolidation in the left lower lobe.")
+    start = time.perf_counter()
+    widget.query_sentence()
+    assert time.perf_counter() - start < 1.0
+    assert viewer.layers[HEATMAP_LAYER].metadata["sentence"] == "Consolidation in the left lower lobe."
+
+
+def test_cancel_stops_a_run_and_creates_no_layers(viewer_with_sample, gui_bundle, qtbot):
+    viewer, _ = viewer_with_sample
+    widget = _widget(viewer, gui_bundle, qtbot)
+    widget.signals.progress.connect(lambda stage, f: widget.cancel() if stage == "encode" else None)
+    _run(widget, qtbot)
+    assert widget.status.text() == "cancelled"
+    assert LABELS_LAYER not in viewer.layers and widget.run_button.isEnabled()
+
+
+def test_viewer_stays_responsive_during_a_run(viewer_with_sample, gui_bundle, qtbot):
+    from qtpy.QtCore import QTimer
+
+    viewer, _ = viewer_with_sample
+    widget = _widget(viewer, gui_bundle, qtbot)
+    ticks = []
+    timer = QTimer()
+    timer.timeout.connect(lambda: ticks.append(widget.worker is not None))
+    timer.start(20)
+    _run(widget, qtbot)
+    timer.stop()
+    assert sum(ticks) >= 3  # the event loop kept running while the worker was busy
+
+
+def test_bad_layers_get_a_notification_not_an_exception(make_napari_viewer, gui_bundle, qtbot, monkeypatch):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((32, 32), np.float32), name="flat")
+    viewer.add_image(np.zeros((3, 16, 16, 16), np.float32), name="four_d")
+    viewer.add_image(np.zeros((16, 16, 3), np.uint8), name="rgb", rgb=True)
+    widget = _widget(viewer, gui_bundle, qtbot)
+    messages = []
+    monkeypatch.setattr("napari_mg3d._widget._notify", lambda kind, msg: messages.append((kind, msg)))
+    for name in ("flat", "four_d", "rgb"):
+        widget.image_combo.setCurrentText(name)
+        widget.run()
+    assert widget.worker is None
+    assert "2D" in messages[0][1] and "4D" in messages[1][1] and "RGB" in messages[2][1]
+
+
+def test_export_writes_nifti_on_source_geometry_report_and_scores(viewer_with_sample, gui_bundle, qtbot, tmp_path):
+    viewer, _ = viewer_with_sample
+    widget = _widget(viewer, gui_bundle, qtbot)
+    _run(widget, qtbot)
+    widget.report_edit.setPlainText("Edited by the radiologist.")
+    files = widget.export(tmp_path)
+    names = {f.name for f in files}
+    assert {"segmentation.nii.gz", "report.txt", "scores.csv", "scores.json", "heatmap_00.nii.gz"} <= names
+    seg = read_volume(tmp_path / "segmentation.nii.gz")
+    np.testing.assert_allclose(seg.affine, np.asarray(viewer.layers["ct"].metadata["mg3d"]["affine"]), atol=1e-5)
+    np.testing.assert_array_equal(seg.data.astype(np.int32), viewer.layers[LABELS_LAYER].data)
+    assert (tmp_path / "report.txt").read_text().strip() == "Edited by the radiologist."
+    assert set(json.loads((tmp_path / "scores.json").read_text())["scores"]) == set(LABELS)
+
+
+def test_screenshot_after_run_is_not_blank(viewer_with_sample, gui_bundle, qtbot):
+    viewer, _ = viewer_with_sample
+    widget = _widget(viewer, gui_bundle, qtbot)
+    _run(widget, qtbot)
+    shot = viewer.screenshot(canvas_only=True, flash=False)
+    assert shot.ndim == 3 and shot[..., :3].std() > 10
+
+
+def test_reader_opens_real_nifti_and_dicom_with_geometry(make_napari_viewer, shared_data):
+    viewer = make_napari_viewer()
+    nifti = viewer.open(str(shared_data / "ct" / "example_ct_sm.nii.gz"), plugin="napari-mg3d")[0]
+    dicom = viewer.open(str(shared_data / "ct" / "example_ct_dicom"), plugin="napari-mg3d")[0]
+    assert nifti.data.shape == (30, 101, 122) and dicom.data.shape == (20, 512, 512)
+    np.testing.assert_allclose(dicom.scale, (2.0, 0.9765625, 0.9765625))
+    assert nifti.metadata["mg3d"]["units"] == "HU"
+    # the NIfTI is stored RAS: napari gets an affine whose flips show it in (S, P, L) like the DICOM
+    m = nifti.affine.affine_matrix
+    assert m[1, 1] < 0 and m[2, 2] < 0 and abs(m[0, 0]) == 3.0
+
+
+def test_writer_contribution_round_trips_a_label_layer(make_napari_viewer, tmp_path):
+    viewer = make_napari_viewer()
+    from napari_mg3d._layers import volume_to_layer_data
+
+    aff = np.array([[0, 0, -0.7, 5], [0, -0.8, 0, 6], [2.5, 0, 0, 7], [0, 0, 0, 1]], float)
+    data, kwargs, _ = volume_to_layer_data(Volume(np.zeros((4, 5, 6), np.float32), aff), name="img")
+    image = viewer.add_image(data, **kwargs)
+    labels = viewer.add_labels(np.arange(120).reshape(4, 5, 6) % 3, scale=image.scale, translate=image.translate,
+                               metadata=image.metadata)
+    path = tmp_path / "lab.nii.gz"
+    napari.save_layers(str(path), [labels], plugin="napari-mg3d")
+    back = read_volume(path)
+    np.testing.assert_allclose(back.affine, aff, atol=1e-5)
+    np.testing.assert_array_equal(back.data.astype(int), labels.data)
+
+
+def test_sample_data_has_a_report(make_napari_viewer):
+    viewer = make_napari_viewer()
+    layers = viewer.open_sample("napari-mg3d", "synthetic_chest_ct")
+    assert layers[0].metadata["mg3d"]["report"] and layers[0].ndim == 3

@@ -1,0 +1,165 @@
+"""Evaluate an MG-3D bundle with the paper's metrics, each with a bootstrap 95% confidence interval.
+
+    python -m training.evaluate --bundle runs/finetune/bundle --data synthetic:128 --out results.json
+
+Computed where the bundle and the data allow it:
+* zero-shot prompt anomaly AUC per label and mean ("{finding} is present." vs "... is not present."; the
+  pre-trained MLM head's volume-conditioned pseudo-likelihood, or the CT-VocabFine prompt head if present);
+* classification AUC (classifier head) and accuracy at 0.5;
+* report -> volume retrieval Recall@5/10/50/100 (cosine of global volume and global report features, as in
+  the paper);
+* Dice (segmentation head, data with masks);
+* BLEU-1..4 and ROUGE-L (report head).
+Prints a table laid out like the paper's Table II and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from napari_mg3d.inference import Predictor
+from napari_mg3d.model.heads import zero_shot_scores
+from napari_mg3d.model.text import tokenize_reports
+from napari_mg3d.preprocess import PreprocessConfig
+
+from . import metrics as M
+from .data import build_dataset, collate
+
+log = logging.getLogger("training.evaluate")
+
+
+def mean_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    vals = [M.auc(labels[:, i], scores[:, i]) for i in range(labels.shape[1])]
+    vals = [v for v in vals if v == v]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+@torch.no_grad()
+def collect(predictor: Predictor, data: str, seed: int, synthetic_shape, limit: int = 0) -> dict:
+    """Run the model over the data once; keep what every metric needs."""
+    model, heads, cfg = predictor.model, predictor.heads, predictor.config
+    pre_cfg = PreprocessConfig(target_size=cfg.input_size)
+    ds = build_dataset(data, pre_cfg, None, seed, tuple(synthetic_shape))
+    if getattr(ds, "target", None) is not None and "segmentation" in heads:
+        classes = predictor.class_names
+        ds.target = "all" if len(classes) > 19 else ("organs" if "lung_right" in classes else "lesions")
+    loader = DataLoader(ds, batch_size=1, collate_fn=collate)
+    names = predictor.label_names
+    out: dict[str, list] = {k: [] for k in ("labels", "zero_shot", "classifier", "global_v", "global_t",
+                                            "dice", "generated", "reference")}
+    dev = predictor.device
+    for i, batch in enumerate(loader):
+        if batch is None:
+            continue
+        if limit and i >= limit:
+            break
+        x = batch["volume"].to(dev)
+        enc = model.encode_volume(x)
+        text = tokenize_reports(model.text.tokenizer, batch["sentences"], cfg.max_words, cfg.max_sentences,
+                                cfg.max_sentence_words).to(dev)
+        out["global_v"].append(enc.global_feature[0].cpu())
+        out["global_t"].append(model.global_text(model.encode_text(text))[0].cpu())
+        if batch["labels"] is not None:
+            out["labels"].append(batch["labels"][0].numpy())
+            if "mlm_head" in heads:
+                out["zero_shot"].append(zero_shot_scores(model, heads["mlm_head"], enc.tokens, names).cpu().numpy())
+            if "classifier" in heads:
+                head = heads["classifier"]
+                out["classifier"].append(head.probabilities(head(enc.global_feature))[0].cpu().numpy())
+        if "segmentation" in heads and batch["mask"] is not None:
+            pred = heads["segmentation"](x, enc.features).argmax(1)[0].cpu()
+            gold = batch["mask"][0]
+            present = [c for c in range(1, int(max(pred.max(), gold.max())) + 1) if (gold == c).any()]
+            out["dice"].append(float(np.mean([M.dice(pred == c, gold == c) for c in present])) if present else 1.0)
+        if "report" in heads:
+            ids = heads["report"].generate(enc.tokens)[0]
+            out["generated"].append(model.text.tokenizer.decode(ids, skip_special_tokens=True))
+            out["reference"].append(batch["report"][0])
+    return out
+
+
+def evaluate(bundle: str, data: str, n_boot: int = 1000, seed: int = 0, synthetic_shape=(96, 128, 160),
+             limit: int = 0, device: str = "auto") -> dict:
+    predictor = Predictor(bundle, device=device)
+    c = collect(predictor, data, seed, synthetic_shape, limit)
+    names = predictor.label_names
+    res: dict = {"bundle": str(bundle), "data": data, "n_volumes": len(c["global_v"])}
+    if c["labels"]:
+        Y = np.stack(c["labels"])
+        for key, title in (("zero_shot", "zero_shot_auc"), ("classifier", "classifier_auc")):
+            if c[key]:
+                P = np.stack(c[key])
+                res[title] = M.bootstrap(mean_auc, Y, P, n=n_boot, seed=seed)
+                res[title + "_per_label"] = {n: M.auc(Y[:, i], P[:, i]) for i, n in enumerate(names)
+                                             if 0 < Y[:, i].sum() < len(Y)}
+                if key == "classifier":
+                    res["classifier_accuracy"] = M.bootstrap(
+                        lambda y, p: float(((p > 0.5) == (y > 0.5)).mean()), Y, P, n=n_boot, seed=seed)
+    if len(c["global_v"]) > 1:
+        V = F.normalize(torch.stack(c["global_v"]), dim=-1)
+        T = F.normalize(torch.stack(c["global_t"]), dim=-1)
+        S = (T @ V.t()).numpy()
+        n = len(S)
+        for k in (5, 10, 50, 100):
+            if k < n:
+                res[f"recall@{k}"] = {"value": M.recall_at_k(S, k), "chance": k / n}
+    if c["dice"]:
+        res["dice"] = M.bootstrap(lambda d: float(np.mean(d)), np.array(c["dice"]), n=n_boot, seed=seed)
+    if c["generated"]:
+        gen, ref = c["generated"], c["reference"]
+        for k in range(1, 5):
+            res[f"bleu{k}"] = M.bootstrap(lambda a, b, k=k: M.bleu(list(a), list(b), k), gen, ref, n=min(n_boot, 200), seed=seed)
+        res["rougeL"] = M.bootstrap(lambda a, b: M.rouge_l(list(a), list(b)), gen, ref, n=min(n_boot, 200), seed=seed)
+        res["examples"] = [{"generated": g, "reference": r} for g, r in list(zip(gen, ref))[:3]]
+    return res
+
+
+def format_table(res: dict) -> str:
+    def cell(key):
+        v = res.get(key)
+        if v is None:
+            return "-"
+        if "low" in v:
+            return f"{100 * v['value']:.2f} [{100 * v['low']:.2f}, {100 * v['high']:.2f}]"
+        return f"{100 * v['value']:.2f} (chance {100 * v['chance']:.2f})"
+
+    cols = [("Dice (%)", "dice"), ("AUC (%)", "classifier_auc"), ("BLEU-1", "bleu1"), ("BLEU-2", "bleu2"),
+            ("BLEU-3", "bleu3"), ("BLEU-4", "bleu4"), ("ROUGE-L", "rougeL"), ("zero-shot AUC (%)", "zero_shot_auc")]
+    cols += [(f"Recall@{k}", f"recall@{k}") for k in (5, 10, 50, 100) if f"recall@{k}" in res]
+    head = "| " + " | ".join(c for c, _ in cols) + " |"
+    sep = "|" + "|".join("---" for _ in cols) + "|"
+    row = "| " + " | ".join(cell(k) for _, k in cols) + " |"
+    return f"{head}\n{sep}\n{row}\n\n(n = {res['n_volumes']} volumes; 95% bootstrap intervals in brackets)"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    ap = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bundle", required=True, help="model bundle (directory or .zip)")
+    ap.add_argument("--data", default="synthetic:128", help="evaluation data (same syntax as pretrain --data)")
+    ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
+    ap.add_argument("--limit", type=int, default=0, help="evaluate at most this many volumes (0: all)")
+    ap.add_argument("--seed", type=int, default=12345, help="seed (synthetic data and bootstrap)")
+    ap.add_argument("--synthetic-shape", type=int, nargs=3, default=[96, 128, 160])
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--out", default="", help="write the results as JSON here")
+    a = ap.parse_args(argv)
+    res = evaluate(a.bundle, a.data, a.bootstrap, a.seed, a.synthetic_shape, a.limit, a.device)
+    print(format_table(res))
+    if a.out:
+        Path(a.out).write_text(json.dumps(res, indent=2, default=float))
+        print(f"wrote {a.out}")
+    return res
+
+
+if __name__ == "__main__":
+    main()
