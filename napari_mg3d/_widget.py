@@ -401,7 +401,7 @@ class MG3DWidget(QWidget):
             written.append(write_nifti(folder / "segmentation.nii.gz", r.labels, volume, label=True))
             (folder / "segmentation_classes.json").write_text(json.dumps(dict(enumerate(r.class_names)), indent=1))
             written.append(folder / "segmentation_classes.json")
-        for i, sentence in enumerate(r.sentences):
+        for i in range(len(r.sentences)):
             written.append(write_nifti(folder / f"heatmap_{i:02d}.nii.gz", r.heatmap(i), volume, label=False))
         if r.sentences:
             (folder / "heatmaps.json").write_text(json.dumps({f"heatmap_{i:02d}.nii.gz": s for i, s in enumerate(r.sentences)}, indent=1))

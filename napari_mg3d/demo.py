@@ -1,116 +1,160 @@
-"""End-to-end demo on built-in defaults: python -m napari_mg3d.demo
+"""Headless end-to-end demo on built-in defaults: python -m napari_mg3d.demo
 
-1. generates report-conditioned synthetic chest CTs and writes them as NIfTI (+ reports);
-2. reads one back through the NIfTI reader and applies the preprocessing contract;
-3. pre-trains the tiny MG-3D model for a few steps on the generated pairs, printing every loss;
-4. writes a model bundle, reloads it, and maps each report sentence's heat map back onto the CT grid
-   (NIfTI), reporting whether its peak falls inside the lesion the sentence describes.
-After only a few steps the heat maps are not yet meaningful; the point is that every stage runs.
+1. generates a synthetic chest CT with a report and writes it as NIfTI;
+2. reads it back and runs MG-3D (the shipped demo bundle unless --bundle is given): segmentation,
+   abnormality scores, a drafted report and a heat map for every sentence -- of the drafted report and of
+   the sample's own report;
+3. writes every output on the CT's voxel grid (NIfTI), the report (txt), scores (CSV/JSON), timings, and,
+   when a display can be had (Xvfb), PNG screenshots of napari with each overlay and with the MG-3D panel;
+4. prints where everything is.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import os
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from .checkpoint import load_bundle, save_bundle
+from .inference import Predictor, default_bundle_path
 from .io import read_volume, write_nifti
-from .model import MG3DModel, MG3DPretrainer, preset_config, tokenize_reports
-from .preprocess import PreprocessConfig, preprocess, to_original
-from .synthetic import generate_sample, save_sample
+from .synthetic import LABELS, generate_sample, save_sample
 
 
 def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
-def run_demo(out_dir: Path, steps: int, n_pairs: int, seed: int) -> dict:
-    torch.manual_seed(seed)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cfg = preset_config("tiny")
-    pre_cfg = PreprocessConfig(target_size=cfg.input_size)
-    timings: dict[str, float] = {}
+def write_outputs(result, volume, out: Path) -> list[Path]:
+    files = []
+    if result.labels is not None:
+        files.append(write_nifti(out / "segmentation.nii.gz", result.labels, volume, label=True))
+        (out / "segmentation_classes.json").write_text(json.dumps(dict(enumerate(result.class_names)), indent=1))
+    for i in range(len(result.sentences)):
+        files.append(write_nifti(out / f"heatmap_{i:02d}.nii.gz", result.heatmap(i), volume, label=False))
+    (out / "heatmaps.json").write_text(json.dumps({f"heatmap_{i:02d}.nii.gz": s for i, s in enumerate(result.sentences)}, indent=1))
+    (out / "report_draft.txt").write_text(" ".join(result.report) + "\n")
+    with open(out / "scores.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["finding", "probability"])
+        for name, p in sorted(result.scores.items(), key=lambda kv: -kv[1]):
+            w.writerow([name, f"{p:.4f}"])
+    (out / "scores.json").write_text(json.dumps({"source": result.score_source, "scores": result.scores}, indent=1))
+    return files
 
+
+def _start_display():
+    """A virtual X display for screenshots, or None (with the reason printed)."""
+    if os.environ.get("DISPLAY"):
+        return "existing"
+    try:
+        from pyvirtualdisplay import Display
+    except ImportError:
+        _say("screenshots skipped: no DISPLAY and pyvirtualdisplay is not installed (pip install 'napari-mg3d[test]')")
+        return None
+    try:
+        display = Display(visible=False, size=(1600, 1000))
+        display.start()
+        return display
+    except Exception as err:  # noqa: BLE001 - any failure just means no screenshots
+        _say(f"screenshots skipped: could not start Xvfb ({err}); install it with `make sysdeps`")
+        return None
+
+
+def screenshots(volume, result, sample, out: Path, bundle: Path) -> list[Path]:
+    display = _start_display()
+    if display is None:
+        return []
+    os.environ.setdefault("QT_QPA_PLATFORM", "xcb")
+    try:
+        import napari
+    except ImportError:
+        _say("screenshots skipped: napari is not installed (pip install 'napari-mg3d[napari]')")
+        return []
+    from ._layers import volume_to_layer_data
+    from ._widget import MG3DWidget
+
+    viewer = napari.Viewer(show=True)
+    files = []
+    try:
+        data, kwargs, _ = volume_to_layer_data(volume, name="synthetic chest CT")
+        image = viewer.add_image(data, **kwargs)
+        lesion = sample.lesion_label_map() > 0
+        z = int(np.argmax(lesion.sum((1, 2)))) if lesion.any() else volume.shape[0] // 2
+        world = image.data_to_world((z, volume.shape[1] / 2, volume.shape[2] / 2))
+        viewer.dims.set_point(0, float(world[0]))
+        viewer.window._qt_window.resize(1600, 1000)
+        viewer.reset_view()
+
+        from qtpy.QtWidgets import QApplication
+
+        def shot(name: str, canvas_only: bool = True) -> None:
+            QApplication.processEvents()
+            path = out / f"screenshot_{name}.png"
+            viewer.screenshot(str(path), canvas_only=canvas_only, flash=False)
+            files.append(path)
+
+        shot("ct")
+        widget = MG3DWidget(viewer)
+        widget.bundle_edit.setText(str(bundle))
+        viewer.window.add_dock_widget(widget, name="MG-3D")
+        widget.result, widget.source_layer = result, image
+        widget._on_result(result)
+        for layer in viewer.layers:
+            layer.visible = layer is image
+        if result.labels is not None:
+            viewer.layers["MG-3D segmentation"].visible = True
+            shot("segmentation")
+            viewer.layers["MG-3D segmentation"].visible = False
+        for i in range(min(4, len(result.sentences))):
+            widget.sentence_list.setCurrentRow(i)
+            viewer.layers["MG-3D heat map"].visible = True
+            shot(f"heatmap_{i:02d}")
+        shot("window_with_panel", canvas_only=False)
+    finally:
+        viewer.close()
+        if display != "existing":
+            display.stop()
+    return files
+
+
+def run_demo(out: Path, bundle: Path, seed: int) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    samples = [generate_sample(seed + i, shape=(80, 112, 144)) for i in range(n_pairs)]
-    rows = [save_sample(s, out_dir / "data", f"case_{i:02d}") for i, s in enumerate(samples)]
-    for i, s in enumerate(samples):
-        (out_dir / "data" / f"case_{i:02d}_report.txt").write_text(s.report + "\n")
-    timings["generate + write NIfTI"] = time.perf_counter() - t0
-    _say(f"generated {n_pairs} synthetic chest CTs with reports in {out_dir / 'data'}")
+    sample = generate_sample(seed, findings=["Lung nodule", "Pleural effusion", "Cardiomegaly"])
+    row = save_sample(sample, out, "sample")
+    (out / "sample_report.txt").write_text(sample.report + "\n")
+    volume = read_volume(out / row["volume"])
+    t_read = time.perf_counter() - t0
+    _say(f"generated and read back a synthetic chest CT: {volume.shape} voxels, "
+         f"{tuple(round(s, 2) for s in volume.spacing)} mm; its report: {sample.report}")
 
-    t0 = time.perf_counter()
-    volumes = [read_volume(out_dir / "data" / r["volume"]) for r in rows]
-    batch, records = zip(*(preprocess(v, pre_cfg) for v in volumes))
-    x = torch.stack(batch)
-    timings["read + preprocess"] = time.perf_counter() - t0
-    _say(f"read and preprocessed: source {volumes[0].shape} voxels at "
-         f"{tuple(round(s, 2) for s in volumes[0].spacing)} mm -> model input {tuple(x.shape[2:])}")
+    predictor = Predictor(bundle)
+    _say(f"model bundle: {bundle}")
+    result = predictor.run(volume, progress=lambda stage, f: _say(f"  [{int(100 * f):3d}%] {stage}"))
+    if not result.sentences:
+        result.sentences = list(sample.sentences)
+    else:
+        result.sentences = list(result.sentences) + list(sample.sentences)
+    result.heatmaps_model = predictor.sentence_heatmaps(result.sentences)
+    files = write_outputs(result, volume, out)
+    shots = screenshots(volume, result, sample, out, bundle)
 
-    t0 = time.perf_counter()
-    model = MG3DModel(cfg)
-    pretrainer = MG3DPretrainer(model)
-    text = tokenize_reports(model.text.tokenizer, [s.sentences for s in samples], cfg.max_words,
-                            cfg.max_sentences, cfg.max_sentence_words)
-    groups = [
-        {"params": [p for n, p in pretrainer.trainable_named_parameters() if n.startswith("model.vision.")], "lr": 2e-4},
-        {"params": [p for n, p in pretrainer.trainable_named_parameters() if not n.startswith("model.vision.")], "lr": 1e-3},
-    ]
-    opt = torch.optim.AdamW(groups, weight_decay=0.01)
-    _say(f"pre-training the tiny MG-3D model for {steps} steps on {n_pairs} volume-report pairs "
-         f"(text encoder {cfg.text_encoder}, frozen)")
-    _say("step   total     mim      mlm      sfr      cml      ssm      dfa")
-    history = []
-    pretrainer.train()
-    for step in range(1, steps + 1):
-        out = pretrainer(x, text)
-        opt.zero_grad(set_to_none=True)
-        out["total"].backward()
-        opt.step()
-        vals = {k: float(v.detach()) for k, v in out.items()}
-        history.append(vals)
-        _say(f"{step:4d} " + " ".join(f"{vals[k]:8.4f}" for k in ("total", "mim", "mlm", "sfr", "cml", "ssm", "dfa")))
-    timings["pre-training"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    bundle_dir = save_bundle(out_dir / "mg3d_tiny_demo_bundle", model,
-                             meta={"preprocessing": pre_cfg.to_dict(),
-                                   "provenance": {"steps": steps, "pairs": n_pairs, "data": "synthetic"}})
-    reloaded = load_bundle(bundle_dir).model
-    timings["save + reload bundle"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    case = 0
-    sample, vol, rec = samples[case], volumes[case], records[case]
-    with torch.no_grad():
-        enc = reloaded.encode_volume(x[case:case + 1])
-        one = tokenize_reports(reloaded.text.tokenizer, [sample.sentences])
-        _, sent = reloaded.encode_sentences_separately(one)
-        heat = reloaded.sentence_heatmaps(enc, sent, one.sentence_valid)[0]
-    lesion = sample.lesion_label_map()
-    lines = []
-    for i, sentence in enumerate(sample.sentences):
-        grid_map = torch.nn.functional.interpolate(heat[i][None, None], size=cfg.input_size, mode="trilinear",
-                                                   align_corners=False)[0, 0]
-        on_ct = to_original(grid_map / grid_map.max(), rec)
-        write_nifti(out_dir / f"heatmap_case00_sentence{i:02d}.nii.gz", on_ct, vol)
-        peak = np.unravel_index(int(np.argmax(on_ct)), on_ct.shape)
-        linked = sample.sentence_links[i]
-        hit = bool(linked) and any(sample.lesions[name][peak] for name in linked)
-        lines.append({"sentence": sentence, "peak_voxel": [int(p) for p in peak], "linked_lesions": linked,
-                      "peak_in_lesion": hit if linked else None})
-    write_nifti(out_dir / "lesions_case00.nii.gz", lesion, vol)
-    timings["heat maps -> CT grid"] = time.perf_counter() - t0
-
-    summary = {"first_losses": history[0], "last_losses": history[-1], "timings_s": timings, "heatmaps": lines,
-               "bundle": str(bundle_dir)}
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    hits = []
+    for i, sentence in enumerate(result.sentences):
+        linked = sample.sentence_links[sample.sentences.index(sentence)] if sentence in sample.sentences else []
+        if linked:
+            heat = result.heatmap(i)
+            peak = np.unravel_index(int(np.argmax(heat)), heat.shape)
+            hits.append({"sentence": sentence, "peak_in_lesion": bool(any(sample.lesions[n][peak] for n in linked))})
+    summary = {"timings_s": {"generate + read": t_read, **result.timings}, "scores": result.scores,
+               "score_source": result.score_source, "report_draft": result.report, "messages": result.messages,
+               "pointing": hits, "files": [str(f) for f in files + shots]}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 
@@ -118,20 +162,26 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m napari_mg3d.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("mg3d_demo_output"), help="output folder")
-    parser.add_argument("--steps", type=int, default=10, help="pre-training steps (default 10)")
-    parser.add_argument("--pairs", type=int, default=4, help="synthetic volume-report pairs (default 4)")
+    parser.add_argument("--bundle", type=Path, default=None, help="model bundle (default: the shipped demo bundle)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    summary = run_demo(args.out, args.steps, args.pairs, args.seed)
-    _say("\nsentence heat maps of case 0 (peak inside the described lesion?):")
-    for item in summary["heatmaps"]:
-        verdict = {True: "yes", False: "no", None: "-"}[item["peak_in_lesion"]]
-        _say(f"  [{verdict:>3}] {item['sentence']}")
-    _say("\ntimings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in summary["timings_s"].items()))
-    first, last = summary["first_losses"]["total"], summary["last_losses"]["total"]
-    _say(f"total loss {first:.3f} -> {last:.3f}")
-    _say(f"\noutputs in {args.out.resolve()}: data/ (CTs, masks, reports), heatmap_*.nii.gz, lesions_case00.nii.gz, "
-         f"{Path(summary['bundle']).name}/ (model bundle), summary.json")
+    summary = run_demo(args.out, args.bundle or default_bundle_path(), args.seed)
+    ranked = sorted(summary["scores"].items(), key=lambda kv: -kv[1])
+    if ranked:
+        _say(f"\nabnormality scores ({summary['score_source']}), top 5 of {len(LABELS)}:")
+        for name, p in ranked[:5]:
+            _say(f"  {p:5.2f}  {name}")
+    if summary["report_draft"]:
+        _say("\ndrafted report:\n  " + "\n  ".join(summary["report_draft"]))
+    for m in summary["messages"]:
+        _say(f"note: {m}")
+    if summary["pointing"]:
+        _say("\ndoes each finding sentence's heat map peak inside its lesion?")
+        for h in summary["pointing"]:
+            _say(f"  [{'yes' if h['peak_in_lesion'] else ' no'}] {h['sentence']}")
+    _say("\ntimings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in summary["timings_s"].items()))
+    _say(f"\n{len(summary['files'])} files written to {args.out.resolve()} "
+         "(segmentation/heat maps as NIfTI on the CT grid, report, scores, screenshots, summary.json)")
 
 
 if __name__ == "__main__":

@@ -206,7 +206,8 @@ class Predictor:
         self._record, self._cache_key = record, key
 
     def sentence_heatmaps(self, sentences: list[str]) -> np.ndarray:
-        """(S, Z, Y, X) model-grid heat maps for the cached volume, each scaled to max 1."""
+        """(S, Z, Y, X) model-grid heat maps for the cached volume: each sentence's attention over the volume
+        tokens, scaled to [0, 1] (its least to its most attended region), interpolated to the model grid."""
         if self._encoding is None:
             raise PredictorError("no volume encoded yet: call run() or encode() first")
         sentences = [s for s in sentences if s and s.strip()]
@@ -218,12 +219,15 @@ class Predictor:
         with torch.inference_mode():
             _, feats = self.model.encode_sentences_separately(text)
             grid = self.model.sentence_heatmaps(self._encoding, feats, text.sentence_valid)[0]
+            # per sentence, min-max over the volume: shows where it looks *more*, even when attention is broad
+            lo = grid.flatten(1).amin(1)[:, None, None, None]
+            hi = grid.flatten(1).amax(1)[:, None, None, None]
+            grid = (grid - lo) / (hi - lo).clamp_min(1e-12)
             up = F.interpolate(grid[:, None], size=c.input_size, mode="trilinear", align_corners=False)[:, 0]
-            up = up / up.flatten(1).amax(1).clamp_min(1e-12)[:, None, None, None]
         return up.float().cpu().numpy()
 
     def heatmap(self, sentence: str) -> np.ndarray:
-        """One sentence's heat map on the source grid of the cached volume (float32, max 1)."""
+        """One sentence's heat map on the source grid of the cached volume (float32 in [0, 1])."""
         return to_original(self.sentence_heatmaps([sentence])[0], self._record).astype(np.float32)
 
     def _scores(self) -> tuple[dict[str, float], str]:
