@@ -21,7 +21,7 @@ install: $(STAMP)
 sysdeps:
 	@bash .ci/sysdeps.sh
 
-demo: $(STAMP)
+demo: $(STAMP) sysdeps
 	$(PY) -m napari_mg3d.demo
 
 test: $(STAMP) sysdeps

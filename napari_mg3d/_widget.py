@@ -99,6 +99,8 @@ class _Signals(QObject):
 class MG3DWidget(QWidget):
     """Image picker, bundle, device, outputs, Run/Cancel, scores, report, sentence heat maps, export."""
 
+    _said_cpu = False  # "no GPU" is said once per session, not at every run
+
     def __init__(self, napari_viewer: napari.Viewer) -> None:
         super().__init__()
         self.viewer = napari_viewer
@@ -341,6 +343,9 @@ class MG3DWidget(QWidget):
         self.timing_label.setText("timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items()))
         self.export_button.setEnabled(True)
         self.status.setText("done")
+        if not MG3DWidget._said_cpu and self.device_combo.count() == 1:
+            MG3DWidget._said_cpu = True
+            _notify("info", "MG-3D: no GPU found, running on the CPU")
 
     def _show_scores(self, scores: dict[str, float], source: str) -> None:
         ranked = sorted(scores.items(), key=lambda kv: -kv[1])

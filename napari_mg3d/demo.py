@@ -36,14 +36,17 @@ def write_outputs(result, volume, out: Path) -> list[Path]:
         (out / "segmentation_classes.json").write_text(json.dumps(dict(enumerate(result.class_names)), indent=1))
     for i in range(len(result.sentences)):
         files.append(write_nifti(out / f"heatmap_{i:02d}.nii.gz", result.heatmap(i), volume, label=False))
-    (out / "heatmaps.json").write_text(json.dumps({f"heatmap_{i:02d}.nii.gz": s for i, s in enumerate(result.sentences)}, indent=1))
-    (out / "report_draft.txt").write_text(" ".join(result.report) + "\n")
-    with open(out / "scores.csv", "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["finding", "probability"])
-        for name, p in sorted(result.scores.items(), key=lambda kv: -kv[1]):
-            w.writerow([name, f"{p:.4f}"])
-    (out / "scores.json").write_text(json.dumps({"source": result.score_source, "scores": result.scores}, indent=1))
+    if result.sentences:
+        (out / "heatmaps.json").write_text(json.dumps({f"heatmap_{i:02d}.nii.gz": s for i, s in enumerate(result.sentences)}, indent=1))
+    if result.report:
+        (out / "report_draft.txt").write_text(" ".join(result.report) + "\n")
+    if result.scores:
+        with open(out / "scores.csv", "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["finding", "probability"])
+            for name, p in sorted(result.scores.items(), key=lambda kv: -kv[1]):
+                w.writerow([name, f"{p:.4f}"])
+        (out / "scores.json").write_text(json.dumps({"source": result.score_source, "scores": result.scores}, indent=1))
     return files
 
 

@@ -96,3 +96,19 @@ def test_bad_volumes_and_missing_bundles(gui_bundle, tmp_path):
     with pytest.raises(PredictorError, match="not available"):
         Predictor(gui_bundle, device="cuda:7")
     assert estimate_memory_bytes((300, 512, 512)) > 2 * 2**30
+
+
+def test_predict_cli_writes_outputs_on_the_input_grid(gui_bundle, tmp_path, shared_data):
+    from napari_mg3d.io import read_volume
+    from napari_mg3d.predict import main
+
+    src = shared_data / "ct" / "example_ct_sm.nii.gz"
+    out = main([str(src), "--out", str(tmp_path), "--bundle", str(gui_bundle), "--device", "cpu",
+                "--sentence", "Liver lesion.", "--outputs", "segmentation", "scores", "heatmaps"])
+    ct = read_volume(src)
+    seg = read_volume(out / "segmentation.nii.gz")
+    heat = read_volume(out / "heatmap_00.nii.gz")
+    assert seg.shape == ct.shape == heat.shape
+    np.testing.assert_allclose(seg.affine, ct.affine, atol=1e-5)
+    assert (out / "scores.csv").read_text().startswith("finding,probability")
+    assert not (out / "report_draft.txt").exists()

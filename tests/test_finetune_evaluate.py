@@ -1,0 +1,90 @@
+"""python -m training.finetune (every task) and python -m training.evaluate; metrics against hand values."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("lightning")
+pytest.importorskip("torchmetrics")
+
+from napari_mg3d.checkpoint import load_bundle  # noqa: E402
+from napari_mg3d.inference import Predictor  # noqa: E402
+from training import metrics as M  # noqa: E402
+from training.evaluate import evaluate, format_table  # noqa: E402
+from training.finetune import FinetuneParams, run  # noqa: E402
+
+SHAPE = [40, 48, 56]
+
+
+def _ft(tmp, bundle, task, **kw):
+    return run(FinetuneParams(task=task, bundle=str(bundle), data="synthetic:4", steps=2, batch_size=2,
+                              synthetic_shape=SHAPE, out_dir=str(tmp / task), log_every=1, **kw))
+
+
+@pytest.fixture(scope="module")
+def chained(tmp_path_factory, gui_bundle):
+    """segment -> classify -> report -> vocabfine, each starting from the previous bundle."""
+    tmp = tmp_path_factory.mktemp("ft")
+    b = _ft(tmp, gui_bundle, "segment", seg_target="organs", val_data="synthetic:1")
+    b = _ft(tmp, b, "classify", val_data="synthetic:3")
+    b = _ft(tmp, b, "report")
+    return _ft(tmp, b, "vocabfine", shots=2)
+
+
+def test_each_task_writes_a_bundle_and_heads_accumulate(chained):
+    b = load_bundle(chained)
+    assert {"segmentation", "classifier", "report", "prompt"} <= set(b.heads)
+    assert b.meta["head_specs"]["segmentation"]["classes"][1] == "body"
+    assert [p["stage"] for p in b.meta["provenance_chain"]][-3:] == ["finetune-segment", "finetune-classify",
+                                                                      "finetune-report"]
+    assert b.meta["provenance"]["stage"] == "finetune-vocabfine"
+    seg_metrics = b.meta["provenance_chain"][-3]["metrics"]
+    assert "dice_per_class" in seg_metrics and "mean_dice" in seg_metrics
+    assert Predictor(chained, device="cpu").capabilities() == {"segmentation": "", "scores": "", "report": "",
+                                                               "heatmaps": ""}
+
+
+def test_frozen_encoder_linear_probe_leaves_the_encoder_untouched(tmp_path, gui_bundle):
+    before = load_bundle(gui_bundle).model.state_dict()
+    after = load_bundle(_ft(tmp_path, gui_bundle, "prognosis", freeze_encoder=True, multiclass=True,
+                            label_names=["mild", "severe"] + [f"x{i}" for i in range(16)])).model.state_dict()
+    for key in ("vision.swin.patch_embed.proj.weight", "proj16.weight"):
+        assert np.array_equal(before[key].numpy(), after[key].numpy())
+
+
+def test_segmentation_needs_an_input_of_64(tmp_path, tiny_config):
+    from napari_mg3d.checkpoint import save_bundle
+    from napari_mg3d.model import MG3DModel
+
+    small = save_bundle(tmp_path / "small", MG3DModel(tiny_config))
+    with pytest.raises(SystemExit, match="at least 64 voxels"):
+        _ft(tmp_path, small, "segment")
+
+
+def test_evaluate_reports_every_metric_it_can(chained):
+    res = evaluate(str(chained), "synthetic:6", n_boot=20, synthetic_shape=SHAPE)
+    for key in ("classifier_auc", "dice", "bleu1", "bleu4", "rougeL", "recall@5"):
+        assert key in res, key
+    assert 0 <= res["dice"]["value"] <= 1 and res["dice"]["low"] <= res["dice"]["high"]
+    assert res["recall@5"]["chance"] == pytest.approx(5 / 6)
+    table = format_table(res)
+    assert table.startswith("| Dice (%) | AUC (%) | BLEU-1") and "n = 6 volumes" in table
+
+
+def test_metrics_match_hand_computed_values():
+    assert M.auc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == pytest.approx(0.75)
+    assert np.isnan(M.auc([1, 1], [0.2, 0.3]))
+    assert M.accuracy([1, 0, 1, 1], [1, 1, 1, 0]) == 0.5
+    a = np.zeros((4, 4), bool)
+    b = np.zeros((4, 4), bool)
+    a[:2], b[1:3] = True, True
+    assert M.dice(a, b) == pytest.approx(0.5)
+    assert M.bleu(["the cat sat on the mat"], ["the cat sat on the mat"]) == pytest.approx(1.0)
+    assert M.bleu(["the the the"], ["the cat"], n=1) == pytest.approx(1 / 3)  # clipped unigram precision
+    assert M.rouge_l(["the cat sat"], ["the cat sat on the mat"]) == pytest.approx(2 * 1 * 0.5 / 1.5, rel=1e-5)
+    sim = np.array([[0.9, 0.1, 0.0], [0.8, 0.2, 0.1], [0.0, 0.3, 0.5]])
+    assert M.recall_at_k(sim, 1) == pytest.approx(2 / 3)
+    assert M.recall_at_k(sim, 2) == pytest.approx(1.0)
+    ci = M.bootstrap(lambda x: float(np.mean(x)), np.arange(100, dtype=float), n=300)
+    assert ci["value"] == pytest.approx(49.5) and ci["low"] < 49.5 < ci["high"] and ci["high"] - ci["low"] < 25
