@@ -81,3 +81,15 @@ def gui_bundle(tmp_path_factory, tiny_text_encoder_dir):
     heads = {name: build_head(spec, cfg, model.text.vocab_size) for name, spec in specs.items()}
     out = tmp_path_factory.mktemp("gui-bundle") / "bundle"
     return save_bundle(out, model, heads=heads, meta={"head_specs": specs, "labels": LABELS, "classes": classes})
+
+
+def pytest_collection_modifyitems(config, items):
+    """GUI tests need an X server: pytest-xvfb starts Xvfb when it is installed; otherwise skip them, saying why."""
+    import shutil
+
+    if os.environ.get("DISPLAY") or shutil.which("Xvfb"):
+        return
+    skip = pytest.mark.skip(reason="no X server: install Xvfb and Qt's xcb libraries (`make sysdeps`, Debian, as root)")
+    for item in items:
+        if "gui" in item.keywords:
+            item.add_marker(skip)
