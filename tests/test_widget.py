@@ -185,3 +185,37 @@ def test_sample_data_has_a_report(make_napari_viewer):
     viewer = make_napari_viewer()
     layers = viewer.open_sample("napari-mg3d", "synthetic_chest_ct")
     assert layers[0].metadata["mg3d"]["report"] and layers[0].ndim == 3
+
+
+def test_closing_the_viewer_during_a_run_stops_the_worker(gui_bundle, qtbot):
+    from qtpy.QtCore import QThreadPool
+
+    from napari_mg3d._layers import volume_to_layer_data
+
+    viewer = napari.Viewer(show=True)  # closed by the test itself, so not the fixture's viewer
+    s = generate_sample(4, shape=(48, 64, 80))
+    data, kwargs, _ = volume_to_layer_data(Volume(s.volume, s.affine), name="ct")
+    viewer.add_image(data, **kwargs)
+    widget = _widget(viewer, gui_bundle, qtbot)
+    event = widget.cancel_event
+    widget.run()
+    viewer.close()
+    qtbot.waitUntil(event.is_set, timeout=10_000)
+    assert QThreadPool.globalInstance().waitForDone(60_000)  # nothing hangs
+
+
+def test_headless_demo_writes_outputs_and_screenshots(gui_bundle, tmp_path):
+    import imageio.v3 as iio
+
+    from napari_mg3d.demo import run_demo
+
+    summary = run_demo(tmp_path, gui_bundle, seed=1)
+    assert (tmp_path / "segmentation.nii.gz").is_file() and (tmp_path / "scores.csv").is_file()
+    seg = read_volume(tmp_path / "segmentation.nii.gz")
+    ct = read_volume(tmp_path / "sample_ct.nii.gz")
+    assert seg.shape == ct.shape and np.allclose(seg.affine, ct.affine)
+    shots = sorted(tmp_path.glob("screenshot_*.png"))
+    assert {p.name for p in shots} >= {"screenshot_ct.png", "screenshot_segmentation.png", "screenshot_heatmap_00.png"}
+    for p in shots:
+        assert iio.imread(p)[..., :3].std() > 10, p.name
+    assert summary["pointing"] and "preprocess + encode" in summary["timings_s"]
