@@ -3,8 +3,6 @@ napari_mg3d.inference.Predictor (run off the GUI thread). torch is imported only
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import threading
 from pathlib import Path
@@ -392,35 +390,17 @@ class MG3DWidget(QWidget):
     def export(self, folder: str | Path) -> list[Path]:
         """Write labels and heat maps (NIfTI on the source grid), the report (txt, as edited) and scores
         (CSV and JSON) into ``folder``; returns the files written."""
-        from .io import write_nifti
+        from .export import write_result
 
         if self.result is None or self.source_layer is None:
             _notify("warning", "nothing to export yet: run MG-3D first")
             return []
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
         _, volume = self._source_volume_of(self.source_layer)
-        written = []
-        r = self.result
-        if r.labels is not None:
-            written.append(write_nifti(folder / "segmentation.nii.gz", r.labels, volume, label=True))
-            (folder / "segmentation_classes.json").write_text(json.dumps(dict(enumerate(r.class_names)), indent=1))
-            written.append(folder / "segmentation_classes.json")
-        for i in range(len(r.sentences)):
-            written.append(write_nifti(folder / f"heatmap_{i:02d}.nii.gz", r.heatmap(i), volume, label=False))
-        if r.sentences:
-            (folder / "heatmaps.json").write_text(json.dumps({f"heatmap_{i:02d}.nii.gz": s for i, s in enumerate(r.sentences)}, indent=1))
-            written.append(folder / "heatmaps.json")
-        (folder / "report.txt").write_text(self.report_edit.toPlainText().strip() + "\n")
-        written.append(folder / "report.txt")
-        if r.scores:
-            with open(folder / "scores.csv", "w", newline="") as fh:
-                w = csv.writer(fh)
-                w.writerow(["finding", "probability"])
-                for name, p in sorted(r.scores.items(), key=lambda kv: -kv[1]):
-                    w.writerow([name, f"{p:.6f}"])
-            (folder / "scores.json").write_text(json.dumps({"source": r.score_source, "scores": r.scores}, indent=1))
-            written += [folder / "scores.csv", folder / "scores.json"]
+        try:
+            written = write_result(self.result, volume, folder, report_text=self.report_edit.toPlainText())
+        except OSError as err:
+            _notify("error", f"MG-3D export to {folder} failed: {err}")
+            return []
         _notify("info", f"MG-3D: wrote {len(written)} files to {folder}")
         return written
 

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import time
@@ -20,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .export import write_result
 from .inference import Predictor, default_bundle_path
-from .io import read_volume, write_nifti
+from .io import read_volume
 from .synthetic import LABELS, generate_sample, save_sample
 
 
@@ -30,24 +30,7 @@ def _say(msg: str) -> None:
 
 
 def write_outputs(result, volume, out: Path) -> list[Path]:
-    files = []
-    if result.labels is not None:
-        files.append(write_nifti(out / "segmentation.nii.gz", result.labels, volume, label=True))
-        (out / "segmentation_classes.json").write_text(json.dumps(dict(enumerate(result.class_names)), indent=1))
-    for i in range(len(result.sentences)):
-        files.append(write_nifti(out / f"heatmap_{i:02d}.nii.gz", result.heatmap(i), volume, label=False))
-    if result.sentences:
-        (out / "heatmaps.json").write_text(json.dumps({f"heatmap_{i:02d}.nii.gz": s for i, s in enumerate(result.sentences)}, indent=1))
-    if result.report:
-        (out / "report_draft.txt").write_text(" ".join(result.report) + "\n")
-    if result.scores:
-        with open(out / "scores.csv", "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(["finding", "probability"])
-            for name, p in sorted(result.scores.items(), key=lambda kv: -kv[1]):
-                w.writerow([name, f"{p:.4f}"])
-        (out / "scores.json").write_text(json.dumps({"source": result.score_source, "scores": result.scores}, indent=1))
-    return files
+    return write_result(result, volume, out)
 
 
 def _start_display():

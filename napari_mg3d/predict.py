@@ -2,7 +2,7 @@
 
     python -m napari_mg3d.predict CT.nii.gz --out results/ [--bundle BUNDLE] [--sentence "..."]...
 
-Writes segmentation.nii.gz and heatmap_NN.nii.gz on the CT's own grid, report_draft.txt, scores.csv/json,
+Writes segmentation.nii.gz and heatmap_NN.nii.gz on the CT's own grid, report.txt, scores.csv/json,
 heatmaps.json (file -> sentence) and timings.json.
 """
 
@@ -13,7 +13,7 @@ import json
 import logging
 from pathlib import Path
 
-from .demo import write_outputs
+from .export import write_result
 from .inference import OUTPUTS, Predictor, default_bundle_path
 from .io import read_volume
 
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> Path:
     result = predictor.run(volume, sentences=a.sentence, outputs=tuple(a.outputs),
                            progress=lambda stage, f: print(f"[{int(100 * f):3d}%] {stage}", flush=True))
     a.out.mkdir(parents=True, exist_ok=True)
-    write_outputs(result, volume, a.out)
+    write_result(result, volume, a.out)
     (a.out / "timings.json").write_text(json.dumps(result.timings, indent=1))
     for m in result.messages:
         print(f"note: {m}")

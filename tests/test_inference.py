@@ -111,4 +111,4 @@ def test_predict_cli_writes_outputs_on_the_input_grid(gui_bundle, tmp_path, shar
     assert seg.shape == ct.shape == heat.shape
     np.testing.assert_allclose(seg.affine, ct.affine, atol=1e-5)
     assert (out / "scores.csv").read_text().startswith("finding,probability")
-    assert not (out / "report_draft.txt").exists()
+    assert not (out / "report.txt").exists()
