@@ -107,6 +107,12 @@ def make_trainer(p: PretrainParams, out: Path, val: bool) -> L.Trainer:
 
 def run(p: PretrainParams) -> Path:
     """Train; returns the bundle directory."""
+    import warnings
+
+    # Resuming mid-epoch is exact here: StepIndexedSampler derives the data position from the global step.
+    warnings.filterwarnings("ignore", message=".*dataloader is not resumable.*")
+    # The frozen text encoder stays in eval mode on purpose.
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
     L.seed_everything(p.seed, workers=True)
     out = Path(p.out_dir)
     cfg = model_config(p)
