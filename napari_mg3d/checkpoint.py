@@ -98,7 +98,16 @@ def save_bundle(
             raise ValueError(f"head name {head_name!r} must not contain '.'")
         for name, value in module.state_dict().items():
             tensors[f"{head_name}.{name}"] = value
-    # clone: tied weights share storage, which safetensors refuses
+    # Tied weights (one tensor under two names) are stored once; config.json records the alias.
+    tied: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for k, v in list(tensors.items()):
+        ident = (v.data_ptr(), v.shape, v.stride())
+        if v.numel() and ident in seen:
+            tied[k] = seen[ident]
+            del tensors[k]
+        else:
+            seen[ident] = k
     tensors = {k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().clone().contiguous()
                for k, v in tensors.items()}
 
@@ -110,6 +119,7 @@ def save_bundle(
         "text_encoder": {"name": model.text.name_or_path, "embedded": bool(embed_text_encoder)},
         "weights_dtype": str(dtype).replace("torch.", ""),
         "heads": sorted(set((meta or {}).get("heads", [])) | set(heads)),
+        "tied_weights": tied,
     }
     for key, value in (meta or {}).items():
         if key not in ("heads",):
@@ -213,6 +223,9 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
             tensors = load_file(str(weights))
         except Exception as err:  # safetensors raises its own error types
             raise BundleError(f"{weights} could not be read as safetensors: {err}") from err
+        for alias, target in (meta.get("tied_weights") or {}).items():
+            if target in tensors:
+                tensors[alias] = tensors[target]
     finally:
         for tmp in workdir:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -114,3 +114,15 @@ def test_newer_bundle_format_says_to_update(tiny_model, tmp_path):
     (path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(BundleError, match="update napari-mg3d"):
         load_bundle(path)
+
+
+def test_tied_weights_are_stored_once_and_restored(gui_bundle):
+    import json as _json
+
+    from napari_mg3d.inference import Predictor
+
+    meta = _json.loads((gui_bundle / "config.json").read_text())
+    assert meta["tied_weights"] == {"report.lm.weight": "report.embed.weight"}
+    assert "report.lm.weight" not in load_file(str(gui_bundle / "model.safetensors"))
+    head = Predictor(gui_bundle, device="cpu").heads["report"]
+    assert head.lm.weight is head.embed.weight and head.embed.weight.abs().sum() > 0

@@ -319,9 +319,12 @@ ALL_CLASSES = ["background", *ORGANS, *LABELS]
 
 
 def combined_label_map(sample) -> np.ndarray:
-    """Organs 1..9, lesions 10..27 drawn over them (class names: ALL_CLASSES)."""
+    """Organs 1..9, lesions 10..27 drawn over them (class names: ALL_CLASSES). Cardiomegaly is left out:
+    its "lesion" is the whole heart, which a voxel classifier cannot tell from a normal heart; it is a
+    volume-level finding for the classifier."""
     out = sample.organ_label_map()
     lesions = sample.lesion_label_map()
+    lesions[lesions == LABELS.index("Cardiomegaly") + 1] = 0
     out[lesions > 0] = lesions[lesions > 0] + len(ORGANS)
     return out
 

@@ -38,19 +38,23 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--synthetic-shape", type=int, nargs=3, default=[80, 112, 144])
     ap.add_argument("--text-encoder", default="", help="text encoder (default: the preset's)")
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--from-bundle", default="", help="skip pre-training and start the fine-tunes from this bundle")
+    ap.add_argument("--tasks", nargs="+", default=["segment", "classify", "report"],
+                    help="fine-tunes to run, in order (segment, classify, report)")
     a = ap.parse_args(argv)
     work = Path(a.work)
     shape = list(a.synthetic_shape)
     size = list(a.input_size) if a.input_size else None
 
-    bundle = pretrain.run(PretrainParams(
+    bundle = Path(a.from_bundle) if a.from_bundle else pretrain.run(PretrainParams(
         data=f"synthetic:{a.pairs}", max_steps=a.pretrain_steps, batch_size=a.batch_size, input_size=size,
         text_encoder=a.text_encoder, num_workers=a.workers, out_dir=str(work / "pretrain"), synthetic_shape=shape,
         warmup_steps=max(1, a.pretrain_steps // 10), lr_vision=2e-4, lr_fusion=5e-4, checkpoint_every=50,
         log_every=5, progress=False))
-    stages = [("segment", {"seg_target": "all", "lr": 1e-3, "lr_encoder": 1e-4}),
-              ("classify", {"lr": 1e-3, "lr_encoder": 5e-5}),
-              ("report", {"lr": 5e-4, "lr_encoder": 0.0, "freeze_encoder": True})]
+    settings = {"segment": {"seg_target": "all", "lr": 1e-3, "lr_encoder": 1e-4},
+                "classify": {"lr": 1e-3, "lr_encoder": 5e-5},
+                "report": {"lr": 5e-4, "lr_encoder": 0.0, "freeze_encoder": True}}
+    stages = [(task, settings[task]) for task in a.tasks]
     for i, (task, extra) in enumerate(stages):
         bundle = finetune.run(finetune.FinetuneParams(
             task=task, bundle=str(bundle), data=f"synthetic:{a.pairs}", val_data="synthetic:16",
