@@ -161,6 +161,10 @@ def run(p: FinetuneParams) -> Path:
     model.to(device)
     head.to(device)
 
+    stale = sorted(set(heads) - {head_name, "mim_decoder", "mlm_head"})
+    if stale and not p.freeze_encoder:
+        log.warning("fine-tuning the encoder changes the features that the bundle's other heads %s were trained "
+                    "on; fine-tune them again afterwards (or use --freeze-encoder)", stale)
     encoder_params = [p_ for n, p_ in model.trainable_named_parameters()]
     for q in encoder_params:
         q.requires_grad_(not p.freeze_encoder)
