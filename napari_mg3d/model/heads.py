@@ -91,6 +91,8 @@ class ReportDecoder(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.lm = nn.Linear(dim, vocab_size)
         self.lm.weight = self.embed.weight  # tied input/output embeddings: half the parameters
+        # small init: with tied weights, N(0, 1) embeddings would make the first logits ~10x too confident
+        nn.init.normal_(self.embed.weight, std=0.02)
         self.bos_id, self.eos_id, self.pad_id, self.max_len = bos_id, eos_id, pad_id, max_len
 
     def forward(self, tokens: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
