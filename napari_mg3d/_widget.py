@@ -223,7 +223,6 @@ class MG3DWidget(QWidget):
         """(layer, Volume) of the chosen image, or raise ValueError with what is expected."""
         from napari.layers import Image
 
-        from .volume import Volume
 
         name = self.image_combo.currentText()
         if not name or name not in self.viewer.layers:
@@ -238,13 +237,7 @@ class MG3DWidget(QWidget):
         if layer.ndim != 3:
             raise ValueError(f"layer {name!r} is {layer.ndim}D; MG-3D needs a 3D volume (z, y, x)"
                              + (" - pick one time point/channel first" if layer.ndim == 4 else ""))
-        data = np.asarray(layer.data)
-        matrix = None
-        try:
-            matrix = layer._data_to_world.simplified.affine_matrix  # napari's composed data->world transform
-        except AttributeError:
-            pass
-        return layer, Volume(data.astype(np.float32, copy=False), layer_affine_ras(layer.metadata, matrix))
+        return self._source_volume_of(layer)
 
     def _get_predictor(self):
         from .inference import Predictor
@@ -409,7 +402,7 @@ class MG3DWidget(QWidget):
 
         matrix = None
         try:
-            matrix = layer._data_to_world.simplified.affine_matrix
+            matrix = layer._data_to_world.simplified.affine_matrix  # napari's composed data->world transform
         except AttributeError:
             pass
         return layer, Volume(np.asarray(layer.data, np.float32), layer_affine_ras(layer.metadata, matrix))
