@@ -134,6 +134,7 @@ class MG3DWidget(QWidget):
         bundle_row.addWidget(self.bundle_edit)
         bundle_row.addWidget(browse)
         form.addRow("Model", bundle_row)
+        self.bundle_edit.textChanged.connect(self._reset_outputs)
         self.device_combo = QComboBox()
         self.device_combo.addItems(available_devices())
         form.addRow("Device", self.device_combo)
@@ -201,6 +202,12 @@ class MG3DWidget(QWidget):
         self.timing_label = QLabel("")
         self.timing_label.setWordWrap(True)
         root.addWidget(self.timing_label)
+
+    def _reset_outputs(self, *_) -> None:
+        """Another bundle may have other heads: offer every output again until a run says otherwise."""
+        for box in getattr(self, "output_boxes", {}).values():
+            box.setEnabled(True)
+            box.setToolTip("")
 
     def _browse_bundle(self) -> None:
         path = QFileDialog.getExistingDirectory(self, "Choose an MG-3D bundle folder", self.bundle_edit.text())
@@ -331,6 +338,13 @@ class MG3DWidget(QWidget):
             self.sentence_list.setCurrentRow(0)
         for message in result.messages:
             _notify("info", message)
+        if self.predictor is not None:  # outputs this bundle cannot give: unticked, greyed out, with the reason
+            for key, why in self.predictor.capabilities().items():
+                box = self.output_boxes[key]
+                box.setEnabled(not why)
+                box.setToolTip(why)
+                if why:
+                    box.setChecked(False)
         self.timing_label.setText("timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items()))
         self.export_button.setEnabled(True)
         self.status.setText("done")

@@ -219,3 +219,18 @@ def test_headless_demo_writes_outputs_and_screenshots(gui_bundle, tmp_path):
     for p in shots:
         assert iio.imread(p)[..., :3].std() > 10, p.name
     assert summary["pointing"] and "preprocess + encode" in summary["timings_s"]
+
+
+def test_outputs_a_bundle_cannot_give_are_disabled_with_the_reason(viewer_with_sample, gui_bundle, qtbot, tmp_path):
+    from napari_mg3d.checkpoint import load_bundle, save_bundle
+
+    viewer, _ = viewer_with_sample
+    bare = save_bundle(tmp_path / "bare", load_bundle(gui_bundle).model)
+    widget = _widget(viewer, bare, qtbot)
+    widget.report_edit.setPlainText("Nodule in the right upper lobe.")
+    widget.output_boxes["report"].setChecked(False)
+    _run(widget, qtbot)
+    seg = widget.output_boxes["segmentation"]
+    assert not seg.isEnabled() and not seg.isChecked() and "no segmentation head" in seg.toolTip()
+    assert widget.output_boxes["heatmaps"].isEnabled()
+    assert HEATMAP_LAYER in viewer.layers and LABELS_LAYER not in viewer.layers
