@@ -108,6 +108,7 @@ class MG3DWidget(QWidget):
         self.result = None
         self.source_layer = None
         self.worker = None
+        self._pending_heatmap = None
         self.cancel_event = threading.Event()
         self.signals = _Signals()
         self.signals.progress.connect(self._on_progress)
@@ -323,6 +324,9 @@ class MG3DWidget(QWidget):
         self.worker = None
         self.run_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
+        pending, self._pending_heatmap = self._pending_heatmap, None
+        if pending is not None:
+            self._heatmap_async(*pending)
 
     def _on_result(self, result) -> None:
         self.result = result
@@ -370,7 +374,18 @@ class MG3DWidget(QWidget):
             return
         if self.result.heatmaps_model is None:
             return
-        self.layers.show_heatmap(self.result.heatmap(row), self.result.sentences[row], self.source_layer)
+        result = self.result
+        self._heatmap_async(result.sentences[row], lambda: result.heatmap(row))
+
+    def _heatmap_async(self, sentence: str, compute) -> None:
+        """Resample a heat map to the image grid off the GUI thread (about a second for a 512x512x300 CT).
+        While another job runs, only the latest request is kept and starts when that job ends."""
+        if self.worker is not None:
+            self._pending_heatmap = (sentence, compute)
+            return
+        source = self.source_layer
+        self._start_worker(lambda: (sentence, compute()),
+                           lambda out: self.layers.show_heatmap(out[1], out[0], source))
 
     def query_sentence(self) -> None:
         """Heat map for the typed sentence (encoder output is cached: text encoder + one attention step)."""
@@ -381,12 +396,8 @@ class MG3DWidget(QWidget):
         if self.predictor is None or self.result is None:
             _notify("warning", "run MG-3D on an image first; the typed sentence's heat map uses its encoding")
             return
-        try:
-            heat = self.predictor.heatmap(sentence)
-        except Exception as err:  # noqa: BLE001 - shown to the user, never raised out of the widget
-            _notify("error", f"MG-3D heat map: {err}")
-            return
-        self.layers.show_heatmap(heat, sentence, self.source_layer)
+        predictor = self.predictor  # errors in the worker become notifications (_on_error)
+        self._heatmap_async(sentence, lambda: predictor.heatmap(sentence))
 
     # ----- export -----------------------------------------------------------------------------------
     def _export_dialog(self) -> None:

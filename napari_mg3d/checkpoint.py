@@ -64,6 +64,30 @@ class Bundle:
     def labels(self) -> list[str]:
         return list(self.meta.get("labels", []))
 
+    def build_heads(self, skip: tuple[str, ...] = ()) -> tuple[dict[str, nn.Module], dict[str, dict]]:
+        """Rebuild the bundle's heads with their weights: ({name: module}, {name: spec}). A head without a
+        description or whose weights do not fit is left out with a logged warning (its output is disabled)."""
+        from .model.heads import build_head
+
+        known = {"mim_decoder": {"type": "mim"}, "mlm_head": {"type": "mlm"}}  # pre-training heads
+        specs = dict(self.meta.get("head_specs", {}))
+        heads: dict[str, nn.Module] = {}
+        for name, state in self.head_state.items():
+            if name in skip:
+                continue
+            spec = specs.get(name) or known.get(name)
+            if spec is None:
+                log.warning("bundle head %r has no description; ignored", name)
+                continue
+            try:
+                head = build_head(spec, self.config, self.model.text.vocab_size)
+                head.load_state_dict(state)
+            except (ValueError, RuntimeError, KeyError) as err:
+                log.warning("bundle head %r could not be loaded (%s); its output is disabled", name, err)
+                continue
+            heads[name], specs[name] = head, spec
+        return heads, {k: v for k, v in specs.items() if k in heads}
+
 
 def _should_embed_text_encoder(name: str) -> bool:
     """Embed encoders that another machine could not resolve by name (local directories)."""

@@ -29,10 +29,6 @@ def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
-def write_outputs(result, volume, out: Path) -> list[Path]:
-    return write_result(result, volume, out)
-
-
 def _start_display():
     """A virtual X display for screenshots, or None (with the reason printed)."""
     if os.environ.get("DISPLAY"):
@@ -78,8 +74,16 @@ def screenshots(volume, result, sample, out: Path, bundle: Path) -> list[Path]:
 
         from qtpy.QtWidgets import QApplication
 
-        def shot(name: str, canvas_only: bool = True) -> None:
+        widget = None
+
+        def settle() -> None:  # the widget resamples heat maps in a worker; wait for it
             QApplication.processEvents()
+            while widget is not None and widget.worker is not None:
+                time.sleep(0.01)
+                QApplication.processEvents()
+
+        def shot(name: str, canvas_only: bool = True) -> None:
+            settle()
             path = out / f"screenshot_{name}.png"
             viewer.screenshot(str(path), canvas_only=canvas_only, flash=False)
             files.append(path)
@@ -90,6 +94,7 @@ def screenshots(volume, result, sample, out: Path, bundle: Path) -> list[Path]:
         viewer.window.add_dock_widget(widget, name="MG-3D")
         widget.result, widget.source_layer = result, image
         widget._on_result(result)
+        settle()
         for layer in viewer.layers:
             layer.visible = layer is image
         if result.labels is not None:
@@ -98,6 +103,7 @@ def screenshots(volume, result, sample, out: Path, bundle: Path) -> list[Path]:
             viewer.layers["MG-3D segmentation"].visible = False
         for i in range(min(4, len(result.sentences))):
             widget.sentence_list.setCurrentRow(i)
+            settle()
             viewer.layers["MG-3D heat map"].visible = True
             shot(f"heatmap_{i:02d}")
         shot("window_with_panel", canvas_only=False)
@@ -121,13 +127,13 @@ def run_demo(out: Path, bundle: Path, seed: int) -> dict:
 
     predictor = Predictor(bundle)
     _say(f"model bundle: {bundle}")
-    result = predictor.run(volume, progress=lambda stage, f: _say(f"  [{int(100 * f):3d}%] {stage}"))
-    if not result.sentences:
-        result.sentences = list(sample.sentences)
-    else:
-        result.sentences = list(result.sentences) + list(sample.sentences)
+    outputs = ("segmentation", "scores", "report")  # heat maps below, once, for the draft and the sample's report
+    result = predictor.run(volume, outputs=outputs, progress=lambda stage, f: _say(f"  [{int(100 * f):3d}%] {stage}"))
+    t = time.perf_counter()
+    result.sentences = list(result.report) + list(sample.sentences)
     result.heatmaps_model = predictor.sentence_heatmaps(result.sentences)
-    files = write_outputs(result, volume, out)
+    result.timings["heatmaps"] = time.perf_counter() - t
+    files = write_result(result, volume, out)
     shots = screenshots(volume, result, sample, out, bundle)
 
     hits = []

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import Bundle, load_bundle
-from .model.heads import GenerationSettings, build_head, zero_shot_scores
+from .model.heads import GenerationSettings, prompt_batch, zero_shot_scores
 from .model.text import tokenize_reports
 from .preprocess import PreprocessConfig, PreprocessRecord, preprocess, to_original
 from .synthetic import LABELS
@@ -58,7 +58,8 @@ def available_devices() -> list[str]:
 def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device(available_devices()[0])
-    if name not in available_devices():
+    kind, _, index = name.partition(":")
+    if kind not in available_devices() or (kind == "cuda" and index and int(index) >= torch.cuda.device_count()):
         raise PredictorError(f"device {name!r} is not available here; available: {available_devices()}")
     return torch.device(name)
 
@@ -75,7 +76,7 @@ def available_memory_bytes() -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
-def estimate_memory_bytes(shape: tuple[int, int, int], n_classes: int = 2) -> int:
+def estimate_memory_bytes(shape: tuple[int, int, int]) -> int:
     """Peak host memory of one run on a volume of ``shape`` voxels, beyond the volume itself: a canonical
     copy and the crop (float32), the label map (int32) and, while mapping segmentation back, one class's
     resampled scores plus a running max and argmax (float32) and one heat map (float32)."""
@@ -126,7 +127,8 @@ class Predictor:
         self.preprocess_config = PreprocessConfig.from_dict(bundle.meta.get("preprocessing", {})) \
             if bundle.meta.get("preprocessing") else PreprocessConfig(target_size=self.config.input_size)
         self.memory_limit = memory_limit_bytes
-        self.heads = self._build_heads()
+        heads, _ = bundle.build_heads()
+        self.heads = {name: head.to(self.device).eval() for name, head in heads.items()}
         self._cache_key = None
         self._encoding = None
         self._record: PreprocessRecord | None = None
@@ -135,23 +137,6 @@ class Predictor:
             log.info("no GPU found: running MG-3D on the CPU")
 
     # ----- heads --------------------------------------------------------------------------------------
-    def _build_heads(self) -> dict[str, torch.nn.Module]:
-        specs = dict(self.bundle.meta.get("head_specs", {}))
-        heads = {}
-        for name, state in self.bundle.head_state.items():
-            spec = specs.get(name) or {"mim_decoder": {"type": "mim"}, "mlm_head": {"type": "mlm"}}.get(name)
-            if spec is None:
-                log.warning("bundle head %r has no description; ignored", name)
-                continue
-            try:
-                head = build_head(spec, self.config, self.model.text.vocab_size)
-                head.load_state_dict(state)
-            except (ValueError, RuntimeError, KeyError) as err:
-                log.warning("bundle head %r could not be loaded (%s); its output is disabled", name, err)
-                continue
-            heads[name] = head.to(self.device).eval()
-        return heads
-
     def capabilities(self) -> dict[str, str]:
         """Each output -> '' if available, else why not."""
         h = self.heads
@@ -239,13 +224,8 @@ class Predictor:
                 probs = head.probabilities(head(enc.global_feature))[0]
                 return dict(zip(names, probs.float().cpu().tolist())), "classifier"
             if "prompt" in self.heads:
-                from .model.heads import prompt_texts
-
-                tok = self.model.text.tokenizer
-                enc_t = tok([t for pair in prompt_texts(names) for t in pair], padding=True, return_tensors="pt").to(self.device)
-                raw = self.model.text.word_features(enc_t["input_ids"], enc_t["attention_mask"])
-                m = enc_t["attention_mask"].unsqueeze(-1).float()
-                prompts = self.model.text_proj((raw * m).sum(1) / m.sum(1)).view(len(names), 2, -1)
+                _, prompts = self.model.encode_sentences_separately(
+                    prompt_batch(self.model.text.tokenizer, names).to(self.device))
                 probs = self.heads["prompt"](enc.global_feature, prompts)[0].softmax(-1)[:, 0]
                 return dict(zip(names, probs.float().cpu().tolist())), "prompt (CT-VocabFine)"
             probs = zero_shot_scores(self.model, self.heads["mlm_head"], enc.tokens, names)

@@ -299,12 +299,12 @@ def read_dicom_series(
         gap = float(slices[0][1].get("SpacingBetweenSlices", slices[0][1].get("SliceThickness", 1.0)) or 1.0)
 
     pixels = np.empty((n, *sizes.pop()), np.float32)
-    for k, (f, _) in enumerate(slices):
+    for k, (f, header) in enumerate(slices):
         try:
             ds = pydicom.dcmread(str(f))
             arr = ds.pixel_array
         except Exception as err:
-            ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "?") if "ds" in locals() else "?"
+            ts = getattr(getattr(header, "file_meta", None), "TransferSyntaxUID", "?")
             raise VolumeReadError(
                 f"{f}: pixel data could not be decoded (transfer syntax {ts}): {err}. Compressed DICOM needs "
                 "pylibjpeg with pylibjpeg-openjpeg (JPEG 2000) / pylibjpeg-libjpeg (JPEG, JPEG-LS), or GDCM"
@@ -325,8 +325,7 @@ def read_dicom_series(
     affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # LPS -> RAS
     first = slices[0][1]
     meta = {"source": label, "format": "dicom", "n_files": n, "skipped": dict(skipped),
-            "transfer_syntax": str(getattr(getattr(pydicom.dcmread(str(slices[0][0]), stop_before_pixels=True),
-                                                   "file_meta", None), "TransferSyntaxUID", "")),
+            "transfer_syntax": str(getattr(getattr(first, "file_meta", None), "TransferSyntaxUID", "")),
             "tags": {t: _jsonable(first.get(t)) for t in DICOM_TAGS if t in first}}
     return Volume(pixels, affine, meta)
 

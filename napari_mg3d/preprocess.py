@@ -150,11 +150,7 @@ def preprocess(volume: Volume, config: PreprocessConfig = PreprocessConfig()) ->
 
 def model_affine(record: PreprocessRecord) -> np.ndarray:
     """index in model space -> RAS mm (centres of the resized voxels, align_corners=False)."""
-    import nibabel as nib
-
-    ornt = np.asarray(record.ornt)
-    inv = nib.orientations.inv_ornt_aff(ornt, record.source_shape)
-    canon_affine = np.asarray(record.source_affine) @ inv
+    canon_affine = canonical_affine(np.asarray(record.source_affine), np.asarray(record.ornt), record.source_shape)
     scale = np.array(record.crop_shape, float) / np.array(record.target_size, float)
     step = np.eye(4)
     step[:3, :3] = np.diag(scale)
@@ -225,7 +221,7 @@ def labels_to_model(labels: np.ndarray, record: PreprocessRecord, representation
     cropped = np.ascontiguousarray(canonical[a[0]:b[0], a[1]:b[1], a[2]:b[2]]).astype(np.int64)
     n_classes = max(int(cropped.max()) + 1, 2)
     if representation == "sdf":
-        canon_affine = np.asarray(record.source_affine) @ _inv_ornt_affine(record)
+        canon_affine = canonical_affine(np.asarray(record.source_affine), np.asarray(record.ornt), record.source_shape)
         spacing = tuple(np.linalg.norm(canon_affine[:3, :3], axis=0))
         scores = np.empty((n_classes, *cropped.shape), np.float32)
         for c in range(1, n_classes):
@@ -246,20 +242,20 @@ def labels_to_model(labels: np.ndarray, record: PreprocessRecord, representation
     raise ValueError(f"representation must be 'sdf', 'probabilities' or 'labels', got {representation!r}")
 
 
-def _inv_ornt_affine(record: PreprocessRecord) -> np.ndarray:
+def canonical_affine(affine: np.ndarray, ornt: np.ndarray, shape) -> np.ndarray:
+    """Affine of the canonical (re-oriented) grid of a volume with ``affine`` and ``shape``."""
     import nibabel as nib
 
-    return nib.orientations.inv_ornt_aff(np.asarray(record.ornt), record.source_shape)
+    return affine @ nib.orientations.inv_ornt_aff(ornt, shape)
 
 
 def resample_to_spacing(volume: Volume, spacing: tuple[float, float, float], order: str = "trilinear") -> Volume:
     """Canonical orientation, then resample to ``spacing`` (mm along S, P, L) -- for sliding-window
     segmentation at a fixed physical resolution. The affine of the result describes the new grid."""
-    import nibabel as nib
 
     ornt = orientation_transform(volume.affine)
     canonical = _apply_ornt(volume.data, ornt)
-    canon_affine = volume.affine @ nib.orientations.inv_ornt_aff(ornt, volume.shape)
+    canon_affine = canonical_affine(volume.affine, ornt, volume.shape)
     old = np.linalg.norm(canon_affine[:3, :3], axis=0)
     size = [max(1, int(round(n * o / s))) for n, o, s in zip(canonical.shape, old, spacing)]
     x = _resize(torch.from_numpy(np.ascontiguousarray(canonical, np.float32))[None], size, order)[0].numpy()

@@ -586,8 +586,7 @@ def generate_sample(
     affine = canonical_affine(shape, spacing)
     organs, lesions = builder.organs, builder.lesions
     if tuple(axcodes) != CANONICAL_AXCODES:
-        _, new_affine = reorient(volume, affine, axcodes)
-        volume = reorient(volume, affine, axcodes)[0]
+        volume, new_affine = reorient(volume, affine, axcodes)
         organs = {k: reorient(v, affine, axcodes)[0] for k, v in organs.items()}
         lesions = {k: reorient(v, affine, axcodes)[0] for k, v in lesions.items()}
         affine = new_affine

@@ -82,12 +82,14 @@ def test_selecting_a_sentence_and_typing_one_switch_the_heat_map(viewer_with_sam
     assert widget.sentence_list.count() == 3
     first = np.array(viewer.layers[HEATMAP_LAYER].data)
     widget.sentence_list.setCurrentRow(2)
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=30_000)
     second = np.array(viewer.layers[HEATMAP_LAYER].data)
     assert viewer.layers[HEATMAP_LAYER].metadata["sentence"] == "Left pleural effusion."
     assert not np.allclose(first, second)
     widget.query_edit.setText("Consolidation in the left lower lobe.")
     start = time.perf_counter()
     widget.query_sentence()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=30_000)
     assert time.perf_counter() - start < 1.0
     assert viewer.layers[HEATMAP_LAYER].metadata["sentence"] == "Consolidation in the left lower lobe."
 

@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from napari_mg3d.checkpoint import load_bundle, save_bundle
+from napari_mg3d.inference import pick_device
 from napari_mg3d.model import MG3DModel, preset_config
-from napari_mg3d.model.heads import PROMPT_PAIR, build_head, prompt_texts
+from napari_mg3d.model.heads import PROMPT_PAIR, build_head, prompt_batch
 from napari_mg3d.preprocess import PreprocessConfig
 from napari_mg3d.synthetic import LABELS, ORGANS
 
@@ -70,28 +71,11 @@ class FinetuneParams:
         return asdict(self)
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
 def load_start(p: FinetuneParams):
     """(model, existing heads {name: module}, head specs, meta) from --bundle or from scratch."""
     if p.bundle:
         b = load_bundle(p.bundle)
-        specs = dict(b.meta.get("head_specs", {}))
-        heads = {}
-        for name, state in b.head_state.items():
-            spec = specs.get(name) or {"type": {"mim_decoder": "mim", "mlm_head": "mlm"}.get(name, name)}
-            head = build_head(spec, b.config, b.model.text.vocab_size)
-            head.load_state_dict(state)
-            heads[name] = head
-            specs[name] = spec
+        heads, specs = b.build_heads()
         return b.model, heads, specs, b.meta
     overrides = {}
     if p.input_size:
@@ -175,10 +159,9 @@ def run(p: FinetuneParams) -> Path:
     model.train()
     head.train()
 
-    prompt_ids = None
-    if p.task == "vocabfine":
-        texts = [t for pair in prompt_texts(names) for t in pair]
-        prompt_ids = tok(texts, padding=True, return_tensors="pt").to(device)
+    prompt_raw = None
+    if p.task == "vocabfine":  # frozen text features of the prompts: once; the projection trains
+        prompt_raw = model.text.separate_sentence_features(prompt_batch(tok, names).to(device))
 
     seg_loss = None
     if p.task == "segment":
@@ -198,9 +181,7 @@ def run(p: FinetuneParams) -> Path:
                     raise SystemExit(f"--task {p.task} needs labels in the data ({p.data} has none)")
                 y = batch["labels"].to(device)
                 if p.task == "vocabfine":
-                    raw = model.text.word_features(prompt_ids["input_ids"], prompt_ids["attention_mask"])
-                    m = prompt_ids["attention_mask"].unsqueeze(-1).float()
-                    prompts = model.text_proj((raw * m).sum(1) / m.sum(1)).view(len(names), 2, -1)
+                    prompts = model.text_proj(prompt_raw)  # (F, 2, d)
                     logits = head(enc.global_feature, prompts)  # (B, F, 2); class 0 = present
                     loss = F.cross_entropy(logits.reshape(-1, 2), (1 - y.long()).reshape(-1))
                 else:
@@ -235,8 +216,7 @@ def run(p: FinetuneParams) -> Path:
     provenance = list(meta.get("provenance_chain", []))
     if meta.get("provenance"):
         provenance.append(meta["provenance"])
-    new_meta = {k: v for k, v in meta.items() if k not in ("format", "format_version", "model", "text_encoder",
-                                                             "weights_dtype", "heads", "package_version")}
+    new_meta = dict(meta)  # save_bundle rewrites the keys it owns (format, model, heads, ...)
     new_meta.update({"head_specs": specs, "preprocessing": pre_cfg.to_dict(), "provenance_chain": provenance,
                      "provenance": {"stage": f"finetune-{p.task}", "steps": p.steps, "data": p.data,
                                     "params": p.to_dict(), "metrics": metrics}})

@@ -62,17 +62,8 @@ def main(argv: list[str] | None = None) -> Path:
             synthetic_shape=shape, out_dir=str(work / task), log_every=10, **extra))
 
     final = load_bundle(bundle)
-    keep = {k: v for k, v in final.head_state.items() if k not in ("mim_decoder", "mlm_head")}
-    from napari_mg3d.model.heads import build_head
-
-    heads = {}
-    for name, state in keep.items():
-        head = build_head(final.meta["head_specs"][name], final.config, final.model.text.vocab_size)
-        head.load_state_dict(state)
-        heads[name] = head
-    meta = {k: v for k, v in final.meta.items() if k not in ("format", "format_version", "model", "text_encoder",
-                                                              "weights_dtype", "heads", "package_version")}
-    meta["head_specs"] = {k: v for k, v in meta.get("head_specs", {}).items() if k in heads}
+    heads, specs = final.build_heads(skip=("mim_decoder", "mlm_head"))  # pre-training heads: not needed
+    meta = {**final.meta, "head_specs": specs}
     meta["made_by"] = "python -m training.make_demo_bundle " + " ".join(argv or [])
     out = Path(a.out)
     if out.exists():

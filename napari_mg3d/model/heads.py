@@ -186,6 +186,14 @@ def prompt_texts(findings: list[str], pair: tuple[str, str] = PROMPT_PAIR) -> li
     return [[pair[0].format(finding=f), pair[1].format(finding=f)] for f in findings]
 
 
+def prompt_batch(tokenizer, findings: list[str], pair: tuple[str, str] = PROMPT_PAIR):
+    """The prompt pairs as a TextBatch of F "reports" of 2 sentences; ``model.encode_sentences_separately``
+    then gives (F, 2, ·) features, each prompt encoded on its own."""
+    from .text import tokenize_reports
+
+    return tokenize_reports(tokenizer, prompt_texts(findings, pair), max_sentences=2)
+
+
 def build_head(spec: dict, config, vocab_size: int) -> nn.Module:
     """Rebuild a head from its bundle description ``{"type": ..., ...}`` (config: MG3DConfig)."""
     kind = spec.get("type")
