@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import Bundle, load_bundle
-from .model.heads import GenerationSettings, prompt_batch, zero_shot_scores
+from .model.heads import GenerationSettings, alignment_zero_shot_scores, prompt_batch, zero_shot_scores
 from .model.text import tokenize_reports
 from .preprocess import PreprocessConfig, PreprocessRecord, preprocess, to_original
 from .synthetic import LABELS
@@ -142,8 +142,9 @@ class Predictor:
         h = self.heads
         return {
             "segmentation": "" if "segmentation" in h else "the bundle has no segmentation head (fine-tune with --task segment)",
-            "scores": "" if ({"classifier", "prompt", "mlm_head"} & set(h)) else
-                      "the bundle has neither a classifier, a prompt head nor the MLM head for zero-shot scores",
+            "scores": "" if ({"classifier", "prompt", "mlm_head"} & set(h)) or "sva" in self.config.objectives else
+                      "the bundle has neither a classifier, a prompt head, the MLM head nor sentence-volume "
+                      "alignment pre-training for zero-shot scores",
             "report": "" if "report" in h else "the bundle has no report head (fine-tune with --task report)",
             "heatmaps": "",
         }
@@ -228,6 +229,9 @@ class Predictor:
                     prompt_batch(self.model.text.tokenizer, names).to(self.device))
                 probs = self.heads["prompt"](enc.global_feature, prompts)[0].softmax(-1)[:, 0]
                 return dict(zip(names, probs.float().cpu().tolist())), "prompt (CT-VocabFine)"
+            if "sva" in self.config.objectives:
+                probs = alignment_zero_shot_scores(self.model, enc.tokens, names)
+                return dict(zip(names, probs.float().cpu().tolist())), "zero-shot (sentence-volume alignment)"
             probs = zero_shot_scores(self.model, self.heads["mlm_head"], enc.tokens, names)
             return dict(zip(names, probs.float().cpu().tolist())), "zero-shot (MLM pseudo-likelihood)"
 

@@ -60,12 +60,17 @@ class PretrainModule(L.LightningModule):
                                 cfg.max_sentence_words).to(self.device)
         return self.pretrainer(batch["volume"], text, generator)
 
+    def _on(self, losses: dict) -> dict:
+        """The losses of the objectives this run trains, and the total (objectives that are off stay unlogged)."""
+        keep = set(self.pretrainer.config.objectives) | {"total"}
+        return {k: v for k, v in losses.items() if k in keep}
+
     def training_step(self, batch: dict | None, batch_idx: int):
         if batch is None:  # every example of the batch failed to load (already logged and counted)
             return None
         losses = self._losses(batch, self._mask_generator(batch_idx))
         bs = batch["volume"].shape[0]
-        for name, value in losses.items():
+        for name, value in self._on(losses).items():
             self.log(f"train/{name}", value.detach(), on_step=True, on_epoch=False, batch_size=bs,
                      prog_bar=name == "total", sync_dist=False)
         return losses["total"]
@@ -74,7 +79,7 @@ class PretrainModule(L.LightningModule):
         if batch is None:
             return None
         losses = self._losses(batch, torch.Generator().manual_seed(self.params.seed + batch_idx))
-        for name, value in losses.items():
+        for name, value in self._on(losses).items():
             self.log(f"val/{name}", value, on_epoch=True, batch_size=batch["volume"].shape[0], sync_dist=True,
                      prog_bar=name == "total")
 

@@ -22,7 +22,7 @@ class PretrainParams:
     preset: str = field(default="tiny", metadata={"help": "model preset: tiny | base | large"})
     input_size: list[int] | None = field(default=None, metadata={"help": "override the preset input size (z y x), multiples of 32"})
     text_encoder: str = field(default="", metadata={"help": "Hugging Face name or local path of the frozen text encoder (default: preset's)"})
-    objectives: list[str] | None = field(default=None, metadata={"help": "objectives to train (default all): mim mlm sfr cml ssm dfa"})
+    objectives: list[str] | None = field(default=None, metadata={"help": "objectives to train (default: the paper's six, mim mlm sfr cml ssm dfa); add sva for sentence-volume alignment (not in the paper; see docs/synthetic_benchmark.md)"})
     lambdas: list[float] | None = field(default=None, metadata={"help": "loss weights alpha beta gamma (default 1.0 0.1 0.1)"})
     temperature: float = field(default=0.07, metadata={"help": "InfoNCE temperature"})
     window_size: int = field(default=0, metadata={"help": "Swin window size (0: preset's)"})

@@ -145,14 +145,35 @@ def run(p: PretrainParams) -> Path:
         return out / "checkpoints" / "last.ckpt"
     if trainer.is_global_zero:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
-        save_bundle(bundle, module.model, heads={"mim_decoder": module.pretrainer.mim_decoder,
-                                                 "mlm_head": module.pretrainer.mlm_head},
-                    meta={"preprocessing": pre_cfg.to_dict(), "labels": [],
-                          "provenance": {"stage": "pretrain", "steps": trainer.global_step, "data": p.data,
-                                         "params": p.to_dict(), "final_metrics": metrics}})
+        save_pretrained_bundle(bundle, module, pre_cfg, trainer.global_step, metrics)
         (out / "params.json").write_text(json.dumps(p.to_dict(), indent=2))
         print(f"pre-training finished at step {trainer.global_step}; bundle: {bundle.resolve()}", flush=True)
     return bundle
+
+
+def save_pretrained_bundle(bundle: Path, module: PretrainModule, pre_cfg: PreprocessConfig, step: int,
+                           metrics: dict) -> Path:
+    """The plugin-loadable bundle of a pre-training module (with its MIM decoder and MLM head)."""
+    p = module.params
+    save_bundle(bundle, module.model, heads={"mim_decoder": module.pretrainer.mim_decoder,
+                                             "mlm_head": module.pretrainer.mlm_head},
+                meta={"preprocessing": pre_cfg.to_dict(), "labels": [],
+                      "provenance": {"stage": "pretrain", "steps": step, "data": p.data,
+                                     "params": p.to_dict(), "final_metrics": metrics}})
+    return bundle
+
+
+def bundle_from_checkpoint(checkpoint: str | Path, bundle: str | Path) -> Path:
+    """Export the model of a Lightning checkpoint (e.g. a mid-run last.ckpt) as a bundle."""
+    from napari_mg3d.model import MG3DConfig
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    hp = state["hyper_parameters"]
+    params = PretrainParams(**hp["params"])
+    module = PretrainModule(MG3DConfig.from_dict(hp["model"]), params)
+    module.load_state_dict(state["state_dict"])
+    pre_cfg = PreprocessConfig(target_size=module.model.config.input_size)
+    return save_pretrained_bundle(Path(bundle), module, pre_cfg, int(state["global_step"]), {})
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,14 +4,17 @@
     python -m training.synthetic_proof --pretrained runs/x/bundle --skip-ablation   # evaluate a bundle
 
 On held-out report-conditioned synthetic chest CTs (ground truth known):
- (a) zero-shot anomaly AUC per finding and mean ("{finding} is present." vs "is not present.", scored by
-     the pre-trained MLM head's volume-conditioned pseudo-likelihood; no fine-tuning);
- (b) report -> volume Recall@10 (cosine of global features, as in the paper) against chance;
+ (a) zero-shot anomaly AUC per finding and mean ("{finding} is present." vs "is not present.", no
+     fine-tuning), scored two ways: the pre-trained MLM head's volume-conditioned pseudo-likelihood, and the
+     sentence-volume alignment score (for runs pre-trained with "sva");
+ (b) report -> volume Recall@10 against chance: cosine of the global features F̄_T, F̄_I (as in the paper)
+     and the mean sentence-volume alignment score of the report's sentences;
  (c) segmentation fine-tuned on 20 labelled volumes from the pre-trained encoder vs from scratch, same
      budget, Dice on held-out volumes;
  (d) pointing game: does the token cell a finding sentence attends to most overlap the lesion it describes,
      against a random cell (the expected hit rate of a uniformly random cell);
- (e) ablations with the same budget: without SSM+DFA, and without MIM+MLM.
+ (e) ablations: the paper's six objectives without "sva", without SSM+DFA, without MIM+MLM; each trained for
+     half the steps of the full run on the same schedule and compared with the full run's bundle at that step.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from napari_mg3d.checkpoint import load_bundle
-from napari_mg3d.model.heads import zero_shot_scores
+from napari_mg3d.model.heads import alignment_zero_shot_scores, zero_shot_scores
 from napari_mg3d.model.text import tokenize_reports
 from napari_mg3d.preprocess import PreprocessConfig, labels_to_model, preprocess
 from napari_mg3d.synthetic import LABELS, generate_sample
@@ -46,13 +49,14 @@ def probe(bundle: str | Path, n: int, shape, seed: int = HELD_OUT_SEED) -> dict:
     cfg = model.config
     pre_cfg = PreprocessConfig(target_size=cfg.input_size)
     mlm = None
-    if "mlm_head" in b.head_state:
+    if "mlm_head" in b.head_state and "mlm" in cfg.objectives:
         from napari_mg3d.model.mg3d import MLMHead
 
         mlm = MLMHead(cfg.fusion_dim, model.text.vocab_size)
         mlm.load_state_dict(b.head_state["mlm_head"])
         mlm.eval()
-    labels, zs, gv, gt, hits, chance = [], [], [], [], [], []
+    aligned = "sva" in cfg.objectives
+    labels, zs, za, gv, gt, tokens, sentences, owners, hits, chance = [], [], [], [], [], [], [], [], [], []
     for i in range(n):
         s = generate_sample(seed + i, shape=tuple(shape))
         x, rec = preprocess(Volume(s.volume, s.affine), pre_cfg)
@@ -64,7 +68,12 @@ def probe(bundle: str | Path, n: int, shape, seed: int = HELD_OUT_SEED) -> dict:
         labels.append([s.labels[k] for k in LABELS])
         if mlm is not None:
             zs.append(zero_shot_scores(model, mlm, enc.tokens, LABELS).numpy())
+        if aligned:
+            za.append(alignment_zero_shot_scores(model, enc.tokens, LABELS).numpy())
         _, sent = model.encode_sentences_separately(text)
+        tokens.append(enc.tokens[0])
+        sentences.append(sent[0][text.sentence_valid[0]])
+        owners += [i] * int(text.sentence_valid[0].sum())
         heat = model.sentence_heatmaps(enc, sent, text.sentence_valid)[0]  # (S, gz, gy, gx)
         for k, names in enumerate(s.sentence_links):
             if not names:
@@ -80,14 +89,17 @@ def probe(bundle: str | Path, n: int, shape, seed: int = HELD_OUT_SEED) -> dict:
             hits.append(bool(cells.flatten()[top]))
             chance.append(float(cells.float().mean()))
     Y = np.array(labels)
-    out: dict = {"n": n}
-    if zs:
-        P = np.stack(zs)
-        per = {name: metrics.auc(Y[:, j], P[:, j]) for j, name in enumerate(LABELS) if 0 < Y[:, j].sum() < n}
-        out["zero_shot_auc_mean"] = float(np.mean(list(per.values())))
-        out["zero_shot_auc_per_finding"] = per
+    out: dict = {"n": n, "objectives": list(cfg.objectives)}
+    for key, scores in (("zero_shot_mlm", zs), ("zero_shot_sva", za)):
+        if scores:
+            P = np.stack(scores)
+            per = {name: metrics.auc(Y[:, j], P[:, j]) for j, name in enumerate(LABELS) if 0 < Y[:, j].sum() < n}
+            out[f"{key}_auc_mean"] = float(np.mean(list(per.values())))
+            out[f"{key}_auc_per_finding"] = per
     S = (F.normalize(torch.stack(gt), dim=-1) @ F.normalize(torch.stack(gv), dim=-1).t()).numpy()
-    out["recall@10"] = metrics.recall_at_k(S, 10)
+    out["recall@10_global"] = metrics.recall_at_k(S, 10)
+    if aligned:
+        out["recall@10_sva"] = metrics.recall_at_k(report_volume_alignment(model, tokens, sentences, owners), 10)
     out["recall@10_chance"] = 10 / n
     out["pointing_hit_rate"] = float(np.mean(hits)) if hits else None
     out["pointing_random_baseline"] = float(np.mean(chance)) if chance else None
@@ -95,11 +107,54 @@ def probe(bundle: str | Path, n: int, shape, seed: int = HELD_OUT_SEED) -> dict:
     return out
 
 
-def run_pretrain(out: Path, pairs: int, steps: int, objectives, shape, batch: int) -> Path:
-    return pretrain.run(PretrainParams(
+def report_volume_alignment(model, tokens: list[torch.Tensor], sentences: list[torch.Tensor], owners: list[int]):
+    """(reports, volumes): mean over a report's sentences of its sentence-volume alignment score."""
+    flat = torch.cat(sentences)
+    owner = torch.tensor(owners)
+    sim = model.sentence_volume_similarity(torch.stack(tokens), flat)  # (Q, V)
+    per_report = torch.zeros(len(tokens), sim.shape[1]).index_add_(0, owner, sim)
+    return (per_report / torch.bincount(owner, minlength=len(tokens))[:, None].clamp_min(1)).numpy()
+
+
+def pretrain_params(out: Path, pairs: int, steps: int, objectives, shape, batch: int, **kw) -> PretrainParams:
+    return PretrainParams(
         data=f"synthetic:{pairs}", max_steps=steps, batch_size=batch, out_dir=str(out), synthetic_shape=list(shape),
         objectives=list(objectives), warmup_steps=max(1, steps // 10), lr_vision=2e-4, lr_fusion=5e-4,
-        checkpoint_every=max(1, steps // 4), log_every=5, progress=False, num_workers=1))
+        checkpoint_every=max(1, steps // 4), log_every=5, progress=False, num_workers=1, **kw)
+
+
+def run_pretrain(out: Path, pairs: int, steps: int, objectives, shape, batch: int, snapshot: int = 0) -> dict[int, Path]:
+    """Pre-train; with ``snapshot`` also export the bundle at that step (stop there, export, resume)."""
+    bundles: dict[int, Path] = {}
+    if snapshot:
+        bundles[snapshot] = out / "bundle_step" / f"{snapshot}"
+        if not bundles[snapshot].exists():
+            last = pretrain.run(pretrain_params(out, pairs, steps, objectives, shape, batch, stop_after_steps=snapshot))
+            pretrain.bundle_from_checkpoint(last, bundles[snapshot])
+    bundles[steps] = out / "bundle"
+    if not bundles[steps].exists():
+        resume = "last" if (out / "checkpoints" / "last.ckpt").exists() else ""
+        pretrain.run(pretrain_params(out, pairs, steps, objectives, shape, batch, resume=resume))
+    return bundles
+
+
+def snapshot_run(out: Path, pairs: int, steps: int, objectives, shape, batch: int) -> Path:
+    """Train on the ``2 * steps`` schedule but stop at ``steps`` (the budget the ablations compare at)."""
+    bundle = out / "bundle_step" / f"{steps}"
+    if not bundle.exists():
+        last = pretrain.run(pretrain_params(out, pairs, 2 * steps, objectives, shape, batch, stop_after_steps=steps))
+        pretrain.bundle_from_checkpoint(last, bundle)
+    return bundle
+
+
+def random_init_bundle(out: Path, like: Path) -> Path:
+    """A bundle with the architecture and objectives of ``like`` at random initialisation (the baseline)."""
+    from napari_mg3d.model import MG3DModel
+
+    if not out.exists():
+        torch.manual_seed(0)
+        MG3DModel(load_bundle(like).config).save_pretrained(str(out))
+    return out
 
 
 def seg_compare(pretrained: Path, out: Path, steps: int, shape, preset_size) -> dict:
@@ -114,16 +169,22 @@ def seg_compare(pretrained: Path, out: Path, steps: int, shape, preset_size) -> 
     return res
 
 
+def _f(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 def to_markdown(results: dict) -> str:
-    lines = ["| run | zero-shot AUC | Recall@10 (chance) | pointing hit rate (random) | seg Dice: pre-trained / scratch |",
+    lines = ["| run | steps | zero-shot AUC: sva / MLM | Recall@10: sva / global (chance) | pointing hit rate (random cell) |",
              "|---|---|---|---|---|"]
     for name, r in results["runs"].items():
-        seg = results.get("segmentation", {}) if name == "full" else {}
-        seg_cell = (f"{seg['pretrained']['mean_dice']:.3f} / {seg['scratch']['mean_dice']:.3f}"
-                    if seg else "-")
-        lines.append(f"| {name} | {r.get('zero_shot_auc_mean', float('nan')):.3f} | {r['recall@10']:.3f} "
-                     f"({r['recall@10_chance']:.3f}) | {r['pointing_hit_rate'] or float('nan'):.3f} "
-                     f"({r['pointing_random_baseline'] or float('nan'):.3f}) | {seg_cell} |")
+        lines.append(f"| {name} | {r.get('steps', '-')} | {_f(r.get('zero_shot_sva_auc_mean'))} / "
+                     f"{_f(r.get('zero_shot_mlm_auc_mean'))} | {_f(r.get('recall@10_sva'))} / "
+                     f"{_f(r['recall@10_global'])} ({r['recall@10_chance']:.2f}) | {_f(r['pointing_hit_rate'])} "
+                     f"({_f(r['pointing_random_baseline'])}) |")
+    seg = results.get("segmentation")
+    if seg:
+        lines += ["", "| segmentation, 20 labelled volumes, same budget | mean Dice (held-out) |", "|---|---|"]
+        lines += [f"| {name} | {_f(v['mean_dice'])} |" for name, v in seg.items()]
     return "\n".join(lines)
 
 
@@ -133,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default="runs/proof")
     ap.add_argument("--pretrained", default="", help="evaluate this pre-trained bundle instead of training one")
     ap.add_argument("--pairs", type=int, default=2000)
-    ap.add_argument("--steps", type=int, default=300, help="pre-training steps per run")
+    ap.add_argument("--steps", type=int, default=500, help="pre-training steps of the full run (ablations: half)")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seg-steps", type=int, default=150)
     ap.add_argument("--held-out", type=int, default=100)
@@ -144,17 +205,30 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    runs = {"full": Path(a.pretrained) if a.pretrained else
-            run_pretrain(out / "full", a.pairs, a.steps, ("mim", "mlm", "sfr", "cml", "ssm", "dfa"), a.shape, a.batch_size)}
-    if not a.skip_ablation:
-        runs["no SSM+DFA"] = run_pretrain(out / "no_ssm_dfa", a.pairs, a.steps, ("mim", "mlm", "sfr", "cml"),
-                                          a.shape, a.batch_size)
-        runs["no MIM+MLM"] = run_pretrain(out / "no_mim_mlm", a.pairs, a.steps, ("sfr", "cml", "ssm", "dfa"),
-                                          a.shape, a.batch_size)
-    results: dict = {"runs": {name: probe(b, a.held_out, a.shape) for name, b in runs.items()}}
+    full = ("mim", "mlm", "sfr", "cml", "ssm", "dfa", "sva")
+    half = a.steps // 2
+    if a.pretrained:
+        runs = {"given bundle": (Path(a.pretrained), None)}
+    else:
+        bundles = run_pretrain(out / "full", a.pairs, a.steps, full, a.shape, a.batch_size,
+                               snapshot=0 if a.skip_ablation else half)
+        runs = {"random init": (None, 0), "full (six + sva)": (bundles[a.steps], a.steps)}
+        if not a.skip_ablation:
+            runs["full (six + sva), half"] = (bundles[half], half)
+            for name, objectives in (("paper's six (no sva)", full[:6]),
+                                     ("no SSM+DFA", ("mim", "mlm", "sfr", "cml", "sva")),
+                                     ("no MIM+MLM", ("sfr", "cml", "ssm", "dfa", "sva"))):
+                folder = out / name.split(" (")[0].replace("'", "").replace(" ", "_").replace("+", "_")
+                runs[name] = (snapshot_run(folder, a.pairs, half, objectives, a.shape, a.batch_size), half)
+        runs["random init"] = (random_init_bundle(out / "random_init", bundles[a.steps]), 0)
+    results: dict = {"runs": {}}
+    for name, (bundle, steps) in runs.items():
+        results["runs"][name] = {"steps": steps, **probe(bundle, a.held_out, a.shape)}
+        print(name, json.dumps(results["runs"][name]), flush=True)
     if not a.skip_segmentation:
-        size = load_bundle(runs["full"]).config.input_size
-        results["segmentation"] = seg_compare(runs["full"], out, a.seg_steps, a.shape, size)
+        main_bundle = next(b for name, (b, _) in runs.items() if name != "random init")
+        size = load_bundle(main_bundle).config.input_size
+        results["segmentation"] = seg_compare(main_bundle, out, a.seg_steps, a.shape, size)
     results["settings"] = vars(a)
     results["wall_clock_s"] = time.perf_counter() - t0
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))

