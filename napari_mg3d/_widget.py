@@ -82,9 +82,29 @@ class OutputLayers:
         except Exception:  # noqa: BLE001 - features are a nicety; the layer works without them
             pass
 
-    def show_heatmap(self, heat: np.ndarray, sentence: str, source) -> None:
-        layer = self._upsert(HEATMAP_LAYER, "image", heat, source, colormap="inferno", opacity=0.5,
-                             blending="additive", contrast_limits=(0.0, 1.0))
+    @staticmethod
+    def world_matrix(layer) -> np.ndarray:
+        """The layer's full data -> world matrix (its scale/translate/rotate/shear, then its affine)."""
+        from napari.utils.transforms import Affine
+
+        physical = Affine(scale=layer.scale, translate=layer.translate, rotate=layer.rotate, shear=layer.shear)
+        return layer.affine.affine_matrix @ physical.affine_matrix
+
+    def show_heatmap(self, heat: np.ndarray, index_to_source: np.ndarray, sentence: str, source) -> None:
+        """``heat`` at model resolution; ``index_to_source`` maps its voxel indices to the source image's.
+        The layer's affine is the image's world matrix composed with that map, so it overlays the image
+        without resampling to the image grid (napari interpolates on display)."""
+        identity = {"scale": np.ones(3), "translate": np.zeros(3), "rotate": np.eye(3), "shear": np.zeros(3)}
+        affine = self.world_matrix(source) @ index_to_source
+        if HEATMAP_LAYER in self.viewer.layers:
+            layer = self.viewer.layers[HEATMAP_LAYER]
+            layer.data = heat
+            for key, value in {**identity, "affine": affine}.items():
+                setattr(layer, key, value)
+        else:
+            layer = self.viewer.add_image(heat, name=HEATMAP_LAYER, affine=affine, colormap="inferno", opacity=0.5,
+                                          blending="additive", contrast_limits=(0.0, 1.0), interpolation2d="linear",
+                                          interpolation3d="linear")
         layer.contrast_limits = (0.0, 1.0)
         layer.metadata["sentence"] = sentence
         layer.metadata["mg3d"] = dict(source.metadata.get("mg3d", {}))
@@ -375,17 +395,17 @@ class MG3DWidget(QWidget):
         if self.result.heatmaps_model is None:
             return
         result = self.result
-        self._heatmap_async(result.sentences[row], lambda: result.heatmap(row))
+        self._heatmap_async(result.sentences[row], lambda: result.heatmap_overlay(row))
 
     def _heatmap_async(self, sentence: str, compute) -> None:
-        """Resample a heat map to the image grid off the GUI thread (about a second for a 512x512x300 CT).
-        While another job runs, only the latest request is kept and starts when that job ends."""
+        """Compute a heat map off the GUI thread (text encoder + one attention step; tens of ms). While
+        another job runs, only the latest request is kept and starts when that job ends."""
         if self.worker is not None:
             self._pending_heatmap = (sentence, compute)
             return
         source = self.source_layer
         self._start_worker(lambda: (sentence, compute()),
-                           lambda out: self.layers.show_heatmap(out[1], out[0], source))
+                           lambda out: self.layers.show_heatmap(*out[1], out[0], source))
 
     def query_sentence(self) -> None:
         """Heat map for the typed sentence (encoder output is cached: text encoder + one attention step)."""
@@ -397,7 +417,7 @@ class MG3DWidget(QWidget):
             _notify("warning", "run MG-3D on an image first; the typed sentence's heat map uses its encoding")
             return
         predictor = self.predictor  # errors in the worker become notifications (_on_error)
-        self._heatmap_async(sentence, lambda: predictor.heatmap(sentence))
+        self._heatmap_async(sentence, lambda: predictor.heatmap_overlay(sentence))
 
     # ----- export -----------------------------------------------------------------------------------
     def _export_dialog(self) -> None:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from .checkpoint import Bundle, load_bundle
 from .model.heads import GenerationSettings, alignment_zero_shot_scores, prompt_batch, zero_shot_scores
 from .model.text import tokenize_reports
-from .preprocess import PreprocessConfig, PreprocessRecord, preprocess, to_original
+from .preprocess import PreprocessConfig, PreprocessRecord, preprocess, to_original, to_source_axes
 from .synthetic import LABELS
 from .volume import Volume
 
@@ -102,18 +102,33 @@ class Result:
     messages: list[str] = field(default_factory=list)
 
     def heatmap(self, index: int) -> np.ndarray:
+        """Heat map ``index`` resampled onto the source grid (for export; ~1 s for a 512x512x300 CT)."""
         if self.heatmaps_model is None or self.record is None:
             raise PredictorError("this result has no heat maps")
         return to_original(self.heatmaps_model[index], self.record).astype(np.float32)
 
+    def heatmap_overlay(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Heat map ``index`` at model resolution in the source's axis order, and the 4x4 matrix from its
+        voxel indices to source voxel indices (compose it with the image's transform to display it)."""
+        if self.heatmaps_model is None or self.record is None:
+            raise PredictorError("this result has no heat maps")
+        return to_source_axes(self.heatmaps_model[index], self.record)
+
 
 class Predictor:
     """Runs a bundle on volumes. ``bundle``: a path (directory or .zip) or a loaded Bundle; default: the
-    demo bundle. ``device``: 'auto' (cuda, then mps, then cpu), or a name."""
+    demo bundle. ``device``: 'auto' (cuda, then mps, then cpu), or a name. ``precision``: 'fp32', 'bf16'
+    (autocast), or 'auto' = bf16 on CUDA, fp32 elsewhere (bf16 is slower than fp32 on CPUs without bf16 units).
+    ``class_by_class``: map segmentation scores back by resizing every class (the plain path; same labels,
+    slower; see preprocess.upsampled_argmax)."""
 
     def __init__(self, bundle: str | Path | Bundle | None = None, device: str = "auto",
-                 memory_limit_bytes: int | None = None) -> None:
+                 memory_limit_bytes: int | None = None, precision: str = "auto", class_by_class: bool = False) -> None:
         self.device = pick_device(device)
+        if precision not in ("auto", "fp32", "bf16"):
+            raise PredictorError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
+        self.precision = ("bf16" if self.device.type == "cuda" else "fp32") if precision == "auto" else precision
+        self.class_by_class = class_by_class
         if not isinstance(bundle, Bundle):
             path = Path(bundle) if bundle is not None else default_bundle_path()
             if not path.exists():
@@ -187,9 +202,12 @@ class Predictor:
         self.check_volume(volume)
         x, record = preprocess(volume, self.preprocess_config)
         self._input = x[None].to(self.device)
-        with torch.inference_mode():
+        with torch.inference_mode(), self._autocast():
             self._encoding = self.model.encode_volume(self._input)
         self._record, self._cache_key = record, key
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
     def sentence_heatmaps(self, sentences: list[str]) -> np.ndarray:
         """(S, Z, Y, X) model-grid heat maps for the cached volume: each sentence's attention over the volume
@@ -202,7 +220,7 @@ class Predictor:
         c = self.config
         text = tokenize_reports(self.model.text.tokenizer, [sentences], c.max_words, len(sentences),
                                 c.max_sentence_words).to(self.device)
-        with torch.inference_mode():
+        with torch.inference_mode(), self._autocast():
             _, feats = self.model.encode_sentences_separately(text)
             grid = self.model.sentence_heatmaps(self._encoding, feats, text.sentence_valid)[0]
             # per sentence, min-max over the volume: shows where it looks *more*, even when attention is broad
@@ -216,10 +234,15 @@ class Predictor:
         """One sentence's heat map on the source grid of the cached volume (float32 in [0, 1])."""
         return to_original(self.sentence_heatmaps([sentence])[0], self._record).astype(np.float32)
 
+    def heatmap_overlay(self, sentence: str) -> tuple[np.ndarray, np.ndarray]:
+        """One sentence's heat map at model resolution in the source's axis order, with the 4x4 matrix from
+        its voxel indices to source voxel indices (no resampling: what the widget shows)."""
+        return to_source_axes(self.sentence_heatmaps([sentence])[0], self._record)
+
     def _scores(self) -> tuple[dict[str, float], str]:
         names = self.label_names
         enc = self._encoding
-        with torch.inference_mode():
+        with torch.inference_mode(), self._autocast():
             if "classifier" in self.heads:
                 head = self.heads["classifier"]
                 probs = head.probabilities(head(enc.global_feature))[0]
@@ -237,15 +260,16 @@ class Predictor:
 
     def _segment(self) -> np.ndarray:
         head = self.heads["segmentation"]
-        with torch.inference_mode():
+        with torch.inference_mode(), self._autocast():
             logits = head(self._input, self._encoding.features)[0].float().cpu()
-        return to_original(logits, self._record, kind="scores")
+        return to_original(logits, self._record, kind="scores", class_by_class=self.class_by_class)
 
     def _draft(self, settings: GenerationSettings | None) -> list[str]:
         from .reports import split_sentences
 
         head = self.heads["report"]
-        ids = head.generate(self._encoding.tokens, settings)[0]
+        with self._autocast():
+            ids = head.generate(self._encoding.tokens, settings)[0]
         text = self.model.text.tokenizer.decode(ids, skip_special_tokens=True).strip()
         text = ". ".join(part.strip().capitalize() for part in text.split(" . ") if part.strip())
         return [s.text for s in split_sentences(text)] if text else []

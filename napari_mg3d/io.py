@@ -91,13 +91,29 @@ def _as_3d(data: np.ndarray, path: Path) -> np.ndarray:
     return data
 
 
+def _load_nifti_image(path: Path):
+    """nibabel image of ``path``; .nii.gz is inflated with ISA-L when the ``isal`` package is there (2-3x
+    faster than zlib: ~1 s instead of ~3 s for a 512x512x300 CT). Anything unusual goes through nib.load."""
+    import nibabel as nib
+
+    if path.name.endswith(".gz"):
+        try:
+            from isal import igzip
+
+            with open(path, "rb") as fh:
+                return nib.Nifti1Image.from_bytes(igzip.decompress(fh.read()))
+        except Exception:  # noqa: BLE001 - NIfTI-2, corrupt files, no isal: nib.load reads or names the problem
+            pass
+    return nib.load(str(path))
+
+
 def read_nifti(path: str | Path, nan_policy: str = "raise") -> Volume:
     """NIfTI (.nii/.nii.gz) -> Volume; scl_slope/scl_inter applied; axes (k, j, i)."""
     import nibabel as nib
 
     path = Path(path)
     try:
-        img = nib.load(str(path))
+        img = _load_nifti_image(path)
         raw = img.dataobj
         if len(raw.shape) >= 4 and raw.shape[3] > 1:
             _as_3d(np.empty(raw.shape, np.uint8), path)  # raises with the 4D message without decoding

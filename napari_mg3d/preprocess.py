@@ -163,6 +163,7 @@ def to_original(
     record: PreprocessRecord,
     kind: str = "continuous",
     fill: float = 0.0,
+    class_by_class: bool = False,
 ) -> np.ndarray:
     """Map a model-space array back onto the source voxel grid.
 
@@ -173,7 +174,9 @@ def to_original(
                       accurately than probabilities or labels, which are not smooth;
       'probabilities' the same as 'scores';
       'label'         (Z, Y, X) integer labels: one-hot, resampled, argmax.
-    Outside the crop the result is ``fill`` (class 0 for labels).
+    Outside the crop the result is ``fill`` (class 0 for labels). Class scores are turned into labels by
+    :func:`upsampled_argmax`; ``class_by_class`` takes the plain path instead (every class resized), which
+    gives the same labels more slowly.
     """
     x = model_map if isinstance(model_map, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(model_map))
     a, b = record.crop_start, record.crop_stop
@@ -185,14 +188,8 @@ def to_original(
         elif x.dim() != 4:
             raise ValueError(f"class scores must be (C, Z, Y, X), got {tuple(x.shape)}")
         mode = "trilinear" if kind == "label" else "smooth-linear"
-        # one class at a time: a running max/argmax keeps memory at ~3 crop-sized arrays, not C of them
-        best = _resize(x[:1].float(), record.crop_shape, mode)[0]
-        arg = torch.zeros(best.shape, dtype=torch.int32)
-        for c in range(1, x.shape[0]):
-            up = _resize(x[c:c + 1].float(), record.crop_shape, mode)[0]
-            better = up > best
-            arg[better] = c
-            best = torch.where(better, up, best)
+        arg = (_argmax_class_by_class(x.float(), record.crop_shape, mode) if class_by_class else
+               upsampled_argmax(x.float(), record.crop_shape, antialias=kind == "label"))
         canvas = np.full(record.canonical_shape, int(fill), np.int32)
         canvas[a[0]:b[0], a[1]:b[1], a[2]:b[2]] = arg.numpy()
         return _invert_ornt(canvas, np.asarray(record.ornt))
@@ -202,6 +199,121 @@ def to_original(
     canvas[:, a[0]:b[0], a[1]:b[1], a[2]:b[2]] = up
     out = _invert_ornt(canvas, np.asarray(record.ornt))
     return out[0] if squeeze else out
+
+
+def to_source_axes(model_map: np.ndarray | torch.Tensor, record: PreprocessRecord) -> tuple[np.ndarray, np.ndarray]:
+    """A model-grid map (Z, Y, X) in the source's axis order and direction, *without* resampling, and the
+    4x4 matrix from its voxel indices to source voxel indices (a positive scale and an offset per axis).
+
+    A viewer can show the small array over the source image with that matrix composed into the image's
+    transform: what ``to_original`` gives after a second-long resampling, for the price of a flip.
+    """
+    x = model_map.detach().cpu().numpy() if isinstance(model_map, torch.Tensor) else np.asarray(model_map)
+    import nibabel as nib
+
+    ornt = np.asarray(record.ornt)
+    small = _invert_ornt(x, ornt)
+    scale = np.array(record.crop_shape, float) / np.array(record.target_size, float)
+    step = np.eye(4)
+    step[:3, :3] = np.diag(scale)
+    step[:3, 3] = np.array(record.crop_start, float) + (scale - 1) / 2  # model index -> canonical index
+    canonical_to_source = nib.orientations.inv_ornt_aff(ornt, record.source_shape)
+    small_to_model = np.linalg.inv(nib.orientations.inv_ornt_aff(ornt, small.shape))
+    return small, canonical_to_source @ step @ small_to_model
+
+
+def _source_index(n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each of n_out output positions: the lower input index and the weight of the upper one, exactly as
+    F.interpolate(mode='trilinear', align_corners=False) computes them (coordinates below 0 are clamped)."""
+    c = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp_min(0)
+    i0 = c.floor().long().clamp_max(n_in - 1)
+    return i0, (c - i0).float()
+
+
+def upsampled_argmax(scores: torch.Tensor, size, antialias: bool = False, chunk: int = 4096) -> torch.Tensor:
+    """argmax over classes of ``scores`` (C, z, y, x) resized trilinearly to ``size``, without resizing every
+    class: the same labels as resizing each class and taking the argmax (int32, ``size``).
+
+    Inside one cell of the score grid (8 corners) trilinear interpolation is a convex combination of the
+    corner values, and so is the difference of two classes. Take r, the class whose smallest corner value is
+    largest: another class can only win somewhere in the cell if it beats r at one of the corners. In most
+    cells no class does, and r wins in every voxel of the cell; only the voxels of the remaining (boundary)
+    cells are interpolated, for the classes that can win there, ``chunk`` cells at a time. When an axis
+    shrinks, falls back to resizing each class in turn (area-averaged first if ``antialias``).
+    """
+    size = tuple(int(v) for v in size)
+    C, grid = scores.shape[0], tuple(scores.shape[1:])
+    if any(o < i for o, i in zip(size, grid)) or C == 1:
+        return _argmax_class_by_class(scores, size, "trilinear" if antialias else "smooth-linear")
+    padded = F.pad(scores[None].float(), (0, 1, 0, 1, 0, 1), mode="replicate")[0]  # cell i: corners i, i+1
+    corners = [padded[:, dz:dz + grid[0], dy:dy + grid[1], dx:dx + grid[2]]
+               for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)]
+    lowest = torch.stack(corners).amin(0)  # (C, *grid)
+    ref = lowest.argmax(0)  # (*grid)
+    beats = torch.zeros(scores.shape, dtype=torch.bool)
+    for corner in corners:
+        beats |= corner > corner.gather(0, ref[None])
+    n_cand = beats.sum(0)
+    axes = [_source_index(i, o) for i, o in zip(grid, size)]
+    cell_label = torch.where(n_cand == 0, ref, -1).int()
+    out = cell_label[axes[0][0][:, None, None], axes[1][0][None, :, None], axes[2][0][None, None, :]]
+    cells = torch.nonzero(n_cand.flatten() > 0).squeeze(1)
+    if cells.numel() == 0:
+        return out
+    cells = cells[n_cand.flatten()[cells].argsort()]  # chunks of similar candidate counts
+    boxes = [_cell_boxes(i0, w, n) for (i0, w), n in zip(axes, grid)]
+    for start in range(0, cells.numel(), chunk):
+        _fill_cells(out, padded, ref, beats, cells[start:start + chunk], boxes)
+    return out
+
+
+def _cell_boxes(i0: torch.Tensor, w: torch.Tensor, n_cells: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per cell along one axis: the output indices it covers (n_cells, B), padded by repeating its last one,
+    and their interpolation weights (n_cells, B, 2) for the cell's lower and upper corner."""
+    counts = torch.bincount(i0, minlength=n_cells)
+    first = torch.cumsum(counts, 0) - counts
+    j = torch.arange(max(int(counts.max()), 1))
+    idx = (first[:, None] + torch.minimum(j[None], (counts[:, None] - 1).clamp_min(0))).clamp_max(i0.numel() - 1)
+    wt = w[idx]
+    return idx, torch.stack([1 - wt, wt], dim=-1)
+
+
+def _fill_cells(out, padded, ref, beats, cells, boxes) -> None:
+    """Interpolate the candidate classes of some boundary cells densely over each cell's box of voxels."""
+    C = padded.shape[0]
+    gz, gy, gx = ref.shape
+    kz, ky, kx = cells // (gy * gx), (cells // gx) % gy, cells % gx
+    rivals = beats.flatten(1)[:, cells]  # (C, n)
+    K = int(rivals.sum(0).max()) + 1
+    r = ref.flatten()[cells]
+    order = torch.where(rivals, torch.arange(C)[:, None], C).sort(0).values[:K - 1]
+    cand = torch.cat([r[None], torch.where(order < C, order, r[None])]).t()  # (n, K): ref first
+    d = torch.tensor([0, 1])
+    zz = (kz[:, None] + d)[:, None, :, None, None]
+    yy = (ky[:, None] + d)[:, None, None, :, None]
+    xx = (kx[:, None] + d)[:, None, None, None, :]
+    corners = padded[cand[:, :, None, None, None], zz, yy, xx]  # (n, K, 2, 2, 2)
+    (iz, wz), (iy, wy), (ix, wx) = boxes
+    values = torch.einsum("nkabc,nza,nyb,nxc->knzyx", corners, wz[kz], wy[ky], wx[kx]).contiguous()
+    best, pick = values[0], torch.zeros(values.shape[1:], dtype=torch.long)
+    for k in range(1, K):  # a loop over the few candidates beats argmax over a short axis on the CPU
+        better = values[k] > best
+        best = torch.where(better, values[k], best)
+        pick.masked_fill_(better, k)
+    labels = cand.gather(1, pick.flatten(1)).view(pick.shape)
+    out[iz[kz][:, :, None, None], iy[ky][:, None, :, None], ix[kx][:, None, None, :]] = labels.int()
+
+
+def _argmax_class_by_class(scores: torch.Tensor, size, mode: str) -> torch.Tensor:
+    """The plain path: resize one class at a time, keeping a running max and argmax (~3 output-sized arrays)."""
+    best = _resize(scores[:1], size, mode)[0]
+    arg = torch.zeros(best.shape, dtype=torch.int32)
+    for c in range(1, scores.shape[0]):
+        up = _resize(scores[c:c + 1], size, mode)[0]
+        better = up > best
+        arg[better] = c
+        best = torch.where(better, up, best)
+    return arg
 
 
 def labels_to_model(labels: np.ndarray, record: PreprocessRecord, representation: str = "sdf") -> np.ndarray:

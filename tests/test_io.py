@@ -297,3 +297,23 @@ def test_metaimage_agrees_with_nifti_on_world_coordinates(tmp_path):
     np.testing.assert_allclose(vol.index_to_world([1, 2, 3]), [-lps[0], -lps[1], lps[2]], atol=1e-6)
     again = read_volume(write_nifti(tmp_path / "v.nii.gz", vol.data, vol))
     np.testing.assert_allclose(again.affine, vol.affine, atol=1e-5)
+
+
+def test_fast_gzip_path_reads_the_same_voxels_scaling_and_geometry_as_nibabel(tmp_path, monkeypatch):
+    import builtins
+
+    import nibabel as nib
+
+    data = np.arange(4 * 5 * 6, dtype=np.int16).reshape(6, 5, 4) - 100
+    img = nib.Nifti1Image(data, np.diag([-0.7, -0.8, 2.5, 1.0]))
+    img.header.set_slope_inter(2.0, -1024.0)
+    path = tmp_path / "ct.nii.gz"
+    nib.save(img, str(path))
+    fast = read_nifti(path)
+    real_import = builtins.__import__
+    monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
+                        if name == "isal" else real_import(name, *a, **k))
+    slow = read_nifti(path)
+    np.testing.assert_array_equal(fast.data, slow.data)
+    np.testing.assert_array_equal(fast.affine, slow.affine)
+    assert fast.data[0, 0, 0] == -100 * 2.0 - 1024.0 and fast.shape == (4, 5, 6)

@@ -80,9 +80,10 @@ def test_output_shapes(tiny_model, batch, n_sentences):
     assert heat.shape == (batch, n_sentences, 2, 2, 2)
     torch.testing.assert_close(heat.sum(dim=(2, 3, 4)), torch.ones(batch, n_sentences))
     out = _losses(MG3DPretrainer(tiny_model), volume, text)
-    assert set(out) == {"mim", "mlm", "sfr", "cml", "ssm", "dfa", "total"}
+    assert set(out) == {"mim", "mlm", "sfr", "cml", "ssm", "dfa", "sva", "total"}
     for name, value in out.items():
         assert value.dim() == 0 and torch.isfinite(value), name
+    assert out["sva"] == 0  # not one of the paper's six: off unless asked for
 
 
 def test_every_sentence_maps_to_its_own_words(tiny_model):
@@ -148,8 +149,34 @@ def test_each_objective_can_be_switched_off(tiny_config):
     model = MG3DModel(tiny_config.replace(objectives=("mim", "mlm")))
     out = _losses(MG3DPretrainer(model), torch.rand(2, 1, 32, 32, 32), _tokens(model, REPORTS[:2]))
     assert out["mim"] > 0 and out["mlm"] > 0
-    assert out["ssm"] == 0 and out["dfa"] == 0 and out["cml"] == 0 and out["sfr"] == 0
+    assert out["ssm"] == 0 and out["dfa"] == 0 and out["cml"] == 0 and out["sfr"] == 0 and out["sva"] == 0
     torch.testing.assert_close(out["total"], out["mim"] + out["mlm"])
+
+
+def test_sentence_volume_alignment_contrasts_volumes_but_not_shared_template_sentences(tiny_config):
+    from napari_mg3d.model import MG3DModel
+
+    torch.manual_seed(0)
+    model = MG3DModel(tiny_config.replace(objectives=("sva",), lambda_sva=2.0))
+    pre = MG3DPretrainer(model)
+    volume = torch.rand(2, 1, 32, 32, 32)
+    out = _losses(pre, volume, _tokens(model, REPORTS[:2]))
+    assert out["sva"] > 0.1
+    torch.testing.assert_close(out["total"], 2.0 * out["sva"])
+    # Both patients' reports say the same thing: the other volume is no negative, so nothing to contrast.
+    same = _losses(pre, volume, _tokens(model, [["No pleural effusion."], ["No pleural effusion."]]))
+    assert same["sva"].item() == 0.0
+    sim = model.sentence_volume_similarity(model.encode_volume(volume).tokens, torch.randn(5, 32))
+    assert sim.shape == (5, 2) and bool((sim.abs() <= 1 + 1e-5).all())
+
+
+def test_sva_loss_hand_built_case():
+    tau = 0.5
+    sim, owner = torch.eye(2), torch.tensor([0, 1])
+    none = torch.zeros(2, 2, dtype=torch.bool)
+    assert L.sva_loss(sim, owner, none, tau).item() == pytest.approx(math.log(1 + math.exp(-2)), rel=1e-6)
+    shared = torch.tensor([[False, True], [False, False]])  # volume 1's report also has sentence 0
+    assert L.sva_loss(sim, owner, shared, tau).item() == pytest.approx(math.log(1 + math.exp(-2)) / 2, rel=1e-6)
 
 
 def test_a_tiny_model_overfits_one_batch(tiny_model):

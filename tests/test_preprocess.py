@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from napari_mg3d.preprocess import (
     PreprocessConfig,
@@ -117,3 +118,44 @@ def test_resample_to_spacing_keeps_world_geometry():
 def test_fingerprint_changes_with_parameters():
     a, b = PreprocessConfig(), PreprocessConfig(target_size=(64, 64, 64))
     assert a.fingerprint() != b.fingerprint() and a.fingerprint() == PreprocessConfig().fingerprint()
+
+
+@pytest.mark.parametrize("grid,size", [((8, 6, 10), (27, 20, 33)), ((5, 7, 4), (5, 19, 13)), ((6, 6, 6), (7, 40, 11))])
+def test_fast_upsampled_argmax_gives_the_labels_of_resizing_every_class(grid, size):
+    from napari_mg3d.preprocess import _argmax_class_by_class, upsampled_argmax
+
+    torch.manual_seed(0)
+    scores = torch.nn.functional.interpolate(torch.randn(1, 9, 3, 3, 3), size=grid, mode="trilinear")[0] * 4
+    scores[0] += 0.5  # a dominant background, as in segmentation logits
+    fast = upsampled_argmax(scores, size, chunk=17)  # small chunks: several batches of boundary cells
+    plain = _argmax_class_by_class(scores, size, "smooth-linear")
+    assert fast.dtype == torch.int32 and fast.shape == size
+    assert (fast != plain).sum() <= 1  # the same up to a float rounding at an exact tie
+    assert len(torch.unique(fast)) > 3  # a real multi-class map, not one class everywhere
+
+
+def test_fast_argmax_falls_back_when_an_axis_shrinks():
+    from napari_mg3d.preprocess import _argmax_class_by_class, upsampled_argmax
+
+    scores = torch.randn(4, 10, 10, 10)
+    torch.testing.assert_close(upsampled_argmax(scores, (12, 6, 14)), _argmax_class_by_class(scores, (12, 6, 14), "smooth-linear"))
+
+
+@pytest.mark.parametrize("codes", [("S", "P", "L"), ("L", "P", "S"), ("R", "A", "S"), ("P", "I", "R")])
+def test_heatmap_overlay_matrix_puts_each_model_voxel_at_its_world_point(codes):
+    from napari_mg3d.preprocess import to_source_axes
+    from napari_mg3d.synthetic import canonical_affine as synth_affine
+    from napari_mg3d.synthetic import reorient
+
+    rng = np.random.default_rng(0)
+    data, affine = reorient(rng.random((40, 50, 60)).astype(np.float32), synth_affine((40, 50, 60), (2.0, 1.0, 0.8)), codes)
+    vol = Volume(data, affine)
+    _, rec = preprocess(vol, PreprocessConfig(target_size=(32, 32, 32)))
+    model_map = rng.random((32, 32, 32)).astype(np.float32)
+    small, matrix = to_source_axes(model_map, rec)
+    assert np.all(np.diag(matrix)[:3] > 0) and np.allclose(matrix[:3, :3], np.diag(np.diag(matrix)[:3]))
+    for k in [(0, 0, 0), (3, 7, 11), (31, 30, 29)]:
+        model_index = np.argwhere(model_map == small[k])[0]
+        world_small = vol.affine @ matrix @ np.array([*k, 1.0])
+        world_model = np.asarray(rec.model_affine) @ np.array([*model_index, 1.0])
+        np.testing.assert_allclose(world_small, world_model, atol=1e-9)

@@ -53,11 +53,17 @@ def test_run_produces_layers_on_the_image_geometry_scores_and_report(viewer_with
     _run(widget, qtbot)
     image = viewer.layers["ct"]
     labels, heat = viewer.layers[LABELS_LAYER], viewer.layers[HEATMAP_LAYER]
-    for layer in (labels, heat):
-        np.testing.assert_allclose(layer.scale, image.scale)
-        np.testing.assert_allclose(layer.translate, image.translate)
-        np.testing.assert_allclose(layer.affine.affine_matrix, image.affine.affine_matrix)
-        assert layer.data.shape == image.data.shape
+    np.testing.assert_allclose(labels.scale, image.scale)
+    np.testing.assert_allclose(labels.translate, image.translate)
+    np.testing.assert_allclose(labels.affine.affine_matrix, image.affine.affine_matrix)
+    assert labels.data.shape == image.data.shape
+    # the heat map stays at model resolution; its transform lands each of its voxels on the same world point
+    # as the heat map resampled onto the image grid (what export writes)
+    small, to_source = widget.result.heatmap_overlay(0)
+    assert heat.data.shape == small.shape and sorted(small.shape) == sorted(widget.predictor.config.input_size)
+    corner = np.array(small.shape, float) - 1
+    for k in (np.zeros(3), corner, corner / 2):
+        np.testing.assert_allclose(heat.data_to_world(k), image.data_to_world((to_source @ [*k, 1.0])[:3]), atol=1e-6)
     assert labels.metadata["class_names"][0] == "background"
     assert tuple(heat.contrast_limits) == (0.0, 1.0)
     assert widget.scores_table.rowCount() == 18
