@@ -363,13 +363,14 @@ class StepIndexedSampler(torch.utils.data.Sampler):
 
 
 def build_dataset(spec: str, preprocess_config: PreprocessConfig, cache_dir: str | None = None, seed: int = 0,
-                  synthetic_shape: tuple[int, int, int] = (96, 128, 160)) -> Dataset:
+                  synthetic_shape: tuple[int, int, int] = (96, 128, 160), with_mask: bool = True) -> Dataset:
     """A dataset from a spec string: synthetic:N | manifest:PATH | ctrate:VOLS,REPORTS[,META[,LABELS]] |
-    ctrg:JSON,VOLS | msd:DATASET_JSON."""
+    ctrg:JSON,VOLS | msd:DATASET_JSON. ``with_mask=False`` skips making label maps for synthetic data
+    (pre-training does not use them)."""
     kind, _, arg = spec.partition(":")
     parts = [p for p in arg.split(",") if p]
     if kind == "synthetic":
-        return SyntheticDataset(int(arg or 256), preprocess_config, seed=seed, shape=synthetic_shape)
+        return SyntheticDataset(int(arg or 256), preprocess_config, seed=seed, shape=synthetic_shape, with_mask=with_mask)
     if kind == "manifest" and parts:
         return VolumeReportDataset(manifest_records(parts[0]), preprocess_config, cache_dir, name=parts[0])
     if kind == "ctrate" and len(parts) >= 2:

@@ -117,9 +117,9 @@ def run(p: PretrainParams) -> Path:
     out = Path(p.out_dir)
     cfg = model_config(p)
     pre_cfg = PreprocessConfig(target_size=cfg.input_size)
-    train_set = build_dataset(p.data, pre_cfg, p.cache_dir or None, p.seed, tuple(p.synthetic_shape))
+    train_set = build_dataset(p.data, pre_cfg, p.cache_dir or None, p.seed, tuple(p.synthetic_shape), with_mask=False)
     val_set = build_dataset(p.val_data, pre_cfg, p.cache_dir or None, p.seed + 10_000_000,
-                            tuple(p.synthetic_shape)) if p.val_data else None
+                            tuple(p.synthetic_shape), with_mask=False) if p.val_data else None
 
     progress = _Progress(p)
     sampler = StepIndexedSampler(len(train_set), p.seed, progress)

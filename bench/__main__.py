@@ -1,0 +1,124 @@
+"""Benchmarks (not tests): ``python -m bench`` prints markdown tables and writes bench/results/<device>.{json,md}.
+
+    python -m bench                                    # inference (tiny, base), pre-training (tiny), data
+    python -m bench --sections inference --presets base
+    python -m bench --sections pretrain --pretrain-presets base --batches 4 8      # on a GPU
+
+Every optimised path is measured next to the plain eager fp32 path of the same code in the same run; compare
+ratios, not absolute times across machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from .common import fmt_table, machine
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def inference_section(args) -> tuple[dict, str]:
+    from . import inference
+
+    res = inference.run(presets=tuple(args.presets), device=args.device, shape=tuple(args.shape), repeats=args.repeats)
+    md = [f"### Inference per stage, synthetic {'x'.join(map(str, res['volume']['shape']))} CT (.nii.gz int16)",
+          "Fastest of the warm repeats; peak RSS (process) and peak GPU memory per stage.", "",
+          fmt_table(res["rows"], [("preset", "preset"), ("path", "path"), ("precision", "precision"), ("stage", "stage"),
+                                  ("seconds", "seconds"), ("peak_rss_gib", "peak RSS GiB"), ("peak_gpu_gib", "peak GPU GiB")])]
+    ratios = []
+    for preset in args.presets:
+        by = {(r["path"], r["stage"].split(" (")[0]): r["seconds"] for r in res["rows"] if r["preset"] == preset}
+        for stage in sorted({s for _, s in by}):
+            if ("eager", stage) in by and ("optimised", stage) in by and by[("optimised", stage)] > 0:
+                ratios.append({"preset": preset, "stage": stage, "eager_s": by[("eager", stage)],
+                               "optimised_s": by[("optimised", stage)],
+                               "speedup": by[("eager", stage)] / by[("optimised", stage)]})
+    md += ["", "Eager fp32 vs optimised, same run:", "",
+           fmt_table(ratios, [("preset", "preset"), ("stage", "stage"), ("eager_s", "eager s"),
+                              ("optimised_s", "optimised s"), ("speedup", "speed-up")])]
+    md += ["", "Optimised vs eager outputs: " + "; ".join(f"{p}: {json.dumps(a)}" for p, a in res["agreement"].items())]
+    md += ["", "Predictor memory estimate vs measured peak (RSS above the process before reading the CT):", "",
+           fmt_table(res["memory"], [("preset", "preset"), ("path", "path"), ("estimate_gib", "estimate GiB"),
+                                     ("measured_peak_gib", "measured GiB"), ("ratio", "estimate / measured")])]
+    res["ratios"] = ratios
+    return res, "\n".join(md)
+
+
+def pretrain_section(args) -> tuple[dict, str]:
+    from . import pretrain
+
+    res = pretrain.run(presets=tuple(args.pretrain_presets), batches=tuple(args.batches), device=args.device,
+                       steps=args.steps)
+    md = ["### Pre-training step (all seven objectives, AdamW)", "",
+          fmt_table(res["rows"], [("preset", "preset"), ("batch", "batch"), ("variant", "variant"),
+                                  ("s_per_step", "s/step"), ("volumes_per_s", "volumes/s"),
+                                  ("speedup_vs_eager", "vs eager"), ("gflop_per_volume", "GFLOP/volume"),
+                                  ("fraction_of_bf16_peak", "of bf16 peak"), ("peak_rss_gib", "peak RSS GiB"),
+                                  ("peak_gpu_gib", "peak GPU GiB"), ("error", "note")])]
+    return res, "\n".join(md)
+
+
+def data_section(args) -> tuple[dict, str]:
+    from . import data
+
+    res = data.run(n=args.data_volumes)
+    v = res["volumes"]
+    md = [f"### Data loading, {v['n']} synthetic CTs of {'x'.join(map(str, v['shape']))} -> "
+          f"{'x'.join(map(str, v['model_input']))}", "",
+          fmt_table(res["rows"], [("source", "source"), ("workers", "workers"), ("volumes_per_s", "volumes/s")])]
+    return res, "\n".join(md)
+
+
+SECTIONS = {"inference": inference_section, "pretrain": pretrain_section, "data": data_section}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS))
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--presets", nargs="+", default=["tiny", "base"], help="inference presets")
+    ap.add_argument("--shape", type=int, nargs=3, default=[300, 512, 512], help="inference CT (slices, rows, cols)")
+    ap.add_argument("--repeats", type=int, default=2, help="warm inference repeats (the fastest is kept)")
+    ap.add_argument("--pretrain-presets", nargs="+", default=None,
+                    help="default: base on a GPU, tiny on a CPU (a base step takes minutes on 2 cores)")
+    ap.add_argument("--batches", type=int, nargs="+", default=[4, 8])
+    ap.add_argument("--steps", type=int, default=3, help="timed pre-training steps per setting")
+    ap.add_argument("--data-volumes", type=int, default=24)
+    ap.add_argument("--out", default=str(RESULTS))
+    args = ap.parse_args(argv)
+    if args.pretrain_presets is None:
+        args.pretrain_presets = ["base"] if torch.cuda.is_available() else ["tiny"]
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    info = machine()
+    results: dict = {"machine": info, "date": time.strftime("%Y-%m-%d %H:%M"), "sections": {}}
+    md = [f"## Benchmarks on {info['device']} ({info['cpu']}, {info['cpu_count']} CPUs, torch {info['torch']}), "
+          f"{results['date']}"]
+    for name in args.sections:
+        res, text = SECTIONS[name](args)
+        results["sections"][name] = res
+        md += ["", text]
+        print(text, flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "gpu" if torch.cuda.is_available() else "cpu"
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=1, default=_jsonable))
+    (out / f"{stem}.md").write_text("\n".join(md) + "\n")
+    print(f"written: {out / stem}.json, {out / stem}.md")
+    return results
+
+
+def _jsonable(value):
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
+if __name__ == "__main__":
+    main()
