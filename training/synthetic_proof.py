@@ -213,6 +213,9 @@ def main(argv: list[str] | None = None) -> dict:
         bundles = run_pretrain(out / "full", a.pairs, a.steps, full, a.shape, a.batch_size,
                                snapshot=0 if a.skip_ablation else half)
         runs = {"random init": (None, 0), "full (six + sva)": (bundles[a.steps], a.steps)}
+        snapshot = out / "full" / "bundle_step" / f"{half}"
+        if a.skip_ablation and snapshot.exists():  # left by an earlier run with ablations
+            runs["full (six + sva), half"] = (snapshot, half)
         if not a.skip_ablation:
             runs["full (six + sva), half"] = (bundles[half], half)
             for name, objectives in (("paper's six (no sva)", full[:6]),
