@@ -97,17 +97,21 @@ def main(argv: list[str] | None = None) -> dict:
         args.pretrain_presets = ["base"] if torch.cuda.is_available() else ["tiny"]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     info = machine()
-    results: dict = {"machine": info, "date": time.strftime("%Y-%m-%d %H:%M"), "sections": {}}
-    md = [f"## Benchmarks on {info['device']} ({info['cpu']}, {info['cpu_count']} CPUs, torch {info['torch']}), "
-          f"{results['date']}"]
-    for name in args.sections:
-        res, text = SECTIONS[name](args)
-        results["sections"][name] = res
-        md += ["", text]
-        print(text, flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "gpu" if torch.cuda.is_available() else "cpu"
+    # sections run now replace those of an earlier run on the same kind of machine; the others are kept
+    previous = json.loads((out / f"{stem}.json").read_text()) if (out / f"{stem}.json").exists() else {}
+    results: dict = {"machine": info, "sections": previous.get("sections", {}), "markdown": previous.get("markdown", {})}
+    for name in args.sections:
+        res, text = SECTIONS[name](args)
+        res["date"] = time.strftime("%Y-%m-%d %H:%M")
+        results["sections"][name] = res
+        results["markdown"][name] = text
+        print(text, flush=True)
+    md = [f"## Benchmarks on {info['device']} ({info['cpu']}, {info['cpu_count']} CPUs, torch {info['torch']})"]
+    md += ["\n" + f"(measured {results['sections'][n].get('date', '?')})\n\n" + results["markdown"][n]
+           for n in SECTIONS if n in results["markdown"]]
     (out / f"{stem}.json").write_text(json.dumps(results, indent=1, default=_jsonable))
     (out / f"{stem}.md").write_text("\n".join(md) + "\n")
     print(f"written: {out / stem}.json, {out / stem}.md")

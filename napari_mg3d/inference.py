@@ -64,6 +64,17 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def auto_precision(device: torch.device) -> str:
+    """bf16 autocast where the hardware has bf16 matrix units (CUDA; CPUs with AMX), else fp32: on other
+    CPUs bf16 is emulated and slower than fp32."""
+    if device.type == "cuda":
+        return "bf16"
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    if device.type == "cpu" and amx is not None and amx():
+        return "bf16"
+    return "fp32"
+
+
 def available_memory_bytes() -> int:
     """MemAvailable from /proc/meminfo (Linux), else total physical memory."""
     try:
@@ -118,7 +129,7 @@ class Result:
 class Predictor:
     """Runs a bundle on volumes. ``bundle``: a path (directory or .zip) or a loaded Bundle; default: the
     demo bundle. ``device``: 'auto' (cuda, then mps, then cpu), or a name. ``precision``: 'fp32', 'bf16'
-    (autocast), or 'auto' = bf16 on CUDA, fp32 elsewhere (bf16 is slower than fp32 on CPUs without bf16 units).
+    (autocast), or 'auto' (:func:`auto_precision`: bf16 on CUDA and on CPUs with AMX, else fp32).
     ``class_by_class``: map segmentation scores back by resizing every class (the plain path; same labels,
     slower; see preprocess.upsampled_argmax)."""
 
@@ -127,7 +138,7 @@ class Predictor:
         self.device = pick_device(device)
         if precision not in ("auto", "fp32", "bf16"):
             raise PredictorError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
-        self.precision = ("bf16" if self.device.type == "cuda" else "fp32") if precision == "auto" else precision
+        self.precision = auto_precision(self.device) if precision == "auto" else precision
         self.class_by_class = class_by_class
         if not isinstance(bundle, Bundle):
             path = Path(bundle) if bundle is not None else default_bundle_path()
