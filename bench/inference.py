@@ -57,7 +57,8 @@ def run_path(preset: str, path_name: str, ct_path, device: str, repeats: int = 2
     rows.append(total)
     for r in rows:
         r.update(preset=preset, path=path_name, precision=predictor.precision)
-    estimate = estimate_memory_bytes(volume.shape) + volume.data.nbytes
+    estimate = estimate_memory_bytes(volume.shape, predictor.config, predictor.weight_bytes,
+                                     predictor.class_by_class) + volume.data.nbytes
     memory = {"preset": preset, "path": path_name, "estimate_gib": estimate / 2**30,
               "measured_peak_gib": total["peak_rss_gib"] - rows[0]["start_rss_gib"]}
     memory["ratio"] = memory["estimate_gib"] / memory["measured_peak_gib"]

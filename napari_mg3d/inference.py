@@ -87,12 +87,21 @@ def available_memory_bytes() -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
-def estimate_memory_bytes(shape: tuple[int, int, int]) -> int:
-    """Peak host memory of one run on a volume of ``shape`` voxels, beyond the volume itself: a canonical
-    copy and the crop (float32), the label map (int32) and, while mapping segmentation back, one class's
-    resampled scores plus a running max and argmax (float32) and one heat map (float32)."""
+def estimate_memory_bytes(shape: tuple[int, int, int], config=None, weight_bytes: int = 0,
+                          class_by_class: bool = False) -> int:
+    """Peak host memory of one run on a volume of ``shape`` voxels, beyond the volume itself (bytes).
+
+    Source-grid part: ~2.6 float32-sized arrays per voxel (canonical crop, its scaled copy, the label map and
+    its canvas), ~4 when segmentation scores are mapped back class by class (running max and argmax). Model part: the weights plus ~6 feature-size maps at the model input
+    (encoder and segmentation-decoder activations, class scores). Calibrated against bench/ peaks
+    (tiny and base on a 512x512x300 CT: within 25%).
+    """
     n = int(np.prod(shape))
-    return n * 4 * 7 + 256 * 2**20  # 7 float32-sized arrays + model and workspace
+    if config is not None:
+        activations = int(np.prod(config.input_size)) * int(config.feature_size) * 4 * 6
+    else:
+        activations = 512 * 2**20
+    return int(n * 4 * (4.0 if class_by_class else 2.6)) + activations + int(weight_bytes) + 64 * 2**20
 
 
 @dataclass
@@ -155,6 +164,8 @@ class Predictor:
         self.memory_limit = memory_limit_bytes
         heads, _ = bundle.build_heads()
         self.heads = {name: head.to(self.device).eval() for name, head in heads.items()}
+        self.weight_bytes = sum(p.numel() * p.element_size() for m in (self.model, *self.heads.values())
+                                for p in m.parameters()) if self.device.type == "cpu" else 0
         self._cache_key = None
         self._encoding = None
         self._record: PreprocessRecord | None = None
@@ -197,7 +208,7 @@ class Predictor:
             raise PredictorError(f"volume of shape {data.shape} is a single slice; MG-3D needs a 3D volume")
         if not np.issubdtype(data.dtype, np.number) or np.issubdtype(data.dtype, np.complexfloating):
             raise PredictorError(f"volume dtype {data.dtype} is not a grey-value image")
-        need = estimate_memory_bytes(volume.shape)
+        need = estimate_memory_bytes(volume.shape, self.config, self.weight_bytes, self.class_by_class)
         limit = self.memory_limit if self.memory_limit is not None else available_memory_bytes()
         if need > limit:
             raise PredictorError(
