@@ -92,8 +92,9 @@ def estimate_memory_bytes(shape: tuple[int, int, int], config=None, weight_bytes
     """Peak host memory of one run on a volume of ``shape`` voxels, beyond the volume itself (bytes).
 
     Source-grid part: ~2.6 float32-sized arrays per voxel (canonical crop, its scaled copy, the label map and
-    its canvas), ~4 when segmentation scores are mapped back class by class (running max and argmax). Model part: the weights plus ~6 feature-size maps at the model input
-    (encoder and segmentation-decoder activations, class scores). Calibrated against bench/ peaks
+    its canvas), ~4 when segmentation scores are mapped back class by class (running max and argmax).
+    Model part: the weights plus ~6 feature-size maps at the model input (encoder and segmentation-decoder
+    activations, class scores). Calibrated against bench/ peaks
     (tiny and base on a 512x512x300 CT: within 25%).
     """
     n = int(np.prod(shape))
@@ -121,18 +122,19 @@ class Result:
     timings: dict[str, float] = field(default_factory=dict)
     messages: list[str] = field(default_factory=list)
 
-    def heatmap(self, index: int) -> np.ndarray:
-        """Heat map ``index`` resampled onto the source grid (for export; ~1 s for a 512x512x300 CT)."""
+    def _model_map(self, index: int) -> np.ndarray:
         if self.heatmaps_model is None or self.record is None:
             raise PredictorError("this result has no heat maps")
-        return to_original(self.heatmaps_model[index], self.record).astype(np.float32)
+        return self.heatmaps_model[index]
+
+    def heatmap(self, index: int) -> np.ndarray:
+        """Heat map ``index`` resampled onto the source grid (for export; ~1 s for a 512x512x300 CT)."""
+        return to_original(self._model_map(index), self.record).astype(np.float32)
 
     def heatmap_overlay(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Heat map ``index`` at model resolution in the source's axis order, and the 4x4 matrix from its
         voxel indices to source voxel indices (compose it with the image's transform to display it)."""
-        if self.heatmaps_model is None or self.record is None:
-            raise PredictorError("this result has no heat maps")
-        return to_source_axes(self.heatmaps_model[index], self.record)
+        return to_source_axes(self._model_map(index), self.record)
 
 
 class Predictor:

@@ -148,14 +148,19 @@ def preprocess(volume: Volume, config: PreprocessConfig = PreprocessConfig()) ->
     return x, record
 
 
-def model_affine(record: PreprocessRecord) -> np.ndarray:
-    """index in model space -> RAS mm (centres of the resized voxels, align_corners=False)."""
-    canon_affine = canonical_affine(np.asarray(record.source_affine), np.asarray(record.ornt), record.source_shape)
+def model_to_canonical_index(record: PreprocessRecord) -> np.ndarray:
+    """4x4: model-grid index -> canonical-grid index (centres of the resized voxels, align_corners=False)."""
     scale = np.array(record.crop_shape, float) / np.array(record.target_size, float)
     step = np.eye(4)
     step[:3, :3] = np.diag(scale)
     step[:3, 3] = np.array(record.crop_start, float) + (scale - 1) / 2
-    return canon_affine @ step
+    return step
+
+
+def model_affine(record: PreprocessRecord) -> np.ndarray:
+    """index in model space -> RAS mm."""
+    canon_affine = canonical_affine(np.asarray(record.source_affine), np.asarray(record.ornt), record.source_shape)
+    return canon_affine @ model_to_canonical_index(record)
 
 
 def to_original(
@@ -213,13 +218,9 @@ def to_source_axes(model_map: np.ndarray | torch.Tensor, record: PreprocessRecor
 
     ornt = np.asarray(record.ornt)
     small = _invert_ornt(x, ornt)
-    scale = np.array(record.crop_shape, float) / np.array(record.target_size, float)
-    step = np.eye(4)
-    step[:3, :3] = np.diag(scale)
-    step[:3, 3] = np.array(record.crop_start, float) + (scale - 1) / 2  # model index -> canonical index
     canonical_to_source = nib.orientations.inv_ornt_aff(ornt, record.source_shape)
     small_to_model = np.linalg.inv(nib.orientations.inv_ornt_aff(ornt, small.shape))
-    return small, canonical_to_source @ step @ small_to_model
+    return small, canonical_to_source @ model_to_canonical_index(record) @ small_to_model
 
 
 def _source_index(n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -127,10 +127,7 @@ def run_pretrain(out: Path, pairs: int, steps: int, objectives, shape, batch: in
     """Pre-train; with ``snapshot`` also export the bundle at that step (stop there, export, resume)."""
     bundles: dict[int, Path] = {}
     if snapshot:
-        bundles[snapshot] = out / "bundle_step" / f"{snapshot}"
-        if not bundles[snapshot].exists():
-            last = pretrain.run(pretrain_params(out, pairs, steps, objectives, shape, batch, stop_after_steps=snapshot))
-            pretrain.bundle_from_checkpoint(last, bundles[snapshot])
+        bundles[snapshot] = snapshot_run(out, pairs, steps, snapshot, objectives, shape, batch)
     bundles[steps] = out / "bundle"
     if not bundles[steps].exists():
         resume = "last" if (out / "checkpoints" / "last.ckpt").exists() else ""
@@ -138,11 +135,12 @@ def run_pretrain(out: Path, pairs: int, steps: int, objectives, shape, batch: in
     return bundles
 
 
-def snapshot_run(out: Path, pairs: int, steps: int, objectives, shape, batch: int) -> Path:
-    """Train on the ``2 * steps`` schedule but stop at ``steps`` (the budget the ablations compare at)."""
-    bundle = out / "bundle_step" / f"{steps}"
+def snapshot_run(out: Path, pairs: int, schedule: int, stop: int, objectives, shape, batch: int) -> Path:
+    """Train on the ``schedule``-step schedule but stop at step ``stop`` and export the bundle there (the
+    full run's half-way snapshot and the ablations, which compare at the same step of the same schedule)."""
+    bundle = out / "bundle_step" / f"{stop}"
     if not bundle.exists():
-        last = pretrain.run(pretrain_params(out, pairs, 2 * steps, objectives, shape, batch, stop_after_steps=steps))
+        last = pretrain.run(pretrain_params(out, pairs, schedule, objectives, shape, batch, stop_after_steps=stop))
         pretrain.bundle_from_checkpoint(last, bundle)
     return bundle
 
@@ -222,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
                                      ("no SSM+DFA", ("mim", "mlm", "sfr", "cml", "sva")),
                                      ("no MIM+MLM", ("sfr", "cml", "ssm", "dfa", "sva"))):
                 folder = out / name.split(" (")[0].replace("'", "").replace(" ", "_").replace("+", "_")
-                runs[name] = (snapshot_run(folder, a.pairs, half, objectives, a.shape, a.batch_size), half)
+                runs[name] = (snapshot_run(folder, a.pairs, a.steps, half, objectives, a.shape, a.batch_size), half)
         runs["random init"] = (random_init_bundle(out / "random_init", bundles[a.steps]), 0)
     results: dict = {"runs": {}}
     for name, (bundle, steps) in runs.items():
