@@ -312,3 +312,29 @@ def test_default_text_encoder_loads_offline_and_gives_meaningful_sentence_featur
     sim = torch.nn.functional.cosine_similarity(feats[:, None], feats[None], dim=-1)
     assert enc.hidden_size == 384
     assert sim[0, 1] > 0.6 and sim[0, 1] > sim[0, 2] + 0.3
+
+
+def test_segmentation_decoder_group_norm_equals_instance_norm_and_channels_last_equals_contiguous():
+    from monai.networks.blocks import UnetrBasicBlock
+
+    from napari_mg3d.model.heads import SegmentationDecoder, instance_norm_as_group_norm, use_channels_last
+
+    torch.manual_seed(0)
+    block = UnetrBasicBlock(3, 4, 6, kernel_size=3, stride=1, norm_name="instance", res_block=True).eval()
+    x = torch.randn(2, 4, 8, 6, 10) * 3 + 1
+    with torch.no_grad():
+        reference = block(x)
+        before = set(block.state_dict())
+        instance_norm_as_group_norm(block)
+        assert not any(isinstance(m, torch.nn.InstanceNorm3d) for m in block.modules())
+        assert set(block.state_dict()) == before  # old bundles still load
+        torch.testing.assert_close(block(x), reference, atol=1e-5, rtol=1e-5)
+
+    decoder = SegmentationDecoder(12, 5).eval()
+    volume = torch.rand(1, 1, 64, 64, 64)
+    features = [torch.randn(1, 12 * 2 ** k, 32 // 2 ** k, 32 // 2 ** k, 32 // 2 ** k) for k in range(5)]
+    with torch.no_grad():
+        plain = decoder(volume, features)
+        fast = use_channels_last(decoder)(volume, features)
+    assert fast.is_contiguous(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(fast, plain, atol=1e-4, rtol=1e-4)

@@ -55,13 +55,41 @@ class SegmentationDecoder(nn.Module):
         self.decoder5, self.decoder4, self.decoder3 = up(16 * f, 8 * f), up(8 * f, 4 * f), up(4 * f, 2 * f)
         self.decoder2, self.decoder1 = up(2 * f, f), up(f, f)
         self.out = UnetOutBlock(3, f, n_classes)
+        instance_norm_as_group_norm(self)
+        self.channels_last = False
 
     def forward(self, volume: torch.Tensor, features: list[torch.Tensor]) -> torch.Tensor:
+        if self.channels_last:
+            fmt = torch.channels_last_3d
+            volume = volume.contiguous(memory_format=fmt)
+            features = [f.contiguous(memory_format=fmt) for f in features]
         enc0 = self.encoder1(volume)
         enc1, enc2, enc3 = self.encoder2(features[0]), self.encoder3(features[1]), self.encoder4(features[2])
         x = self.decoder5(self.encoder10(features[4]), features[3])
         x = self.decoder2(self.decoder3(self.decoder4(x, enc3), enc2), enc1)
         return self.out(self.decoder1(x, enc0))
+
+
+def instance_norm_as_group_norm(module: nn.Module) -> None:
+    """Replace every InstanceNorm3d without running statistics by GroupNorm with one group per channel —
+    the same function and the same parameters (state dicts stay compatible), but a kernel that works on
+    channels-last tensors. Instance norm makes a contiguous copy of its input, and oneDNN's bf16
+    convolutions on the CPU want channels-last: the copies back and forth were ~40% of the decoder's time."""
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.InstanceNorm3d) and not child.track_running_stats:
+            norm = nn.GroupNorm(child.num_features, child.num_features, eps=child.eps, affine=child.affine)
+            if child.affine:
+                norm.load_state_dict(child.state_dict())
+            setattr(module, name, norm)
+        else:
+            instance_norm_as_group_norm(child)
+
+
+def use_channels_last(decoder: SegmentationDecoder, enabled: bool = True) -> SegmentationDecoder:
+    """Run ``decoder`` on channels-last (N, D, H, W, C) memory: ~2x faster on the CPU in bf16 (bench/)."""
+    decoder.to(memory_format=torch.channels_last_3d if enabled else torch.contiguous_format)
+    decoder.channels_last = enabled
+    return decoder
 
 
 @dataclass
