@@ -19,8 +19,13 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import Bundle, load_bundle
-from .model.heads import (GenerationSettings, alignment_zero_shot_scores, prompt_batch, use_channels_last,
-                          zero_shot_scores)
+from .model.heads import (
+    GenerationSettings,
+    alignment_zero_shot_scores,
+    prompt_batch,
+    use_channels_last,
+    zero_shot_scores,
+)
 from .model.text import tokenize_reports
 from .preprocess import PreprocessConfig, PreprocessRecord, preprocess, to_original, to_source_axes
 from .synthetic import LABELS

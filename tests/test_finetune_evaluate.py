@@ -88,3 +88,22 @@ def test_metrics_match_hand_computed_values():
     assert M.recall_at_k(sim, 2) == pytest.approx(1.0)
     ci = M.bootstrap(lambda x: float(np.mean(x)), np.arange(100, dtype=float), n=300)
     assert ci["value"] == pytest.approx(49.5) and ci["low"] < 49.5 < ci["high"] and ci["high"] - ci["low"] < 25
+
+
+@pytest.mark.slow
+def test_finetune_with_ddp_on_two_cpu_processes(tmp_path, gui_bundle):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cmd = [sys.executable, "-m", "training.finetune", "--task", "classify", "--bundle", str(gui_bundle),
+           "--data", "synthetic:4", "--steps", "2", "--batch-size", "1", "--synthetic-shape", *map(str, SHAPE),
+           "--device", "cpu", "--devices", "2", "--strategy", "ddp", "--log-every", "1", "--out-dir", str(tmp_path)]
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600, env={**os.environ})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("step 2/2") == 1  # printed by the first process only
+    meta = load_bundle(tmp_path / "bundle").meta
+    assert meta["provenance"]["world_size"] == 2
+    assert "classifier" in meta["head_specs"] and "segmentation" in meta["head_specs"]

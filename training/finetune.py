@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import DataLoader
 
 from napari_mg3d.checkpoint import load_bundle, save_bundle
-from napari_mg3d.inference import pick_device
 from napari_mg3d.model import MG3DModel, preset_config
 from napari_mg3d.model.heads import PROMPT_PAIR, build_head, prompt_batch
 from napari_mg3d.preprocess import PreprocessConfig
@@ -56,7 +56,11 @@ class FinetuneParams:
     lr_encoder: float = field(default=2e-5, metadata={"help": "learning rate of the encoder when not frozen"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     shots: int = field(default=0, metadata={"help": "vocabfine: use only this many training volumes (0: all)"})
-    device: str = field(default="auto", metadata={"help": "cuda | mps | cpu | auto"})
+    device: str = field(default="auto", metadata={"help": "accelerator: cuda | mps | cpu | auto"})
+    devices: str = field(default="1", metadata={"help": "devices per node: a count, a list like 0,1, or auto (several: DDP)"})
+    num_nodes: int = field(default=1, metadata={"help": "nodes (SLURM or torchrun provides the rendezvous)"})
+    strategy: str = field(default="auto", metadata={"help": "Lightning Fabric strategy: auto | ddp | ddp_spawn | ..."})
+    precision: str = field(default="32-true", metadata={"help": "32-true | bf16-mixed | 16-mixed"})
     num_workers: int = field(default=0, metadata={"help": "data-loading workers"})
     cache_dir: str = field(default="", metadata={"help": "preprocessed-volume cache"})
     seed: int = field(default=0, metadata={"help": "random seed"})
@@ -106,11 +110,75 @@ def dice_per_class(pred: torch.Tensor, target: torch.Tensor, n_classes: int) -> 
     return out
 
 
+class TaskStep(nn.Module):
+    """The encoder and the task's head as one module whose forward is one batch's task loss: the unit that
+    Fabric wraps for DDP (gradients of everything the loss touches are synchronised across devices)."""
+
+    def __init__(self, task: str, model: MG3DModel, head: nn.Module, spec: dict, names, multiclass: bool,
+                 data: str) -> None:
+        super().__init__()
+        self.task, self.model, self.head, self.spec = task, model, head, spec
+        self.names, self.multiclass, self.data = names, multiclass, data
+        self._prompt_raw: torch.Tensor | None = None
+        if task == "segment":
+            from monai.losses import DiceCELoss
+
+            self.seg_loss = DiceCELoss(to_onehot_y=True, softmax=True)
+
+    def _prompts(self, device: torch.device) -> torch.Tensor:
+        if self._prompt_raw is None:  # frozen text features of the prompts: once; the projection trains
+            with torch.no_grad():
+                batch = prompt_batch(self.model.text.tokenizer, self.names).to(device)
+                self._prompt_raw = self.model.text.separate_sentence_features(batch)
+        return self.model.text_proj(self._prompt_raw)  # (F, 2, d)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        x = batch["volume"]
+        enc = self.model.encode_volume(x)
+        if self.task in ("classify", "prognosis", "vocabfine"):
+            if batch["labels"] is None:
+                raise SystemExit(f"--task {self.task} needs labels in the data ({self.data} has none)")
+            y = batch["labels"]
+            if self.task == "vocabfine":
+                logits = self.head(enc.global_feature, self._prompts(x.device))  # (B, F, 2); class 0 = present
+                return F.cross_entropy(logits.reshape(-1, 2).float(), (1 - y.long()).reshape(-1))
+            logits = self.head(enc.global_feature).float()
+            if not self.multiclass:
+                return F.binary_cross_entropy_with_logits(logits, y.float())
+            return F.cross_entropy(logits, y.argmax(-1) if y.dim() > 1 else y.long())
+        if self.task == "segment":
+            if batch["mask"] is None:
+                raise SystemExit(f"--task segment needs masks in the data ({self.data} has none)")
+            return self.seg_loss(self.head(x, enc.features).float(), batch["mask"][:, None])
+        tok = self.model.text.tokenizer
+        target = tok(batch["report"], padding=True, truncation=True, max_length=self.spec["max_len"],
+                     return_tensors="pt")["input_ids"].to(x.device)
+        return self.head.loss(target, enc.tokens)
+
+
+def make_fabric(p: FinetuneParams):
+    """Lightning Fabric for --device/--devices/--num-nodes/--strategy/--precision (DDP finds the parameters
+    a task does not use, e.g. the fusion layers when segmenting)."""
+    from lightning.fabric import Fabric
+    from lightning.fabric.strategies import DDPStrategy
+
+    accelerator = {"cuda": "cuda", "gpu": "cuda", "mps": "mps", "cpu": "cpu", "auto": "auto"}.get(p.device)
+    if accelerator is None:
+        raise SystemExit(f"--device {p.device!r}: choose cuda, mps, cpu or auto")
+    devices = p.devices if p.devices == "auto" else (int(p.devices) if p.devices.isdigit() else
+                                                    [int(d) for d in p.devices.split(",")])
+    strategy = DDPStrategy(find_unused_parameters=True) if p.strategy == "ddp" else p.strategy
+    return Fabric(accelerator=accelerator, devices=devices, num_nodes=p.num_nodes, strategy=strategy,
+                  precision=p.precision)
+
+
 def run(p: FinetuneParams) -> Path:
+    """Fine-tune; returns the bundle directory (written by the first process only)."""
     if p.task not in TASKS:
         raise SystemExit(f"--task {p.task!r}: choose one of {TASKS}")
+    fabric = make_fabric(p)
+    fabric.launch()
     torch.manual_seed(p.seed)
-    device = pick_device(p.device)
     model, heads, specs, meta = load_start(p)
     cfg = model.config
     pre_cfg = PreprocessConfig(target_size=cfg.input_size)
@@ -120,7 +188,8 @@ def run(p: FinetuneParams) -> Path:
     if p.shots:
         train_set = torch.utils.data.Subset(train_set, list(range(min(p.shots, len(train_set)))))
     loader = DataLoader(train_set, batch_size=p.batch_size, shuffle=True, collate_fn=collate,
-                        num_workers=p.num_workers, generator=torch.Generator().manual_seed(p.seed))
+                        num_workers=p.num_workers, generator=torch.Generator().manual_seed(p.seed),
+                        pin_memory=fabric.device.type == "cuda", persistent_workers=p.num_workers > 0)
 
     names = p.label_names
     tok = model.text.tokenizer
@@ -142,8 +211,6 @@ def run(p: FinetuneParams) -> Path:
         raise SystemExit(f"--task segment needs an input of at least 64 voxels per axis (got {cfg.input_size}): "
                          "the decoder's 1/32 bottleneck must have more than one voxel")
     head = build_head(spec, cfg, model.text.vocab_size)
-    model.to(device)
-    head.to(device)
 
     stale = sorted(set(heads) - {head_name, "mim_decoder", "mlm_head"})
     if stale and not p.freeze_encoder:
@@ -155,71 +222,44 @@ def run(p: FinetuneParams) -> Path:
     groups = [{"params": list(head.parameters()), "lr": p.lr}]
     if not p.freeze_encoder:
         groups.append({"params": encoder_params, "lr": p.lr_encoder})
-    opt = torch.optim.AdamW(groups, weight_decay=p.weight_decay)
-    model.train()
-    head.train()
-
-    prompt_raw = None
-    if p.task == "vocabfine":  # frozen text features of the prompts: once; the projection trains
-        prompt_raw = model.text.separate_sentence_features(prompt_batch(tok, names).to(device))
-
-    seg_loss = None
-    if p.task == "segment":
-        from monai.losses import DiceCELoss
-
-        seg_loss = DiceCELoss(to_onehot_y=True, softmax=True)
+    task_step = TaskStep(p.task, model, head, spec, names, multiclass=p.multiclass, data=p.data)
+    task_step, opt = fabric.setup(task_step, torch.optim.AdamW(groups, weight_decay=p.weight_decay))
+    loader = fabric.setup_dataloaders(loader)
+    task_step.train()
+    model.text.eval()  # frozen, and without dropout
 
     t0, history = time.perf_counter(), []
     batches = _infinite(loader)
     for step in range(1, p.steps + 1):
-        batch = next(batches)
-        x = batch["volume"].to(device)
-        with torch.set_grad_enabled(True):
-            enc = model.encode_volume(x)
-            if p.task in ("classify", "prognosis", "vocabfine"):
-                if batch["labels"] is None:
-                    raise SystemExit(f"--task {p.task} needs labels in the data ({p.data} has none)")
-                y = batch["labels"].to(device)
-                if p.task == "vocabfine":
-                    prompts = model.text_proj(prompt_raw)  # (F, 2, d)
-                    logits = head(enc.global_feature, prompts)  # (B, F, 2); class 0 = present
-                    loss = F.cross_entropy(logits.reshape(-1, 2), (1 - y.long()).reshape(-1))
-                else:
-                    logits = head(enc.global_feature)
-                    loss = (F.binary_cross_entropy_with_logits(logits, y) if not p.multiclass
-                            else F.cross_entropy(logits, y.argmax(-1) if y.dim() > 1 else y.long()))
-            elif p.task == "segment":
-                if batch["mask"] is None:
-                    raise SystemExit(f"--task segment needs masks in the data ({p.data} has none)")
-                logits = head(x, enc.features)
-                loss = seg_loss(logits, batch["mask"].to(device)[:, None])
-            else:
-                target = tok(batch["report"], padding=True, truncation=True, max_length=spec["max_len"],
-                             return_tensors="pt")["input_ids"].to(device)
-                loss = head.loss(target, enc.tokens)
+        loss = task_step(next(batches))
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        fabric.backward(loss)
         opt.step()
         history.append(float(loss.detach()))
         if step % p.log_every == 0 or step == p.steps:
-            print(f"step {step}/{p.steps} loss {np.mean(history[-p.log_every:]):.4f} "
-                  f"({(time.perf_counter() - t0) / step:.2f} s/step)", flush=True)
+            fabric.print(f"step {step}/{p.steps} loss {np.mean(history[-p.log_every:]):.4f} "
+                         f"({(time.perf_counter() - t0) / step:.2f} s/step)", flush=True)
 
+    fabric.barrier()
+    out = Path(p.out_dir)
+    if not fabric.is_global_zero:
+        return out / "bundle"
     metrics = {"final_loss": float(np.mean(history[-max(1, p.log_every):]))}
     if p.val_data:
-        metrics.update(validate(p, model, head, spec, names, pre_cfg, device))
+        with fabric.autocast():
+            metrics.update(validate(p, model, head, spec, names, pre_cfg, fabric.device))
         print("validation: " + json.dumps(metrics), flush=True)
 
     heads[head_name] = head
     specs[head_name] = spec
-    out = Path(p.out_dir)
     provenance = list(meta.get("provenance_chain", []))
     if meta.get("provenance"):
         provenance.append(meta["provenance"])
     new_meta = dict(meta)  # save_bundle rewrites the keys it owns (format, model, heads, ...)
     new_meta.update({"head_specs": specs, "preprocessing": pre_cfg.to_dict(), "provenance_chain": provenance,
                      "provenance": {"stage": f"finetune-{p.task}", "steps": p.steps, "data": p.data,
-                                    "params": p.to_dict(), "metrics": metrics}})
+                                    "params": p.to_dict(), "metrics": metrics,
+                                    "world_size": fabric.world_size}})
     if spec.get("labels"):
         new_meta["labels"] = spec["labels"]
     if spec.get("classes"):
