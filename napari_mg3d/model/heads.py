@@ -123,15 +123,17 @@ class ReportDecoder(nn.Module):
         nn.init.normal_(self.embed.weight, std=0.02)
         self.bos_id, self.eos_id, self.pad_id, self.max_len = bos_id, eos_id, pad_id, max_len
 
-    def forward(self, tokens: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-        """Teacher forcing: tokens (B, T) starting with BOS -> logits (B, T, V) for the next token."""
+    def forward(self, tokens: torch.Tensor, memory: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """Teacher forcing: tokens (B, T) starting with BOS -> logits (B, T, V) for the next token
+        (``last_only``: (B, 1, V) for the last position, what decoding needs; the vocabulary projection of
+        every earlier position would be most of a decoding step's cost)."""
         T = tokens.shape[1]
         x = self.embed(tokens) + self.pos[:, :T]
         causal = torch.triu(torch.ones(T, T, dtype=torch.bool, device=tokens.device), diagonal=1)
         pad = tokens == self.pad_id
         pad[:, 0] = False
         x = self.decoder(x, memory, tgt_mask=causal, tgt_key_padding_mask=pad)
-        return self.lm(self.norm(x))
+        return self.lm(self.norm(x[:, -1:] if last_only else x))
 
     def loss(self, target_ids: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of the next token; target_ids (B, T) = [BOS] report [EOS] [PAD]..."""
@@ -171,7 +173,7 @@ class ReportDecoder(nn.Module):
                 if not alive:
                     break
                 seqs = torch.cat([bm[0] for bm in alive])
-                logp = self._adjust(self(seqs, mem.expand(len(alive), -1, -1))[:, -1], seqs, s, step)
+                logp = self._adjust(self(seqs, mem.expand(len(alive), -1, -1), last_only=True)[:, -1], seqs, s, step)
                 top = logp.topk(max(1, s.beams), dim=-1)
                 for i, (seq, score, _) in enumerate(alive):
                     for lp, tok in zip(top.values[i].tolist(), top.indices[i].tolist()):
