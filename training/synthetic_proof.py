@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--pairs", type=int, default=2000)
     ap.add_argument("--steps", type=int, default=500, help="pre-training steps of the full run (ablations: half)")
     ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--seg-steps", type=int, default=150)
+    ap.add_argument("--seg-steps", type=int, default=240)
     ap.add_argument("--held-out", type=int, default=100)
     ap.add_argument("--shape", type=int, nargs=3, default=[80, 112, 144])
     ap.add_argument("--skip-ablation", action="store_true")
