@@ -109,7 +109,6 @@ def _load_nifti_image(path: Path):
 
 def read_nifti(path: str | Path, nan_policy: str = "raise") -> Volume:
     """NIfTI (.nii/.nii.gz) -> Volume; scl_slope/scl_inter applied; axes (k, j, i)."""
-
     path = Path(path)
     try:
         img = _load_nifti_image(path)

@@ -121,3 +121,11 @@ def test_step_indexed_sampler_resumes_exactly_and_splits_ranks():
     assert sorted(full[:7]) == list(range(7)) and sorted(full[7:14]) == list(range(7))
     r0, r1 = make(0, 3, 0, 2), make(0, 3, 1, 2)
     assert not set(r0) & set(r1)
+
+
+def test_devices_option_takes_auto_a_count_or_a_list_and_names_a_bad_value():
+    from training.params import parse_devices
+
+    assert (parse_devices("auto"), parse_devices("4"), parse_devices("0,1")) == ("auto", 4, [0, 1])
+    with pytest.raises(SystemExit, match="--devices 'two'"):
+        parse_devices("two")

@@ -32,7 +32,7 @@ from napari_mg3d.preprocess import PreprocessConfig
 from napari_mg3d.synthetic import LABELS, ORGANS
 
 from .data import ALL_CLASSES, build_dataset, collate
-from .params import parse_params
+from .params import parse_devices, parse_params
 
 log = logging.getLogger("training.finetune")
 TASKS = ("classify", "prognosis", "segment", "report", "vocabfine")
@@ -165,8 +165,7 @@ def make_fabric(p: FinetuneParams):
     accelerator = {"cuda": "cuda", "gpu": "cuda", "mps": "mps", "cpu": "cpu", "auto": "auto"}.get(p.device)
     if accelerator is None:
         raise SystemExit(f"--device {p.device!r}: choose cuda, mps, cpu or auto")
-    devices = p.devices if p.devices == "auto" else (int(p.devices) if p.devices.isdigit() else
-                                                    [int(d) for d in p.devices.split(",")])
+    devices = parse_devices(p.devices)
     strategy = DDPStrategy(find_unused_parameters=True) if p.strategy == "ddp" else p.strategy
     return Fabric(accelerator=accelerator, devices=devices, num_nodes=p.num_nodes, strategy=strategy,
                   precision=p.precision)

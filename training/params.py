@@ -60,6 +60,16 @@ class PretrainParams:
         return dataclasses.asdict(self)
 
 
+def parse_devices(text: str) -> str | int | list[int]:
+    """--devices as Lightning takes it: 'auto', a count ('4') or a list of indices ('0,1')."""
+    if text == "auto":
+        return text
+    try:
+        return int(text) if text.isdigit() else [int(d) for d in text.split(",")]
+    except ValueError:
+        raise SystemExit(f"--devices {text!r}: give a count (4), a list of device indices (0,1) or auto") from None
+
+
 def _arg_type(f: dataclasses.Field):
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
     hint = str(f.type)

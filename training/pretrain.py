@@ -27,7 +27,7 @@ from napari_mg3d.preprocess import PreprocessConfig
 
 from .data import StepIndexedSampler, build_dataset, collate
 from .module import PretrainModule
-from .params import PretrainParams, parse_params
+from .params import PretrainParams, parse_devices, parse_params
 
 log = logging.getLogger("training.pretrain")
 
@@ -92,8 +92,7 @@ def make_trainer(p: PretrainParams, out: Path, val: bool) -> L.Trainer:
         callbacks.append(TQDMProgressBar(refresh_rate=1))
     if p.stop_after_steps:
         callbacks.append(StopAfterSteps(p.stop_after_steps, out / "checkpoints" / "last.ckpt"))
-    devices = p.devices if p.devices == "auto" else (int(p.devices) if p.devices.isdigit() else
-                                                    [int(d) for d in p.devices.split(",")])
+    devices = parse_devices(p.devices)
     return L.Trainer(
         max_steps=p.max_steps, accelerator=p.accelerator, devices=devices, num_nodes=p.num_nodes,
         strategy=p.strategy, precision=p.precision, accumulate_grad_batches=p.accumulate,
