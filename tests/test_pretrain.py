@@ -70,6 +70,24 @@ def test_missing_resume_checkpoint_is_a_clear_error(tmp_path, tiny_text_encoder_
         run(_params(tmp_path, tiny_text_encoder_dir, resume="last"))
 
 
+def test_init_from_a_bundle_continues_its_weights_and_keeps_its_architecture(tmp_path, tiny_text_encoder_dir):
+    from safetensors.torch import load_file
+
+    first = run(_params(tmp_path / "first", tiny_text_encoder_dir, max_steps=2))
+    # lr 0: the continued run must end where it started, so every weight it wrote comes from the first bundle.
+    second = run(_params(tmp_path / "second", tiny_text_encoder_dir, max_steps=1, init_from=str(first), seed=1,
+                         lr_vision=0.0, lr_fusion=0.0, input_size=None, objectives=["mim", "mlm", "sva"]))
+    a, b = load_file(str(first / "model.safetensors")), load_file(str(second / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    loaded = load_bundle(second)
+    assert loaded.config.input_size == (32, 32, 32) and loaded.config.objectives == ("mim", "mlm", "sva")
+    assert loaded.meta["provenance"]["init_from"] == str(first)
+    with pytest.raises(SystemExit, match="--input-size differs from the architecture of --init-from"):
+        run(_params(tmp_path / "third", tiny_text_encoder_dir, init_from=str(first), input_size=[64, 64, 64]))
+
+
 def test_bf16_mixed_precision_step_runs_on_cpu(tmp_path, tiny_text_encoder_dir):
     run(_params(tmp_path, tiny_text_encoder_dir, max_steps=1, precision="bf16-mixed"))
     losses = _losses(tmp_path)

@@ -47,6 +47,9 @@ class PretrainParams:
 
     out_dir: str = field(default="runs/pretrain", metadata={"help": "where checkpoints, logs and the bundle go"})
     resume: str = field(default="", metadata={"help": "checkpoint to resume from, or 'last' for OUT_DIR/checkpoints/last.ckpt"})
+    init_from: str = field(default="", metadata={"help": (
+        "continue pre-training from this bundle (its model, MIM decoder and MLM head) with a new optimiser and "
+        "schedule, e.g. on new data or for another cycle; the architecture comes from the bundle")})
     stop_after_steps: int = field(default=0, metadata={"help": (
         "end this run after N more steps with a checkpoint, e.g. before a cluster time limit; continue with --resume last")})
     checkpoint_every: int = field(default=100, metadata={"help": "save last.ckpt every N steps"})

@@ -21,8 +21,8 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQ
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch.utils.data import DataLoader
 
-from napari_mg3d.checkpoint import save_bundle
-from napari_mg3d.model import preset_config
+from napari_mg3d.checkpoint import Bundle, load_bundle, save_bundle
+from napari_mg3d.model import MG3DConfig, preset_config
 from napari_mg3d.preprocess import PreprocessConfig
 
 from .data import StepIndexedSampler, build_dataset, collate
@@ -32,7 +32,12 @@ from .params import PretrainParams, parse_devices, parse_params
 log = logging.getLogger("training.pretrain")
 
 
-def model_config(p: PretrainParams):
+ARCHITECTURE_OPTIONS = {"input_size": "--input-size", "text_encoder": "--text-encoder", "window_size": "--window-size"}
+
+
+def model_config(p: PretrainParams, init: MG3DConfig | None = None):
+    """The model config of a run: the preset (or ``init``, the --init-from bundle's config) with the run's
+    objectives, loss weights and temperature."""
     overrides = {"temperature": p.temperature, "gradient_checkpointing": p.gradient_checkpointing}
     if p.input_size:
         overrides["input_size"] = tuple(p.input_size)
@@ -46,7 +51,30 @@ def model_config(p: PretrainParams):
         overrides.update(lambda_alpha=p.lambdas[0], lambda_beta=p.lambdas[1], lambda_gamma=p.lambdas[2])
     if p.window_size:
         overrides["window_size"] = p.window_size
+    if init is not None:
+        return _continued_config(p, init, overrides)
     return preset_config(p.preset, **overrides)
+
+
+def _continued_config(p: PretrainParams, base: MG3DConfig, overrides: dict) -> MG3DConfig:
+    for key, option in ARCHITECTURE_OPTIONS.items():
+        if key in overrides and overrides.pop(key) != getattr(base, key):
+            raise SystemExit(f"{option} differs from the architecture of --init-from {p.init_from} "
+                             f"({key}={getattr(base, key)}); leave it out to continue that model")
+    if not p.objectives:
+        overrides.pop("objectives", None)
+    return base.replace(**overrides)
+
+
+def load_init_weights(module: PretrainModule, b: Bundle) -> None:
+    """Start ``module`` from a bundle's model and pre-training heads (heads it lacks stay as initialised)."""
+    module.model.load_state_dict(b.model.state_dict())
+    heads = {"mim_decoder": module.pretrainer.mim_decoder, "mlm_head": module.pretrainer.mlm_head}
+    for name, head in heads.items():
+        if name in b.head_state:
+            head.load_state_dict(b.head_state[name])
+        else:
+            log.warning("--init-from %s has no %s; it starts from random weights", b.path, name)
 
 
 class StopAfterSteps(L.Callback):
@@ -114,7 +142,8 @@ def run(p: PretrainParams) -> Path:
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
     L.seed_everything(p.seed, workers=True)
     out = Path(p.out_dir)
-    cfg = model_config(p)
+    init = load_bundle(p.init_from) if p.init_from else None
+    cfg = model_config(p, init.config if init is not None else None)
     pre_cfg = PreprocessConfig(target_size=cfg.input_size)
     train_set = build_dataset(p.data, pre_cfg, p.cache_dir or None, p.seed, tuple(p.synthetic_shape), with_mask=False)
     val_set = build_dataset(p.val_data, pre_cfg, p.cache_dir or None, p.seed + 10_000_000,
@@ -128,6 +157,8 @@ def run(p: PretrainParams) -> Path:
     val_loader = DataLoader(val_set, batch_size=p.batch_size, shuffle=False, **loader_kw) if val_set else None
 
     module = PretrainModule(cfg, p)
+    if init is not None and not p.resume:  # a resumed run restores its own weights from the checkpoint
+        load_init_weights(module, init)
     trainer = make_trainer(p, out, val_set is not None)
     progress.trainer = trainer
     ckpt = None
@@ -157,15 +188,13 @@ def save_pretrained_bundle(bundle: Path, module: PretrainModule, pre_cfg: Prepro
     save_bundle(bundle, module.model, heads={"mim_decoder": module.pretrainer.mim_decoder,
                                              "mlm_head": module.pretrainer.mlm_head},
                 meta={"preprocessing": pre_cfg.to_dict(), "labels": [],
-                      "provenance": {"stage": "pretrain", "steps": step, "data": p.data,
+                      "provenance": {"stage": "pretrain", "steps": step, "data": p.data, "init_from": p.init_from,
                                      "params": p.to_dict(), "final_metrics": metrics}})
     return bundle
 
 
 def bundle_from_checkpoint(checkpoint: str | Path, bundle: str | Path) -> Path:
     """Export the model of a Lightning checkpoint (e.g. a mid-run last.ckpt) as a bundle."""
-    from napari_mg3d.model import MG3DConfig
-
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     hp = state["hyper_parameters"]
     params = PretrainParams(**hp["params"])

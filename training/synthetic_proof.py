@@ -15,6 +15,10 @@ On held-out report-conditioned synthetic chest CTs (ground truth known):
      against a random cell (the expected hit rate of a uniformly random cell);
  (e) ablations: the paper's six objectives without "sva", without SSM+DFA, without MIM+MLM; each trained for
      half the steps of the full run on the same schedule and compared with the full run's bundle at that step.
+
+With --cycles N the full run is continued for N-1 more cycles of --steps each (warm restart: new warm-up and
+cosine from the previous cycle's bundle, --seed c-1 for cycle c, so a new data order and new masks); each cycle
+is probed, and the segmentation comparison starts from the last one.
 """
 
 from __future__ import annotations
@@ -135,6 +139,22 @@ def run_pretrain(out: Path, pairs: int, steps: int, objectives, shape, batch: in
     return bundles
 
 
+def continue_cycles(out: Path, first: Path, cycles: int, pairs: int, steps: int, objectives, shape,
+                    batch: int) -> list[tuple[Path, int]]:
+    """Cycles 2..``cycles``: each a new schedule of ``steps`` steps starting from the previous cycle's bundle."""
+    done, previous = [], first
+    for c in range(2, cycles + 1):
+        folder = out / f"cycle{c}"
+        bundle = folder / "bundle"
+        if not bundle.exists():
+            resume = "last" if (folder / "checkpoints" / "last.ckpt").exists() else ""
+            pretrain.run(pretrain_params(folder, pairs, steps, objectives, shape, batch, resume=resume,
+                                         init_from=str(previous), seed=c - 1))
+        done.append((bundle, c * steps))
+        previous = bundle
+    return done
+
+
 def snapshot_run(out: Path, pairs: int, schedule: int, stop: int, objectives, shape, batch: int) -> Path:
     """Train on the ``schedule``-step schedule but stop at step ``stop`` and export the bundle there (the
     full run's half-way snapshot and the ablations, which compare at the same step of the same schedule)."""
@@ -193,6 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--pretrained", default="", help="evaluate this pre-trained bundle instead of training one")
     ap.add_argument("--pairs", type=int, default=2000)
     ap.add_argument("--steps", type=int, default=500, help="pre-training steps of the full run (ablations: half)")
+    ap.add_argument("--cycles", type=int, default=1, help="continue the full run for this many cycles of --steps")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seg-steps", type=int, default=240)
     ap.add_argument("--held-out", type=int, default=100)
@@ -211,6 +232,9 @@ def main(argv: list[str] | None = None) -> dict:
         bundles = run_pretrain(out / "full", a.pairs, a.steps, full, a.shape, a.batch_size,
                                snapshot=0 if a.skip_ablation else half)
         runs = {"random init": (None, 0), "full (six + sva)": (bundles[a.steps], a.steps)}
+        for bundle, steps in continue_cycles(out / "full", bundles[a.steps], a.cycles, a.pairs, a.steps, full,
+                                             a.shape, a.batch_size):
+            runs[f"full (six + sva), {steps // a.steps} cycles"] = (bundle, steps)
         snapshot = out / "full" / "bundle_step" / f"{half}"
         if a.skip_ablation and snapshot.exists():  # left by an earlier run with ablations
             runs["full (six + sva), half"] = (snapshot, half)
@@ -227,7 +251,7 @@ def main(argv: list[str] | None = None) -> dict:
         results["runs"][name] = {"steps": steps, **probe(bundle, a.held_out, a.shape)}
         print(name, json.dumps(results["runs"][name]), flush=True)
     if not a.skip_segmentation:
-        main_bundle = next(b for name, (b, _) in runs.items() if name != "random init")
+        main_bundle = max(runs.values(), key=lambda run: run[1] or 0)[0]  # the most trained
         size = load_bundle(main_bundle).config.input_size
         results["segmentation"] = seg_compare(main_bundle, out, a.seg_steps, a.shape, size)
     results["settings"] = vars(a)
