@@ -181,10 +181,26 @@ def seg_compare(pretrained: Path, out: Path, steps: int, shape, preset_size) -> 
     res = {}
     for name, extra in (("pretrained", {"bundle": str(pretrained)}),
                         ("scratch", {"preset": "tiny", "input_size": list(preset_size)})):
-        b = finetune.run(finetune.FinetuneParams(out_dir=str(out / f"seg_{name}"), **common, **extra))
+        params = finetune.FinetuneParams(out_dir=str(out / f"seg_{name}"), **common, **extra)
+        b = Path(params.out_dir) / "bundle"
+        if _same_finetune(b, params):  # e.g. the scratch arm, which does not depend on the pre-trained bundle
+            print(f"segmentation {name}: reusing {b}, trained with the same settings", flush=True)
+        else:
+            b = finetune.run(params)
         m = load_bundle(b).meta["provenance"]["metrics"]
         res[name] = {"mean_dice": m.get("mean_dice"), "dice_per_class": m.get("dice_per_class")}
     return res
+
+
+def _same_finetune(bundle: Path, params) -> bool:
+    """Whether ``bundle`` exists and was fine-tuned with exactly ``params`` (start bundle, data, steps, seed...)."""
+    config = bundle / "config.json"
+    if not config.is_file():
+        return False
+    done = json.loads(config.read_text()).get("provenance", {}).get("params", {})
+    wanted = params.to_dict()
+    keys = set(wanted) - {"out_dir", "num_workers", "log_every", "device", "devices"}
+    return all(done.get(k) == wanted[k] for k in keys)
 
 
 def _f(value) -> str:

@@ -1,0 +1,40 @@
+"""training.synthetic_proof: reuse of a finished fine-tune only when its settings match; the results table."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("lightning")
+
+from training import finetune, synthetic_proof  # noqa: E402
+
+
+def _params(tmp, **kw) -> finetune.FinetuneParams:
+    base = dict(task="segment", data="synthetic:20", val_data="synthetic:10", steps=240, batch_size=2, seed=7,
+                seg_target="all", preset="tiny", out_dir=str(tmp / "seg_scratch"))
+    return finetune.FinetuneParams(**{**base, **kw})
+
+
+def test_a_finished_fine_tune_is_reused_only_with_the_same_settings(tmp_path):
+    bundle = tmp_path / "seg_scratch" / "bundle"
+    assert not synthetic_proof._same_finetune(bundle, _params(tmp_path))  # nothing there yet
+    bundle.mkdir(parents=True)
+    done = _params(tmp_path).to_dict()
+    (bundle / "config.json").write_text(json.dumps({"provenance": {"params": {**done, "out_dir": "elsewhere"}}}))
+    assert synthetic_proof._same_finetune(bundle, _params(tmp_path))  # where it was written does not matter
+    assert not synthetic_proof._same_finetune(bundle, _params(tmp_path, steps=80))
+    assert not synthetic_proof._same_finetune(bundle, _params(tmp_path, bundle="runs/other/bundle"))
+
+
+def test_results_table_has_one_row_per_run_and_the_segmentation_comparison():
+    probe = {"zero_shot_sva_auc_mean": 0.61, "zero_shot_mlm_auc_mean": None, "recall@10_sva": 0.3,
+             "recall@10_global": 0.1, "recall@10_chance": 0.1, "pointing_hit_rate": 0.25,
+             "pointing_random_baseline": 0.107}
+    table = synthetic_proof.to_markdown({
+        "runs": {"random init": {"steps": 0, **probe}, "full (six + sva), 2 cycles": {"steps": 1000, **probe}},
+        "segmentation": {"pretrained": {"mean_dice": 0.4}, "scratch": {"mean_dice": 0.35}}})
+    rows = table.splitlines()
+    assert "| full (six + sva), 2 cycles | 1000 | 0.610 / - | 0.300 / 0.100 (0.10) | 0.250 (0.107) |" in rows
+    assert "| pretrained | 0.400 |" in rows and "| scratch | 0.350 |" in rows
