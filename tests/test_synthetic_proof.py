@@ -13,12 +13,12 @@ from training import finetune, synthetic_proof  # noqa: E402
 
 def _params(tmp, **kw) -> finetune.FinetuneParams:
     base = dict(task="segment", data="synthetic:20", val_data="synthetic:10", steps=240, batch_size=2, seed=7,
-                seg_target="all", preset="tiny", out_dir=str(tmp / "seg_scratch"))
+                seg_target="all", preset="tiny", out_dir=str(tmp / "seg_scratch_seed7"))
     return finetune.FinetuneParams(**{**base, **kw})
 
 
 def test_a_finished_fine_tune_is_reused_only_with_the_same_settings(tmp_path):
-    bundle = tmp_path / "seg_scratch" / "bundle"
+    bundle = tmp_path / "seg_scratch_seed7" / "bundle"
     assert not synthetic_proof._same_finetune(bundle, _params(tmp_path))  # nothing there yet
     bundle.mkdir(parents=True)
     done = _params(tmp_path).to_dict()
@@ -34,7 +34,8 @@ def test_results_table_has_one_row_per_run_and_the_segmentation_comparison():
              "pointing_random_baseline": 0.107}
     table = synthetic_proof.to_markdown({
         "runs": {"random init": {"steps": 0, **probe}, "full (six + sva), 2 cycles": {"steps": 1000, **probe}},
-        "segmentation": {"pretrained": {"mean_dice": 0.4}, "scratch": {"mean_dice": 0.35}}})
+        "segmentation": {"pretrained": {"mean_dice": 0.4, "mean_dice_per_seed": {"7": 0.45, "8": 0.35}},
+                         "scratch": {"mean_dice": 0.35, "mean_dice_per_seed": {"7": 0.35}}}})
     rows = table.splitlines()
     assert "| full (six + sva), 2 cycles | 1000 | 0.610 / - | 0.300 / 0.100 (0.10) | 0.250 (0.107) |" in rows
-    assert "| pretrained | 0.400 |" in rows and "| scratch | 0.350 |" in rows
+    assert "| pretrained | 0.400 | 7: 0.450, 8: 0.350 |" in rows and "| scratch | 0.350 | 7: 0.350 |" in rows

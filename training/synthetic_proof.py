@@ -175,20 +175,28 @@ def random_init_bundle(out: Path, like: Path) -> Path:
     return out
 
 
-def seg_compare(pretrained: Path, out: Path, steps: int, shape, preset_size) -> dict:
+def seg_compare(pretrained: Path, out: Path, steps: int, shape, preset_size, seeds=(7,)) -> dict:
+    """Both arms once per seed (initialisation of the decoder, data order); Dice means over the seeds."""
     common = dict(task="segment", data="synthetic:20", val_data="synthetic:10", steps=steps, batch_size=2,
-                  seg_target="all", synthetic_shape=list(shape), lr=1e-3, lr_encoder=1e-4, log_every=20, seed=7)
+                  seg_target="all", synthetic_shape=list(shape), lr=1e-3, lr_encoder=1e-4, log_every=20)
     res = {}
     for name, extra in (("pretrained", {"bundle": str(pretrained)}),
                         ("scratch", {"preset": "tiny", "input_size": list(preset_size)})):
-        params = finetune.FinetuneParams(out_dir=str(out / f"seg_{name}"), **common, **extra)
-        b = Path(params.out_dir) / "bundle"
-        if _same_finetune(b, params):  # e.g. the scratch arm, which does not depend on the pre-trained bundle
-            print(f"segmentation {name}: reusing {b}, trained with the same settings", flush=True)
-        else:
-            b = finetune.run(params)
-        m = load_bundle(b).meta["provenance"]["metrics"]
-        res[name] = {"mean_dice": m.get("mean_dice"), "dice_per_class": m.get("dice_per_class")}
+        per_seed = {}
+        for seed in seeds:
+            params = finetune.FinetuneParams(out_dir=str(out / f"seg_{name}_seed{seed}"), seed=seed, **common, **extra)
+            b = Path(params.out_dir) / "bundle"
+            if _same_finetune(b, params):  # e.g. the scratch arm, which does not depend on the pre-trained bundle
+                print(f"segmentation {name}: reusing {b}, trained with the same settings", flush=True)
+            else:
+                b = finetune.run(params)
+            per_seed[seed] = load_bundle(b).meta["provenance"]["metrics"]
+        classes = per_seed[seeds[0]].get("dice_per_class") or {}
+        res[name] = {
+            "mean_dice": float(np.mean([m["mean_dice"] for m in per_seed.values()])),
+            "mean_dice_per_seed": {str(s): m["mean_dice"] for s, m in per_seed.items()},
+            "dice_per_class": {c: float(np.mean([m["dice_per_class"][c] for m in per_seed.values()])) for c in classes},
+        }
     return res
 
 
@@ -217,8 +225,11 @@ def to_markdown(results: dict) -> str:
                      f"({_f(r['pointing_random_baseline'])}) |")
     seg = results.get("segmentation")
     if seg:
-        lines += ["", "| segmentation, 20 labelled volumes, same budget | mean Dice (held-out) |", "|---|---|"]
-        lines += [f"| {name} | {_f(v['mean_dice'])} |" for name, v in seg.items()]
+        lines += ["", "| segmentation, 20 labelled volumes, same budget | mean Dice (held-out), mean of seeds | per seed |",
+                  "|---|---|---|"]
+        lines += [f"| {name} | {_f(v['mean_dice'])} | "
+                  + ", ".join(f"{s}: {_f(d)}" for s, d in v.get("mean_dice_per_seed", {}).items()) + " |"
+                  for name, v in seg.items()]
     return "\n".join(lines)
 
 
@@ -232,6 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--cycles", type=int, default=1, help="continue the full run for this many cycles of --steps")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seg-steps", type=int, default=240)
+    ap.add_argument("--seg-seeds", type=int, nargs="+", default=[7], help="segmentation comparison: one run per arm and seed")
     ap.add_argument("--held-out", type=int, default=100)
     ap.add_argument("--shape", type=int, nargs=3, default=[80, 112, 144])
     ap.add_argument("--skip-ablation", action="store_true")
@@ -269,7 +281,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not a.skip_segmentation:
         main_bundle = max(runs.values(), key=lambda run: run[1] or 0)[0]  # the most trained
         size = load_bundle(main_bundle).config.input_size
-        results["segmentation"] = seg_compare(main_bundle, out, a.seg_steps, a.shape, size)
+        results["segmentation"] = seg_compare(main_bundle, out, a.seg_steps, a.shape, size, tuple(a.seg_seeds))
     results["settings"] = vars(a)
     results["wall_clock_s"] = time.perf_counter() - t0
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
