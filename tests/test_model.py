@@ -337,3 +337,20 @@ def test_segmentation_decoder_group_norm_equals_instance_norm_and_channels_last_
         plain = decoder(volume, features)
         fast = use_channels_last(decoder)(volume, features)
     torch.testing.assert_close(fast, plain, atol=1e-3, rtol=1e-3)  # summation order differs
+
+
+def test_alignment_zero_shot_scores_are_the_pair_softmax_and_centring_removes_the_volume_offset(tiny_model):
+    from napari_mg3d.model.heads import alignment_zero_shot_scores, prompt_batch
+
+    findings = ["Pleural effusion", "Cardiomegaly", "Lung nodule"]
+    tokens = tiny_model.encode_volume(torch.rand(1, 1, *tiny_model.config.input_size)).tokens
+    with torch.no_grad():
+        _, prompts = tiny_model.encode_sentences_separately(prompt_batch(tiny_model.text.tokenizer, findings))
+        sim = tiny_model.sentence_volume_similarity(tokens, prompts.reshape(-1, prompts.shape[-1]))[:, 0]
+    pair = (sim.view(3, 2) / tiny_model.config.temperature).softmax(-1)[:, 0]
+    plain = alignment_zero_shot_scores(tiny_model, tokens, findings)
+    centred = alignment_zero_shot_scores(tiny_model, tokens, findings, centre=True)
+    assert torch.allclose(plain, pair, atol=1e-6)
+    logit = torch.logit(centred.double())
+    assert abs(float(logit.mean())) < 1e-5  # the volume's common offset is gone
+    assert torch.allclose(logit - logit[0], torch.logit(plain.double()) - torch.logit(plain.double())[0], atol=1e-4)

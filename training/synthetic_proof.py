@@ -60,7 +60,7 @@ def probe(bundle: str | Path, n: int, shape, seed: int = HELD_OUT_SEED) -> dict:
         mlm.load_state_dict(b.head_state["mlm_head"])
         mlm.eval()
     aligned = "sva" in cfg.objectives
-    labels, zs, za, gv, gt, tokens, sentences, owners, hits, chance = [], [], [], [], [], [], [], [], [], []
+    labels, zs, za, zc, gv, gt, tokens, sentences, owners, hits, chance = [], [], [], [], [], [], [], [], [], []
     for i in range(n):
         s = generate_sample(seed + i, shape=tuple(shape))
         x, rec = preprocess(Volume(s.volume, s.affine), pre_cfg)
@@ -74,6 +74,7 @@ def probe(bundle: str | Path, n: int, shape, seed: int = HELD_OUT_SEED) -> dict:
             zs.append(zero_shot_scores(model, mlm, enc.tokens, LABELS).numpy())
         if aligned:
             za.append(alignment_zero_shot_scores(model, enc.tokens, LABELS).numpy())
+            zc.append(alignment_zero_shot_scores(model, enc.tokens, LABELS, centre=True).numpy())
         _, sent = model.encode_sentences_separately(text)
         tokens.append(enc.tokens[0])
         sentences.append(sent[0][text.sentence_valid[0]])
@@ -94,7 +95,7 @@ def probe(bundle: str | Path, n: int, shape, seed: int = HELD_OUT_SEED) -> dict:
             chance.append(float(cells.float().mean()))
     Y = np.array(labels)
     out: dict = {"n": n, "objectives": list(cfg.objectives)}
-    for key, scores in (("zero_shot_mlm", zs), ("zero_shot_sva", za)):
+    for key, scores in (("zero_shot_mlm", zs), ("zero_shot_sva", za), ("zero_shot_sva_centred", zc)):
         if scores:
             P = np.stack(scores)
             per = {name: metrics.auc(Y[:, j], P[:, j]) for j, name in enumerate(LABELS) if 0 < Y[:, j].sum() < n}
