@@ -39,3 +39,25 @@ def test_results_table_has_one_row_per_run_and_the_segmentation_comparison():
     rows = table.splitlines()
     assert "| full (six + sva), 2 cycles | 1000 | 0.610 / - | 0.300 / 0.100 (0.10) | 0.250 (0.107) |" in rows
     assert "| pretrained | 0.400 | 7: 0.450, 8: 0.350 |" in rows and "| scratch | 0.350 | 7: 0.350 |" in rows
+
+
+def test_probe_scores_every_route_on_held_out_volumes(tmp_path, tiny_config):
+    import math
+
+    import torch
+
+    from napari_mg3d.model import MG3DModel
+
+    torch.manual_seed(0)
+    bundle = tmp_path / "bundle"
+    MG3DModel(tiny_config.replace(objectives=("mim", "sva"))).save_pretrained(str(bundle))
+    out = synthetic_proof.probe(bundle, n=3, shape=(40, 48, 56))
+    assert out["n"] == 3 and out["objectives"] == ["mim", "sva"]
+    assert "zero_shot_mlm_auc_mean" not in out  # no MLM head in this bundle: that route is skipped, not faked
+    for key in ("zero_shot_sva", "zero_shot_sva_centred"):
+        per = out[f"{key}_auc_per_finding"]
+        assert per and all(0.0 <= v <= 1.0 for v in per.values())
+        assert math.isclose(out[f"{key}_auc_mean"], sum(per.values()) / len(per))
+    # With 3 volumes every report finds its volume in the top 10; chance is reported as 10/n.
+    assert out["recall@10_sva"] == 1.0 and out["recall@10_chance"] == 10 / 3
+    assert out["pointing_n"] > 0 and 0.0 < out["pointing_random_baseline"] <= 1.0

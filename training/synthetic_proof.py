@@ -60,7 +60,7 @@ def probe(bundle: str | Path, n: int, shape, seed: int = HELD_OUT_SEED) -> dict:
         mlm.load_state_dict(b.head_state["mlm_head"])
         mlm.eval()
     aligned = "sva" in cfg.objectives
-    labels, zs, za, zc, gv, gt, tokens, sentences, owners, hits, chance = [], [], [], [], [], [], [], [], [], []
+    labels, zs, za, zc, gv, gt, tokens, sentences, owners, hits, chance = ([] for _ in range(11))
     for i in range(n):
         s = generate_sample(seed + i, shape=tuple(shape))
         x, rec = preprocess(Volume(s.volume, s.affine), pre_cfg)
