@@ -61,8 +61,6 @@ def _continued_config(p: PretrainParams, base: MG3DConfig, overrides: dict) -> M
         if key in overrides and overrides.pop(key) != getattr(base, key):
             raise SystemExit(f"{option} differs from the architecture of --init-from {p.init_from} "
                              f"({key}={getattr(base, key)}); leave it out to continue that model")
-    if not p.objectives:
-        overrides.pop("objectives", None)
     return base.replace(**overrides)
 
 

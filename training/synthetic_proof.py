@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from napari_mg3d.checkpoint import load_bundle
-from napari_mg3d.model.heads import alignment_zero_shot_scores, zero_shot_scores
+from napari_mg3d.model.heads import alignment_zero_shot_margins, margins_to_scores, zero_shot_scores
 from napari_mg3d.model.text import tokenize_reports
 from napari_mg3d.preprocess import PreprocessConfig, labels_to_model, preprocess
 from napari_mg3d.synthetic import LABELS, generate_sample
@@ -73,8 +73,9 @@ def probe(bundle: str | Path, n: int, shape, seed: int = HELD_OUT_SEED) -> dict:
         if mlm is not None:
             zs.append(zero_shot_scores(model, mlm, enc.tokens, LABELS).numpy())
         if aligned:
-            za.append(alignment_zero_shot_scores(model, enc.tokens, LABELS).numpy())
-            zc.append(alignment_zero_shot_scores(model, enc.tokens, LABELS, centre=True).numpy())
+            margins = alignment_zero_shot_margins(model, enc.tokens, LABELS)  # one read-out for both scores
+            za.append(margins_to_scores(margins).numpy())
+            zc.append(margins_to_scores(margins, centre=True).numpy())
         _, sent = model.encode_sentences_separately(text)
         tokens.append(enc.tokens[0])
         sentences.append(sent[0][text.sentence_valid[0]])

@@ -250,22 +250,31 @@ def build_head(spec: dict, config, vocab_size: int) -> nn.Module:
 
 
 @torch.no_grad()
-def alignment_zero_shot_scores(model, tokens: torch.Tensor, findings: list[str],
-                               pair: tuple[str, str] = PROMPT_PAIR, centre: bool = False) -> torch.Tensor:
-    """p(present) per finding for one volume from the "sva" objective, with no fine-tuning: each prompt of
-    the pair is read out over the volume tokens (1, N, d) and compared with itself (cosine); softmax over the
-    pair at the training temperature. Only meaningful for a model pre-trained with "sva". Returns (F,).
-
-    ``centre``: subtract the mean over ``findings`` of the pair's logit difference before the softmax. The
-    sentence-volume score carries a per-volume offset (some volumes match every "present" prompt better than
-    others); centring removes it, so scores rank volumes by what sets one finding apart from the rest. Needs
-    several findings; the scores then depend on which findings are asked about together."""
+def alignment_zero_shot_margins(model, tokens: torch.Tensor, findings: list[str],
+                                pair: tuple[str, str] = PROMPT_PAIR) -> torch.Tensor:
+    """(F,) logit margin "present" minus "not present" per finding for one volume from the "sva" objective:
+    each prompt of the pair is read out over the volume tokens (1, N, d) and compared with itself (cosine),
+    divided by the training temperature. Only meaningful for a model pre-trained with "sva"."""
     _, prompts = model.encode_sentences_separately(prompt_batch(model.text.tokenizer, findings, pair).to(tokens.device))
     similarity = model.sentence_volume_similarity(tokens, prompts.reshape(-1, prompts.shape[-1]))[:, 0]
-    margin = (similarity.view(len(findings), 2) / model.config.temperature).diff(dim=-1)[:, 0].neg()  # pos - neg
-    if centre:
-        margin = margin - margin.mean()
-    return torch.sigmoid(margin)
+    logits = similarity.view(len(findings), 2) / model.config.temperature
+    return logits[:, 0] - logits[:, 1]
+
+
+def margins_to_scores(margins: torch.Tensor, centre: bool = False) -> torch.Tensor:
+    """p(present) from pair margins (softmax over the pair). ``centre``: subtract the mean margin over the
+    findings first. The sentence-volume score carries a per-volume offset (some volumes match every "present"
+    prompt better than others); centring removes it, so scores rank volumes by what sets one finding apart
+    from the rest. Needs several findings; the scores then depend on which findings are asked about together."""
+    return torch.sigmoid(margins - margins.mean() if centre else margins)
+
+
+@torch.no_grad()
+def alignment_zero_shot_scores(model, tokens: torch.Tensor, findings: list[str],
+                               pair: tuple[str, str] = PROMPT_PAIR, centre: bool = False) -> torch.Tensor:
+    """p(present) per finding for one volume, with no fine-tuning (see alignment_zero_shot_margins and
+    margins_to_scores). Returns (F,)."""
+    return margins_to_scores(alignment_zero_shot_margins(model, tokens, findings, pair), centre)
 
 
 @torch.no_grad()
