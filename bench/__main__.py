@@ -50,14 +50,32 @@ def inference_section(args) -> tuple[dict, str]:
     return res, "\n".join(md)
 
 
+def model_section(args) -> tuple[dict, str]:
+    from . import model_time
+
+    res = model_time.run(presets=tuple(args.presets), variants=tuple(args.model_variants), device=args.device,
+                         repeats=max(3, args.repeats * 5))
+    md = ["### Model time per volume (encoder, segmentation decoder, scores, 4 sentence heat maps; batch 1)",
+          "Median of the timed calls, from the preprocessed model-grid input; reading, preprocessing and mapping "
+          "back to the CT grid are in the inference table. Report drafting is per generated token.", "",
+          fmt_table(res["rows"], [("preset", "preset"), ("variant", "variant"), ("model_ms", "model ms"),
+                                  ("speedup_vs_eager", "vs eager"), ("gflop", "GFLOP"),
+                                  ("fraction_of_bf16_peak", "of bf16 peak"), ("peak_gpu_gib", "peak GPU GiB"),
+                                  ("first_call_s", "first call s"), ("label_agreement", "labels = eager"),
+                                  ("score_max_abs_diff", "max |d score|"), ("heat_max_abs_diff", "max |d heat|"),
+                                  ("draft_ms_per_token", "draft ms/token"), ("error", "note")])]
+    return res, "\n".join(md)
+
+
 def pretrain_section(args) -> tuple[dict, str]:
     from . import pretrain
 
     res = pretrain.run(presets=tuple(args.pretrain_presets), batches=tuple(args.batches), device=args.device,
+                       variants=tuple(args.pretrain_variants),
                        steps=args.steps)
     md = ["### Pre-training step (all seven objectives, AdamW)", "",
           fmt_table(res["rows"], [("preset", "preset"), ("batch", "batch"), ("variant", "variant"),
-                                  ("s_per_step", "s/step"), ("volumes_per_s", "volumes/s"),
+                                  ("s_per_step", "s/step"), ("volumes_per_s", "volumes/s"), ("first_step_s", "first step s"),
                                   ("speedup_vs_eager", "vs eager"), ("gflop_per_volume", "GFLOP/volume"),
                                   ("fraction_of_bf16_peak", "of bf16 peak"), ("peak_rss_gib", "peak RSS GiB"),
                                   ("peak_gpu_gib", "peak GPU GiB"), ("error", "note")])]
@@ -75,7 +93,7 @@ def data_section(args) -> tuple[dict, str]:
     return res, "\n".join(md)
 
 
-SECTIONS = {"inference": inference_section, "pretrain": pretrain_section, "data": data_section}
+SECTIONS = {"model": model_section, "inference": inference_section, "pretrain": pretrain_section, "data": data_section}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -86,6 +104,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--presets", nargs="+", default=["tiny", "base"], help="inference presets")
     ap.add_argument("--shape", type=int, nargs=3, default=[300, 512, 512], help="inference CT (slices, rows, cols)")
     ap.add_argument("--repeats", type=int, default=2, help="warm inference repeats (the fastest is kept)")
+    ap.add_argument("--model-variants", nargs="+", default=None,
+                    help="model-time variants (default: all on a GPU; no torch.compile on a CPU)")
+    ap.add_argument("--pretrain-variants", nargs="+", default=None, help="pre-training variants (default: all)")
     ap.add_argument("--pretrain-presets", nargs="+", default=None,
                     help="default: base on a GPU, tiny on a CPU (a base step takes minutes on 2 cores)")
     ap.add_argument("--batches", type=int, nargs="+", default=[4, 8])
@@ -93,6 +114,18 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--data-volumes", type=int, default=24)
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
+    from .model_time import VARIANTS as MODEL_VARIANTS
+    from .pretrain import VARIANTS as PRETRAIN_VARIANTS
+
+    if args.model_variants is None:
+        args.model_variants = [v for v in MODEL_VARIANTS if torch.cuda.is_available() or "compile" not in v]
+    if args.pretrain_variants is None:
+        args.pretrain_variants = [v for v in PRETRAIN_VARIANTS if torch.cuda.is_available() or "compile" not in v]
+    for name, chosen, known in (("--model-variants", args.model_variants, MODEL_VARIANTS),
+                                ("--pretrain-variants", args.pretrain_variants, PRETRAIN_VARIANTS)):
+        unknown = [v for v in chosen if v not in known]
+        if unknown:
+            ap.error(f"{name}: unknown variant(s) {unknown}; choose from {list(known)}")
     if args.pretrain_presets is None:
         args.pretrain_presets = ["base"] if torch.cuda.is_available() else ["tiny"]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
