@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
     from .pretrain import VARIANTS as PRETRAIN_VARIANTS
 
     if args.model_variants is None:
-        args.model_variants = [v for v in MODEL_VARIANTS if torch.cuda.is_available() or "compile" not in v]
+        args.model_variants = [v for v in MODEL_VARIANTS if torch.cuda.is_available() or not ("compile" in v or "CUDA" in v)]
     if args.pretrain_variants is None:
         args.pretrain_variants = [v for v in PRETRAIN_VARIANTS if torch.cuda.is_available() or "compile" not in v]
     for name, chosen, known in (("--model-variants", args.model_variants, MODEL_VARIANTS),

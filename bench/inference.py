@@ -17,7 +17,8 @@ QUERY = "Ground glass opacity in the left lower lobe."
 
 PATHS = {
     # name: (Predictor keyword arguments, how the typed sentence's heat map reaches the screen)
-    "eager": ({"precision": "fp32", "class_by_class": True, "channels_last": False}, "resampled to the CT grid"),
+    "eager": ({"precision": "fp32", "class_by_class": True, "channels_last": False, "cuda_graphs": False},
+              "resampled to the CT grid"),
     "optimised": ({"precision": "auto", "class_by_class": False}, "model grid + transform"),
 }
 

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import Bundle, load_bundle
+from .cuda_graphs import GraphedCall
 from .model.heads import (
     GenerationSettings,
     alignment_zero_shot_scores,
@@ -26,6 +27,7 @@ from .model.heads import (
     use_channels_last,
     zero_shot_scores,
 )
+from .model.mg3d import VolumeEncoding
 from .model.text import tokenize_reports
 from .preprocess import PreprocessConfig, PreprocessRecord, preprocess, to_original, to_source_axes
 from .synthetic import LABELS
@@ -143,18 +145,30 @@ class Result:
         return to_source_axes(self._model_map(index), self.record)
 
 
+def _encoding_tensors(encoding: VolumeEncoding) -> tuple[list[torch.Tensor], torch.Tensor]:
+    return list(encoding.features), encoding.tokens
+
+
 class Predictor:
     """Runs a bundle on volumes. ``bundle``: a path (directory or .zip) or a loaded Bundle; default: the
     demo bundle. ``device``: 'auto' (cuda, then mps, then cpu), or a name. ``precision``: 'fp32', 'bf16'
     (autocast), or 'auto' (:func:`auto_precision`: bf16 on CUDA and on CPUs with AMX, else fp32).
     ``class_by_class``: map segmentation scores back by resizing every class (the plain path; same labels,
     slower; see preprocess.upsampled_argmax). ``channels_last``: run the segmentation decoder on
-    channels-last memory (default: with bf16, where oneDNN/cuDNN convolutions want it; ~2x on the CPU)."""
+    channels-last memory (default: bf16 on the CPU, where oneDNN wants it, ~2x; on an H100 it was slower).
+    ``cuda_graphs``: replay the encoder and the segmentation decoder as captured CUDA graphs (default: on a
+    CUDA device; at batch 1 the plain path waits on the CPU to launch its kernels). A capture that fails
+    falls back to the plain path with a logged warning."""
 
     def __init__(self, bundle: str | Path | Bundle | None = None, device: str = "auto",
                  memory_limit_bytes: int | None = None, precision: str = "auto", class_by_class: bool = False,
-                 channels_last: bool | None = None) -> None:
+                 channels_last: bool | None = None, cuda_graphs: bool | None = None) -> None:
         self.device = pick_device(device)
+        if cuda_graphs and self.device.type != "cuda":
+            raise PredictorError(f"cuda_graphs=True needs a CUDA device; this Predictor runs on {self.device}")
+        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self._graphs: dict[str, GraphedCall] = {}
+        self._grid: tuple[int, int, int] | None = None
         if precision not in ("auto", "fp32", "bf16"):
             raise PredictorError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
         self.precision = auto_precision(self.device) if precision == "auto" else precision
@@ -175,8 +189,8 @@ class Predictor:
         heads, _ = bundle.build_heads()
         self.heads = {name: head.to(self.device).eval() for name, head in heads.items()}
         if "segmentation" in self.heads:
-            use_channels_last(self.heads["segmentation"],
-                              self.precision == "bf16" if channels_last is None else channels_last)
+            use_channels_last(self.heads["segmentation"], self.precision == "bf16" and self.device.type == "cpu"
+                              if channels_last is None else channels_last)
         self.weight_bytes = sum(p.numel() * p.element_size() for m in (self.model, *self.heads.values())
                                 for p in m.parameters()) if self.device.type == "cpu" else 0
         self._cache_key = None
@@ -238,8 +252,32 @@ class Predictor:
         x, record = preprocess(volume, self.preprocess_config)
         self._input = x[None].to(self.device)
         with torch.inference_mode(), self._autocast():
-            self._encoding = self.model.encode_volume(self._input)
+            self._encoding = self._encode_volume(self._input)
         self._record, self._cache_key = record, key
+
+    def _graphed(self, name: str, fn: Callable, *args):
+        """``fn(*args)``, replayed from a CUDA graph when cuda_graphs is on (captured on first use)."""
+        if not self.cuda_graphs:
+            return fn(*args)
+        graph = self._graphs.get(name)
+        if graph is None or not graph.matches(*args):
+            try:
+                graph = self._graphs[name] = GraphedCall(
+                    fn, *args, dtype=torch.bfloat16 if self.precision == "bf16" else None)
+            except RuntimeError as err:
+                log.warning("CUDA graph capture of %s failed (%s); running without CUDA graphs", name, err)
+                self.cuda_graphs = False
+                self._graphs.clear()
+                return fn(*args)
+        return graph(*args)
+
+    def _encode_volume(self, x: torch.Tensor) -> VolumeEncoding:
+        if not self.cuda_graphs:
+            return self.model.encode_volume(x)
+        if self._grid is None:  # one plain pass: the token grid, and the warm-up
+            self._grid = tuple(self.model.encode_volume(x).grid)
+        feats, tokens = self._graphed("encode", lambda v: _encoding_tensors(self.model.encode_volume(v)), x)
+        return VolumeEncoding(list(feats), tokens, self._grid)
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
@@ -297,7 +335,8 @@ class Predictor:
         """(C, Z, Y, X) float32 class logits on the model grid (CPU)."""
         head = self.heads["segmentation"]
         with torch.inference_mode(), self._autocast():
-            return head(self._input, self._encoding.features)[0].float().cpu().contiguous()
+            logits = self._graphed("segment", head, self._input, list(self._encoding.features))
+            return logits[0].float().cpu().contiguous()
 
     def _segment(self, logits: torch.Tensor | None = None) -> np.ndarray:
         """int32 labels on the source grid of the cached volume."""

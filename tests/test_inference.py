@@ -164,3 +164,26 @@ def test_heatmap_overlay_is_the_model_grid_map_that_export_resamples(gui_bundle,
     local = full[tuple(np.clip(nearest, 0, np.array(full.shape) - 1))]
     assert abs(local - small[tuple(k)]) < 0.15
     np.testing.assert_allclose(predictor.heatmap_overlay("Nodule in the right upper lobe.")[0], small, atol=1e-6)
+
+
+def test_cuda_graphs_are_off_on_the_cpu_and_asking_for_them_there_names_the_device(gui_bundle):
+    import torch
+
+    from napari_mg3d.cuda_graphs import GraphedCall
+
+    assert Predictor(gui_bundle, device="cpu").cuda_graphs is False
+    with pytest.raises(PredictorError, match="cuda_graphs=True needs a CUDA device; .* runs on cpu"):
+        Predictor(gui_bundle, device="cpu", cuda_graphs=True)
+    with pytest.raises(ValueError, match="CUDA tensors"):
+        GraphedCall(lambda x: x * 2, torch.ones(3))
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_replay_matches_the_plain_pass(gui_bundle, sample):
+    _, volume = sample
+    plain = Predictor(gui_bundle, device="cuda", precision="bf16", cuda_graphs=False).run(volume)
+    graphed_predictor = Predictor(gui_bundle, device="cuda", precision="bf16", cuda_graphs=True)
+    graphed = graphed_predictor.run(volume)
+    assert graphed_predictor.cuda_graphs and "encode" in graphed_predictor._graphs
+    assert (plain.labels == graphed.labels).mean() > 0.999
+    assert max(abs(plain.scores[k] - graphed.scores[k]) for k in plain.scores) < 1e-3

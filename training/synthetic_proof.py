@@ -197,9 +197,15 @@ def seg_compare(pretrained: Path, out: Path, steps: int, shape, preset_size, see
         res[name] = {
             "mean_dice": float(np.mean([m["mean_dice"] for m in per_seed.values()])),
             "mean_dice_per_seed": {str(s): m["mean_dice"] for s, m in per_seed.items()},
-            "dice_per_class": {c: float(np.mean([m["dice_per_class"][c] for m in per_seed.values()])) for c in classes},
+            "dice_per_class": {c: _mean_defined([m["dice_per_class"].get(c) for m in per_seed.values()]) for c in classes},
         }
     return res
+
+
+def _mean_defined(values: list[float | None]) -> float | None:
+    """Mean over the seeds where a class's Dice is defined (None: the class is absent from the held-out set)."""
+    defined = [v for v in values if v is not None]
+    return float(np.mean(defined)) if defined else None
 
 
 def _same_finetune(bundle: Path, params) -> bool:
