@@ -30,6 +30,7 @@ VARIANTS = {
     "bf16 + channels_last decoder": {"bf16": True, "channels_last": True, "compile": False},
     "bf16 + torch.compile": {"bf16": True, "channels_last": True, "compile": True},
     "bf16 + CUDA graphs": {"bf16": True, "channels_last": False, "compile": False, "cuda_graphs": True},
+    "fp32 + CUDA graphs": {"bf16": False, "channels_last": False, "compile": False, "cuda_graphs": True},
 }
 
 
