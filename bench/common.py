@@ -36,6 +36,12 @@ def _cpu_name() -> str:
     return platform.processor()
 
 
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA); a no-op on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def rss_bytes() -> int:
     """Resident set size of this process now (Linux /proc; 0 where unavailable)."""
     try:

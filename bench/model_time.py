@@ -16,11 +16,11 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from napari_mg3d.inference import Predictor
+from napari_mg3d.inference import Predictor, pick_device
 from napari_mg3d.model.heads import GenerationSettings, use_channels_last
 from napari_mg3d.model.text import tokenize_reports
 
-from .common import bundle_for
+from .common import bundle_for, sync
 from .inference import SENTENCES
 from .pretrain import peak_flops
 
@@ -38,7 +38,6 @@ class ModelPass:
     """One volume's forward passes through the encoder and every head, from the preprocessed tensor."""
 
     def __init__(self, predictor: Predictor, bf16: bool, channels_last: bool, compile: bool) -> None:
-        self.p = predictor
         self.device = predictor.device
         self.bf16 = bf16
         self.model = predictor.model
@@ -67,19 +66,14 @@ class ModelPass:
         return {"labels": logits.argmax(1), "scores": probs.float(), "heat": heat.float()}
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def time_call(fn, device: torch.device, repeats: int) -> float:
     """Median wall seconds of ``repeats`` synchronised calls."""
     times = []
     for _ in range(repeats):
-        _sync(device)
+        sync(device)
         t = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t)
     return sorted(times)[len(times) // 2]
 
@@ -94,7 +88,7 @@ def one_setting(preset: str, variant: str, device: str, repeats: int) -> tuple[d
     run = ModelPass(predictor, v["bf16"], v["channels_last"], v["compile"])
     t = time.perf_counter()
     out = run(x)  # warm-up (and compilation)
-    _sync(dev)
+    sync(dev)
     first_call = time.perf_counter() - t
     run(x)
     if dev.type == "cuda":
@@ -121,10 +115,10 @@ def _draft_rate(predictor: Predictor, x: torch.Tensor, bf16: bool) -> dict:
         tokens = predictor.model.encode_volume(x).tokens
         settings = GenerationSettings(max_len=32)
         head.generate(tokens, settings)
-        _sync(dev)
+        sync(dev)
         t = time.perf_counter()
         ids = head.generate(tokens, settings)[0]
-        _sync(dev)
+        sync(dev)
     n = max(1, len(ids) + 1)  # the EOS step counts
     return {"draft_tokens": n, "draft_ms_per_token": (time.perf_counter() - t) * 1e3 / n}
 
@@ -137,8 +131,7 @@ def agreement(ref: dict, out: dict) -> dict:
 
 def run(presets=("tiny", "base"), variants=tuple(VARIANTS), device: str = "auto", repeats: int = 10) -> dict:
     rows = []
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+    dev = pick_device(device)
     peak = peak_flops(dev)
     for preset in presets:
         ref = None

@@ -9,14 +9,16 @@ variants are those of the same step counted eagerly).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from napari_mg3d.inference import pick_device
 from napari_mg3d.model import ALL_OBJECTIVES, MG3DModel, MG3DPretrainer, preset_config, tokenize_reports
 from napari_mg3d.synthetic import generate_sample
 
-from .common import PeakMemory
+from .common import PeakMemory, sync
 
 # dense bf16 tensor-core peak (FLOP/s) of GPUs we may meet, for the utilisation column
 BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
@@ -42,8 +44,9 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in BF16_PEAK.items() if k in name), None)
 
 
-def one_setting(preset: str, batch: int, variant: str, device: torch.device, steps: int, warmup: int) -> dict:
-    v = VARIANTS[variant]
+def build_step(preset: str, batch: int, v: dict, device: torch.device) -> Callable[[], torch.Tensor]:
+    """One pre-training step of ``preset`` at ``batch`` with variant settings ``v`` (a VARIANTS value):
+    forward of every objective, backward, AdamW update; returns the detached total loss."""
     torch.manual_seed(0)
     cfg = preset_config(preset, objectives=ALL_OBJECTIVES, gradient_checkpointing=v["checkpointing"])
     pre = MG3DPretrainer(MG3DModel(cfg)).to(device).train()
@@ -67,10 +70,15 @@ def one_setting(preset: str, batch: int, variant: str, device: torch.device, ste
         opt.step()
         return out["total"].detach()
 
+    return step
+
+
+def one_setting(preset: str, batch: int, variant: str, device: torch.device, steps: int, warmup: int) -> dict:
+    v = VARIANTS[variant]
+    step = build_step(preset, batch, v, device)
     t = time.perf_counter()
     step()
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
+    sync(device)
     first_step = time.perf_counter() - t
     for _ in range(warmup):
         step()
@@ -80,11 +88,11 @@ def one_setting(preset: str, batch: int, variant: str, device: torch.device, ste
         with flops:
             step()
     with PeakMemory() as mem:
-        sync()
+        sync(device)
         t = time.perf_counter()
         for _ in range(steps):
             loss = step()
-        sync()
+        sync(device)
         seconds = (time.perf_counter() - t) / steps
     row = {"preset": preset, "batch": batch, "variant": variant, "s_per_step": seconds, "first_step_s": first_step,
            "volumes_per_s": batch / seconds,
@@ -96,8 +104,7 @@ def one_setting(preset: str, batch: int, variant: str, device: torch.device, ste
 
 def run(presets=("tiny",), batches=(4, 8), variants=tuple(VARIANTS), device: str = "auto",
         steps: int = 3, warmup: int = 1) -> dict:
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+    dev = pick_device(device)
     rows = []
     peak = peak_flops(dev)
     for preset in presets:

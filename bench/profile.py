@@ -11,27 +11,13 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from napari_mg3d.inference import pick_device
+
 
 def _pretrain_step(preset: str, batch: int, bf16: bool, device: torch.device):
-    from napari_mg3d.model import ALL_OBJECTIVES, MG3DModel, MG3DPretrainer, preset_config, tokenize_reports
-
     from . import pretrain
 
-    torch.manual_seed(0)
-    cfg = preset_config(preset, objectives=ALL_OBJECTIVES)
-    pre = MG3DPretrainer(MG3DModel(cfg)).to(device).train()
-    opt = torch.optim.AdamW([p for _, p in pre.trainable_named_parameters()], lr=1e-4, fused=device.type == "cuda")
-    x = torch.rand(batch, 1, *cfg.input_size, device=device)
-    text = tokenize_reports(pre.model.text.tokenizer, pretrain._reports(batch), cfg.max_words, cfg.max_sentences,
-                            cfg.max_sentence_words).to(device)
-
-    def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = pre(x, text, torch.Generator().manual_seed(0))
-        opt.zero_grad(set_to_none=True)
-        out["total"].backward()
-        opt.step()
-    return step
+    return pretrain.build_step(preset, batch, pretrain.VARIANTS["bf16 autocast" if bf16 else "eager fp32"], device)
 
 
 def _model_pass(preset: str, bf16: bool, device: torch.device):
@@ -40,7 +26,9 @@ def _model_pass(preset: str, bf16: bool, device: torch.device):
     from .common import bundle_for
     from .model_time import ModelPass
 
-    predictor = Predictor(bundle_for(preset), device=str(device), precision="bf16" if bf16 else "fp32")
+    # the plain path (no CUDA graphs): the profile is for seeing which kernels the pass launches
+    predictor = Predictor(bundle_for(preset), device=str(device), precision="bf16" if bf16 else "fp32",
+                          cuda_graphs=False)
     run = ModelPass(predictor, bf16, channels_last=False, compile=False)
     x = torch.rand(1, 1, *predictor.config.input_size, device=predictor.device)
     return lambda: run(x)
@@ -55,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--rows", type=int, default=30)
     args = ap.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device("auto")
     fn = (_pretrain_step(args.preset, args.batch, args.bf16, device) if args.what == "pretrain"
           else _model_pass(args.preset, args.bf16, device))
     for _ in range(2):
