@@ -124,3 +124,30 @@ def sentence_texts(report: str) -> list[str]:
     if not sentences:
         raise ValueError(f"report is empty (got {report[:40]!r}): MG-3D needs at least one sentence of text")
     return sentences
+
+
+# Negation cues (in the spirit of NegEx, Chapman et al. 2001). The frozen sentence encoder places "Pleural
+# effusion is present." and "Pleural effusion is not present." almost on top of each other (cosine 0.87 on
+# average over the 18 CT-RATE findings with all-MiniLM-L6-v2), so a model reading frozen features cannot
+# tell a finding from its denial; models configured with ``negation_flag`` add a learned vector to the frozen
+# feature of every sentence marked here (MG3DModel.encode_sentences_separately). The rule is sentence-level:
+# a negation or normality cue outside a pseudo-negation ("no change", "not only").
+_CUES = (
+    r"no", r"not", r"\w*n't", r"cannot", r"without", r"absent", r"absence of", r"negative for", r"free of",
+    r"neither", r"nor", r"ruled out", r"rules out", r"excluded", r"unremarkable", r"normal", r"within normal limits",
+)
+_PSEUDO = (
+    r"no change", r"no significant change", r"no interval change", r"no significant interval change",
+    r"not only", r"not necessarily", r"no increase", r"no decrease", r"gram negative",
+)
+# (?<![\w-]) keeps "normal" from matching inside "abnormal" and "no" inside "nodule" or "non-".
+NEGATION_CUE = re.compile(r"(?<![\w-])(?:" + "|".join(_CUES) + r")(?![\w-])", re.IGNORECASE)
+PSEUDO_NEGATION = re.compile(r"(?<![\w-])(?:" + "|".join(_PSEUDO) + r")(?![\w-])", re.IGNORECASE)
+
+
+def is_negated(sentence: str) -> bool:
+    """Whether ``sentence`` denies a finding or states normality, by cue words (case-insensitive).
+
+    "The heart is not enlarged." and "Heart size is normal." are negated; "Cardiomegaly is present.",
+    "Abnormal opacity." and "No change in the nodule." are not."""
+    return NEGATION_CUE.search(PSEUDO_NEGATION.sub(" ", sentence)) is not None

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .reports import is_negated
+
 LABELS = [
     "Medical material", "Arterial wall calcification", "Cardiomegaly", "Pericardial effusion",
     "Coronary artery wall calcification", "Hiatal hernia", "Lymphadenopathy", "Emphysema", "Atelectasis",
@@ -114,7 +116,6 @@ KEYWORDS: dict[str, tuple[str, ...]] = {
     "Bronchiectasis": ("bronchiectas", "dilated bronch"),
     "Interlobular septal thickening": ("septal", "interlobular"),
 }
-NEGATION = ("no ", "not ", "without", "negative", "absent", "normal", "were not", "was not", "free of")
 
 
 @dataclass
@@ -596,9 +597,9 @@ def generate_sample(
 
 def link_sentence(sentence: str, findings: list[str], lesion_names: list[str], lesion_labels: dict[str, str]) -> list[str]:
     """Lesions a (real-report) sentence describes: keyword match, skipping negated sentences."""
-    low = f" {sentence.lower()} "
-    if any(neg in low for neg in NEGATION):
+    if is_negated(sentence):
         return []
+    low = f" {sentence.lower()} "
     return [name for name in lesion_names
             if lesion_labels[name] in findings and any(kw in low for kw in KEYWORDS[lesion_labels[name]])]
 

@@ -112,6 +112,7 @@ def test_padding_with_an_extra_sentence_and_word_changes_no_loss(tiny_model):
         sentence_ids=pad(text.sentence_ids, 1, pad_id),
         sentence_attention=pad(text.sentence_attention, 1, 0),
         sentence_valid=pad(text.sentence_valid, 1, False),
+        sentence_negated=pad(text.sentence_negated, 1, False),
     )
     a, b = _losses(pre, volume, text), _losses(pre, volume, padded)
     for name in a:
@@ -354,3 +355,48 @@ def test_alignment_zero_shot_scores_are_the_pair_softmax_and_centring_removes_th
     logit = torch.logit(centred.double())
     assert abs(float(logit.mean())) < 1e-5  # the volume's common offset is gone
     assert torch.allclose(logit - logit[0], torch.logit(plain.double()) - torch.logit(plain.double())[0], atol=1e-4)
+
+
+# ----- negation flag --------------------------------------------------------------------------------
+def test_tokenizer_marks_negated_sentences(tiny_model):
+    text = _tokens(tiny_model, REPORTS)
+    assert text.sentence_negated.tolist() == [[True, False, False], [False, False, False], [True, False, False]]
+    assert not (text.sentence_negated & ~text.sentence_valid).any()
+
+
+def test_negation_vector_moves_only_negated_sentences_and_starts_as_a_no_op(tiny_model):
+    assert tiny_model.config.negation_flag and torch.count_nonzero(tiny_model.negation_embedding) == 0
+    pair = _tokens(tiny_model, [["Pleural effusion is present.", "Pleural effusion is not present."]])
+    raw, before = tiny_model.encode_sentences_separately(pair)
+    torch.testing.assert_close(before, tiny_model.text_proj(raw))  # zero vector: same as without the flag
+    with torch.no_grad():
+        tiny_model.negation_embedding.normal_(0, 1.0)
+    try:
+        raw_after, after = tiny_model.encode_sentences_separately(pair)
+    finally:
+        with torch.no_grad():
+            tiny_model.negation_embedding.zero_()
+    torch.testing.assert_close(raw_after, raw)  # the frozen features (SSM's target) never change
+    torch.testing.assert_close(after[0, 0], before[0, 0])
+    assert (after[0, 1] - before[0, 1]).norm() > 0.1 * before[0, 1].norm()
+
+
+def test_sentence_objectives_train_the_negation_vector(tiny_config):
+    from napari_mg3d.model import MG3DModel
+
+    torch.manual_seed(0)
+    model = MG3DModel(tiny_config.replace(objectives=("sva", "ssm", "dfa")))
+    out = MG3DPretrainer(model)(torch.rand(3, 1, 32, 32, 32), _tokens(model, REPORTS), torch.Generator().manual_seed(0))
+    out["total"].backward()
+    assert model.negation_embedding.grad is not None and model.negation_embedding.grad.abs().sum() > 0
+
+
+def test_configs_saved_before_the_negation_flag_load_without_it(tiny_config):
+    from napari_mg3d.model import MG3DConfig, MG3DModel
+
+    legacy = {k: v for k, v in tiny_config.to_dict().items() if k != "negation_flag"}
+    config = MG3DConfig.from_dict(legacy)
+    assert config.negation_flag is False and "negation_flag" not in config.extra
+    assert MG3DConfig.from_dict(tiny_config.to_dict()).negation_flag is True
+    model = MG3DModel(config)
+    assert model.negation_embedding is None and "negation_embedding" not in model.state_dict()

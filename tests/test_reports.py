@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from napari_mg3d.reports import sentence_texts, split_sentences
+from napari_mg3d.reports import is_negated, sentence_texts, split_sentences
 
 
 def _texts(report):
@@ -79,3 +79,21 @@ def test_real_ctrg_chest_reports(shared_data):
     texts = [s.text for s in split_sentences(example["report"])]
     assert texts[0] == "Thorax is symmetrical."
     assert any("about 0.8 in size × 1.0cm" in t for t in texts)  # decimal not split
+
+
+@pytest.mark.parametrize("sentence", [
+    "No pleural effusion.", "The heart is not enlarged.", "Heart size is normal.", "Pleural effusion was not detected.",
+    "Effusion isn't seen.", "NO PNEUMOTHORAX.", "Lungs are free of nodules.", "Negative for pulmonary embolism.",
+    "Without evidence of lymphadenopathy.", "Mediastinum is unremarkable.", "Lung nodule is not present.",
+])
+def test_denials_and_normality_statements_are_negated(sentence):
+    assert is_negated(sentence)
+
+
+@pytest.mark.parametrize("sentence", [
+    "Cardiomegaly is present.", "Abnormal opacity in the right lower lobe.", "A 5 mm solid nodule in the left lobe.",
+    "No change in the 8 mm nodule.", "Not only effusion but also consolidation.", "Non-specific ground glass opacity.",
+    "Nodular thickening of the pleura.", "Bone structures are intact.",
+])
+def test_findings_pseudo_negations_and_lookalike_words_are_not_negated(sentence):
+    assert not is_negated(sentence)

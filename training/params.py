@@ -27,6 +27,9 @@ class PretrainParams:
     temperature: float = field(default=0.07, metadata={"help": "InfoNCE temperature"})
     window_size: int = field(default=0, metadata={"help": "Swin window size (0: preset's)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute Swin activations in backward (saves memory)"})
+    negation_flag: bool | None = field(default=None, metadata={"help": (
+        "learn a vector added to the frozen feature of sentences with a negation cue (\"No effusion.\"), so that a "
+        "finding and its denial differ (not in the paper; default: on for new models, the bundle's with --init-from)")})
 
     max_steps: int = field(default=1000, metadata={"help": "optimizer steps to train"})
     batch_size: int = field(default=4, metadata={"help": "volumes per device per step (paper: 4)"})

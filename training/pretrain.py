@@ -32,7 +32,8 @@ from .params import PretrainParams, parse_devices, parse_params
 log = logging.getLogger("training.pretrain")
 
 
-ARCHITECTURE_OPTIONS = {"input_size": "--input-size", "text_encoder": "--text-encoder", "window_size": "--window-size"}
+ARCHITECTURE_OPTIONS = {"input_size": "--input-size", "text_encoder": "--text-encoder", "window_size": "--window-size",
+                        "negation_flag": "--negation-flag"}
 
 
 def model_config(p: PretrainParams, init: MG3DConfig | None = None):
@@ -51,6 +52,8 @@ def model_config(p: PretrainParams, init: MG3DConfig | None = None):
         overrides.update(lambda_alpha=p.lambdas[0], lambda_beta=p.lambdas[1], lambda_gamma=p.lambdas[2])
     if p.window_size:
         overrides["window_size"] = p.window_size
+    if p.negation_flag is not None:
+        overrides["negation_flag"] = p.negation_flag
     if init is not None:
         return _continued_config(p, init, overrides)
     return preset_config(p.preset, **overrides)

@@ -52,6 +52,10 @@ class MG3DConfig:
         objectives: which pre-training objectives are on (the paper's six by default; add "sva" for
             sentence-volume alignment).
         gradient_checkpointing: recompute Swin activations in the backward pass.
+        negation_flag: add a learned vector to the frozen feature of every sentence with a negation cue
+            (``reports.is_negated``) before projecting it, so that a finding and its denial can be told
+            apart (not in the paper; see docs/synthetic_benchmark.md). Bundles written before this option
+            existed load with it off.
     """
 
     preset: str = "tiny"
@@ -77,6 +81,7 @@ class MG3DConfig:
     lambda_sva: float = 1.0
     objectives: tuple[str, ...] = OBJECTIVES
     gradient_checkpointing: bool = False
+    negation_flag: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -137,6 +142,7 @@ class MG3DConfig:
         known = {k: v for k, v in data.items() if k in names}
         extra = dict(known.pop("extra", {}) or {})
         extra.update({k: v for k, v in data.items() if k not in names})
+        known.setdefault("negation_flag", False)  # configs saved before the option existed: the model had none
         return cls(**known, extra=extra)
 
     def replace(self, **changes: Any) -> MG3DConfig:

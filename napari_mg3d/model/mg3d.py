@@ -96,6 +96,8 @@ class MG3DModel(nn.Module):
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         self.token_norm = nn.LayerNorm(d)
         self.text_proj = nn.Sequential(nn.Linear(self.text.hidden_size, d), nn.LayerNorm(d))
+        # Zero at initialisation: a model starts out reading negated sentences exactly as without the flag.
+        self.negation_embedding = nn.Parameter(torch.zeros(self.text.hidden_size)) if config.negation_flag else None
         self.volume_fusion = FusionStack(d, config.fusion_heads, config.fusion_layers)
         self.text_fusion = FusionStack(d, config.fusion_heads, config.fusion_layers)
         self.sentence_attention = ModalityDominantCrossAttention(d, config.fusion_heads)
@@ -141,9 +143,15 @@ class MG3DModel(nn.Module):
         return TextEncoding(words, batch.attention_mask.bool(), sentences, batch.sentence_valid)
 
     def encode_sentences_separately(self, batch: TextBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(raw frozen features (B, S, H), projected features (B, S, d)) of each sentence encoded alone."""
+        """(raw frozen features (B, S, H), projected features (B, S, d)) of each sentence encoded alone.
+
+        With ``config.negation_flag`` the projected feature of a negated sentence is taken from its frozen
+        feature plus the learned negation vector; the raw features stay those of the frozen encoder."""
         raw = self.text.separate_sentence_features(batch)
-        return raw, self.text_proj(raw)
+        if self.negation_embedding is None:
+            return raw, self.text_proj(raw)
+        flag = batch.sentence_negated.to(raw.dtype)[..., None]
+        return raw, self.text_proj(raw + flag * self.negation_embedding.to(raw.dtype))
 
     def global_text(self, text: TextEncoding) -> torch.Tensor:
         """F̄_T: self-attention pooling over sentence features, (B, d)."""
