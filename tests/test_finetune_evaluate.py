@@ -107,3 +107,24 @@ def test_finetune_with_ddp_on_two_cpu_processes(tmp_path, gui_bundle):
     meta = load_bundle(tmp_path / "bundle").meta
     assert meta["provenance"]["world_size"] == 2
     assert "classifier" in meta["head_specs"] and "segmentation" in meta["head_specs"]
+
+
+def test_vocabfine_training_prompts_match_the_prompts_inference_reads(tiny_model):
+    """The CT-VocabFine head is trained and applied on the same prompt features, negation vector included."""
+    import torch
+
+    from napari_mg3d.model.heads import PromptScorer, prompt_batch
+    from training.finetune import TaskStep
+
+    names = ["Pleural effusion", "Cardiomegaly"]
+    step = TaskStep("vocabfine", tiny_model, PromptScorer(tiny_model.config.fusion_dim), {}, names, False, "x")
+    with torch.no_grad():
+        tiny_model.negation_embedding.normal_()
+    try:
+        trained = step._prompts(torch.device("cpu"))
+        _, read = tiny_model.encode_sentences_separately(prompt_batch(tiny_model.text.tokenizer, names))
+    finally:
+        with torch.no_grad():
+            tiny_model.negation_embedding.zero_()
+    torch.testing.assert_close(trained, read)
+    assert not torch.allclose(trained[:, 0], trained[:, 1], atol=1e-3)

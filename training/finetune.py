@@ -120,6 +120,7 @@ class TaskStep(nn.Module):
         self.task, self.model, self.head, self.spec = task, model, head, spec
         self.names, self.multiclass, self.data = names, multiclass, data
         self._prompt_raw: torch.Tensor | None = None
+        self._prompt_negated: torch.Tensor | None = None
         if task == "segment":
             from monai.losses import DiceCELoss
 
@@ -130,7 +131,8 @@ class TaskStep(nn.Module):
             with torch.no_grad():
                 batch = prompt_batch(self.model.text.tokenizer, self.names).to(device)
                 self._prompt_raw = self.model.text.separate_sentence_features(batch)
-        return self.model.text_proj(self._prompt_raw)  # (F, 2, d)
+                self._prompt_negated = batch.sentence_negated
+        return self.model.project_sentences(self._prompt_raw, self._prompt_negated)  # (F, 2, d)
 
     def forward(self, batch: dict) -> torch.Tensor:
         x = batch["volume"]

@@ -148,10 +148,14 @@ class MG3DModel(nn.Module):
         With ``config.negation_flag`` the projected feature of a negated sentence is taken from its frozen
         feature plus the learned negation vector; the raw features stay those of the frozen encoder."""
         raw = self.text.separate_sentence_features(batch)
+        return raw, self.project_sentences(raw, batch.sentence_negated)
+
+    def project_sentences(self, raw: torch.Tensor, negated: torch.Tensor) -> torch.Tensor:
+        """Frozen sentence features (..., H) -> (..., d); ``negated`` (...) bool marks negated sentences."""
         if self.negation_embedding is None:
-            return raw, self.text_proj(raw)
-        flag = batch.sentence_negated.to(raw.dtype)[..., None]
-        return raw, self.text_proj(raw + flag * self.negation_embedding.to(raw.dtype))
+            return self.text_proj(raw)
+        flag = negated.to(raw.dtype)[..., None]
+        return self.text_proj(raw + flag * self.negation_embedding.to(raw.dtype))
 
     def global_text(self, text: TextEncoding) -> torch.Tensor:
         """F̄_T: self-attention pooling over sentence features, (B, d)."""
