@@ -347,8 +347,9 @@ def test_alignment_zero_shot_scores_are_the_pair_softmax_and_centring_removes_th
     tokens = tiny_model.encode_volume(torch.rand(1, 1, *tiny_model.config.input_size)).tokens
     with torch.no_grad():
         _, prompts = tiny_model.encode_sentences_separately(prompt_batch(tiny_model.text.tokenizer, findings))
-        sim = tiny_model.sentence_volume_similarity(tokens, prompts.reshape(-1, prompts.shape[-1]))[:, 0]
-    pair = (sim.view(3, 2) / tiny_model.config.temperature).softmax(-1)[:, 0]
+        cosine = tiny_model.sentence_volume_similarity(tokens, prompts.reshape(-1, prompts.shape[-1]))[:, 0]
+    sim = cosine.view(3, 2) * torch.tensor([1.0, -1.0])  # "... is not present." scores minus its cosine
+    pair = (sim / tiny_model.config.temperature).softmax(-1)[:, 0]
     plain = alignment_zero_shot_scores(tiny_model, tokens, findings)
     centred = alignment_zero_shot_scores(tiny_model, tokens, findings, centre=True)
     assert torch.allclose(plain, pair, atol=1e-6)
@@ -400,3 +401,17 @@ def test_configs_saved_before_the_negation_flag_load_without_it(tiny_config):
     assert MG3DConfig.from_dict(tiny_config.to_dict()).negation_flag is True
     model = MG3DModel(config)
     assert model.negation_embedding is None and "negation_embedding" not in model.state_dict()
+
+
+def test_a_negated_sentence_scores_minus_its_cosine_and_legacy_models_do_not(tiny_model, tiny_config):
+    from napari_mg3d.model import MG3DModel
+
+    tokens = tiny_model.encode_volume(torch.rand(2, 1, *tiny_model.config.input_size)).tokens
+    sentences = torch.randn(3, tiny_model.config.fusion_dim)
+    negated = torch.tensor([False, True, False])
+    plain = tiny_model.sentence_volume_similarity(tokens, sentences)
+    flagged = tiny_model.sentence_volume_similarity(tokens, sentences, negated)
+    torch.testing.assert_close(flagged, plain * torch.tensor([1.0, -1.0, 1.0])[:, None])
+    legacy = MG3DModel(tiny_config.replace(negation_flag=False))
+    legacy.load_state_dict({k: v for k, v in tiny_model.state_dict().items() if k != "negation_embedding"})
+    torch.testing.assert_close(legacy.sentence_volume_similarity(tokens, sentences, negated), plain)

@@ -60,7 +60,7 @@ def probe(bundle: str | Path, n: int, shape, seed: int = HELD_OUT_SEED) -> dict:
         mlm.load_state_dict(b.head_state["mlm_head"])
         mlm.eval()
     aligned = "sva" in cfg.objectives
-    labels, zs, za, zc, gv, gt, tokens, sentences, owners, hits, chance = ([] for _ in range(11))
+    labels, zs, za, zc, gv, gt, tokens, sentences, negated, owners, hits, chance = ([] for _ in range(12))
     for i in range(n):
         s = generate_sample(seed + i, shape=tuple(shape))
         x, rec = preprocess(Volume(s.volume, s.affine), pre_cfg)
@@ -79,6 +79,7 @@ def probe(bundle: str | Path, n: int, shape, seed: int = HELD_OUT_SEED) -> dict:
         _, sent = model.encode_sentences_separately(text)
         tokens.append(enc.tokens[0])
         sentences.append(sent[0][text.sentence_valid[0]])
+        negated.append(text.sentence_negated[0][text.sentence_valid[0]])
         owners += [i] * int(text.sentence_valid[0].sum())
         heat = model.sentence_heatmaps(enc, sent, text.sentence_valid)[0]  # (S, gz, gy, gx)
         for k, names in enumerate(s.sentence_links):
@@ -105,7 +106,7 @@ def probe(bundle: str | Path, n: int, shape, seed: int = HELD_OUT_SEED) -> dict:
     S = (F.normalize(torch.stack(gt), dim=-1) @ F.normalize(torch.stack(gv), dim=-1).t()).numpy()
     out["recall@10_global"] = metrics.recall_at_k(S, 10)
     if aligned:
-        out["recall@10_sva"] = metrics.recall_at_k(report_volume_alignment(model, tokens, sentences, owners), 10)
+        out["recall@10_sva"] = metrics.recall_at_k(report_volume_alignment(model, tokens, sentences, negated, owners), 10)
     out["recall@10_chance"] = 10 / n
     out["pointing_hit_rate"] = float(np.mean(hits)) if hits else None
     out["pointing_random_baseline"] = float(np.mean(chance)) if chance else None
@@ -113,11 +114,12 @@ def probe(bundle: str | Path, n: int, shape, seed: int = HELD_OUT_SEED) -> dict:
     return out
 
 
-def report_volume_alignment(model, tokens: list[torch.Tensor], sentences: list[torch.Tensor], owners: list[int]):
+def report_volume_alignment(model, tokens: list[torch.Tensor], sentences: list[torch.Tensor],
+                            negated: list[torch.Tensor], owners: list[int]):
     """(reports, volumes): mean over a report's sentences of its sentence-volume alignment score."""
     flat = torch.cat(sentences)
     owner = torch.tensor(owners)
-    sim = model.sentence_volume_similarity(torch.stack(tokens), flat)  # (Q, V)
+    sim = model.sentence_volume_similarity(torch.stack(tokens), flat, torch.cat(negated))  # (Q, V)
     per_report = torch.zeros(len(tokens), sim.shape[1]).index_add_(0, owner, sim)
     return (per_report / torch.bincount(owner, minlength=len(tokens))[:, None].clamp_min(1)).numpy()
 

@@ -255,8 +255,10 @@ def alignment_zero_shot_margins(model, tokens: torch.Tensor, findings: list[str]
     """(F,) logit margin "present" minus "not present" per finding for one volume from the "sva" objective:
     each prompt of the pair is read out over the volume tokens (1, N, d) and compared with itself (cosine),
     divided by the training temperature. Only meaningful for a model pre-trained with "sva"."""
-    _, prompts = model.encode_sentences_separately(prompt_batch(model.text.tokenizer, findings, pair).to(tokens.device))
-    similarity = model.sentence_volume_similarity(tokens, prompts.reshape(-1, prompts.shape[-1]))[:, 0]
+    batch = prompt_batch(model.text.tokenizer, findings, pair).to(tokens.device)
+    _, prompts = model.encode_sentences_separately(batch)
+    similarity = model.sentence_volume_similarity(tokens, prompts.reshape(-1, prompts.shape[-1]),
+                                                  batch.sentence_negated.reshape(-1))[:, 0]
     logits = similarity.view(len(findings), 2) / model.config.temperature
     return logits[:, 0] - logits[:, 1]
 

@@ -171,13 +171,22 @@ class MG3DModel(nn.Module):
         attention = out.attention.mean(dim=1) if out.attention is not None else None
         return out.queries, attention
 
-    def sentence_volume_similarity(self, tokens: torch.Tensor, sentences: torch.Tensor) -> torch.Tensor:
+    def sentence_volume_similarity(self, tokens: torch.Tensor, sentences: torch.Tensor,
+                                   negated: torch.Tensor | None = None) -> torch.Tensor:
         """(Q, V): cosine between each sentence (Q, d) and its attention read-out over volume v's tokens
-        (V, N, d) — how well volume v shows what the sentence says (the "sva" objective's score)."""
+        (V, N, d) — how well volume v shows what the sentence says (the "sva" objective's score).
+
+        With ``config.negation_flag``, a sentence marked in ``negated`` (Q,) bool scores minus that cosine:
+        "No pleural effusion." fits a volume as much as what it is about (the read-out, which attends where
+        an effusion would be) is *not* shown. Without it the frozen encoder's near-identical features for a
+        finding and its denial would have to score opposite volumes with nearly the same query."""
         read, _ = self.sentence_visual(tokens, sentences[None].expand(tokens.shape[0], -1, -1),
                                        torch.ones(tokens.shape[0], sentences.shape[0], dtype=torch.bool,
                                                   device=tokens.device))
-        return F.cosine_similarity(read.float(), sentences[None].float(), dim=-1, eps=1e-6).t()
+        similarity = F.cosine_similarity(read.float(), sentences[None].float(), dim=-1, eps=1e-6).t()
+        if negated is None or self.negation_embedding is None:
+            return similarity
+        return torch.where(negated.to(similarity.device)[:, None], -similarity, similarity)
 
     def sentence_heatmaps(self, encoding: VolumeEncoding, sentences: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """(B, S, gz, gy, gx) attention of each sentence over the 1/16 token grid; each map sums to 1."""
@@ -312,7 +321,7 @@ class MG3DPretrainer(nn.Module):
         if on & {"ssm", "dfa", "sva"}:
             raw_sent, sent = m.encode_sentences_separately(text)
         if "sva" in on:
-            out["sva"] = self._sva(full.tokens, raw_sent, sent, text.sentence_valid)
+            out["sva"] = self._sva(full.tokens, raw_sent, sent, text.sentence_valid, text.sentence_negated)
         if on & {"ssm", "dfa"}:
             h_sent, _ = m.sentence_visual(full.tokens, sent, text.sentence_valid)
             if "ssm" in on:
@@ -327,10 +336,11 @@ class MG3DPretrainer(nn.Module):
                         + cfg.lambda_sva * out["sva"])
         return out
 
-    def _sva(self, tokens: torch.Tensor, raw: torch.Tensor, sent: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def _sva(self, tokens: torch.Tensor, raw: torch.Tensor, sent: torch.Tensor, valid: torch.Tensor,
+             negated: torch.Tensor) -> torch.Tensor:
         """Every valid sentence against every volume of the local batch (negatives are not gathered)."""
         owner = torch.nonzero(valid)[:, 0]
-        similarity = self.model.sentence_volume_similarity(tokens, sent[valid])
+        similarity = self.model.sentence_volume_similarity(tokens, sent[valid], negated[valid])
         raw_n = F.normalize(raw.float(), dim=-1)
         same_text = torch.einsum("qd,vsd->qvs", raw_n[valid], raw_n) > SAME_SENTENCE_COSINE
         shared = (same_text & valid[None]).any(-1)
