@@ -109,10 +109,13 @@ def test_finetune_with_ddp_on_two_cpu_processes(tmp_path, gui_bundle):
     assert "classifier" in meta["head_specs"] and "segmentation" in meta["head_specs"]
 
 
-def test_vocabfine_training_prompts_match_the_prompts_inference_reads(tiny_model):
+def test_vocabfine_training_prompts_match_the_prompts_inference_reads(tiny_config):
     """The CT-VocabFine head is trained and applied on the same prompt features, negation vector included."""
     import torch
 
+    from napari_mg3d.model import MG3DModel
+
+    tiny_model = MG3DModel(tiny_config.replace(negation_flag=True))
     from napari_mg3d.model.heads import PromptScorer, prompt_batch
     from training.finetune import TaskStep
 

@@ -348,8 +348,7 @@ def test_alignment_zero_shot_scores_are_the_pair_softmax_and_centring_removes_th
     with torch.no_grad():
         _, prompts = tiny_model.encode_sentences_separately(prompt_batch(tiny_model.text.tokenizer, findings))
         cosine = tiny_model.sentence_volume_similarity(tokens, prompts.reshape(-1, prompts.shape[-1]))[:, 0]
-    sim = cosine.view(3, 2) * torch.tensor([1.0, -1.0])  # "... is not present." scores minus its cosine
-    pair = (sim / tiny_model.config.temperature).softmax(-1)[:, 0]
+    pair = (cosine.view(3, 2) / tiny_model.config.temperature).softmax(-1)[:, 0]
     plain = alignment_zero_shot_scores(tiny_model, tokens, findings)
     centred = alignment_zero_shot_scores(tiny_model, tokens, findings, centre=True)
     assert torch.allclose(plain, pair, atol=1e-6)
@@ -359,13 +358,22 @@ def test_alignment_zero_shot_scores_are_the_pair_softmax_and_centring_removes_th
 
 
 # ----- negation flag --------------------------------------------------------------------------------
+@pytest.fixture
+def flagged_model(tiny_config):
+    from napari_mg3d.model import MG3DModel
+
+    torch.manual_seed(0)
+    return MG3DModel(tiny_config.replace(negation_flag=True))
+
+
 def test_tokenizer_marks_negated_sentences(tiny_model):
     text = _tokens(tiny_model, REPORTS)
     assert text.sentence_negated.tolist() == [[True, False, False], [False, False, False], [True, False, False]]
     assert not (text.sentence_negated & ~text.sentence_valid).any()
 
 
-def test_negation_vector_moves_only_negated_sentences_and_starts_as_a_no_op(tiny_model):
+def test_negation_vector_moves_only_negated_sentences_and_starts_as_a_no_op(flagged_model):
+    tiny_model = flagged_model
     assert tiny_model.config.negation_flag and torch.count_nonzero(tiny_model.negation_embedding) == 0
     pair = _tokens(tiny_model, [["Pleural effusion is present.", "Pleural effusion is not present."]])
     raw, before = tiny_model.encode_sentences_separately(pair)
@@ -386,7 +394,7 @@ def test_sentence_objectives_train_the_negation_vector(tiny_config):
     from napari_mg3d.model import MG3DModel
 
     torch.manual_seed(0)
-    model = MG3DModel(tiny_config.replace(objectives=("sva", "ssm", "dfa")))
+    model = MG3DModel(tiny_config.replace(objectives=("sva", "ssm", "dfa"), negation_flag=True))
     out = MG3DPretrainer(model)(torch.rand(3, 1, 32, 32, 32), _tokens(model, REPORTS), torch.Generator().manual_seed(0))
     out["total"].backward()
     assert model.negation_embedding.grad is not None and model.negation_embedding.grad.abs().sum() > 0
@@ -398,14 +406,15 @@ def test_configs_saved_before_the_negation_flag_load_without_it(tiny_config):
     legacy = {k: v for k, v in tiny_config.to_dict().items() if k != "negation_flag"}
     config = MG3DConfig.from_dict(legacy)
     assert config.negation_flag is False and "negation_flag" not in config.extra
-    assert MG3DConfig.from_dict(tiny_config.to_dict()).negation_flag is True
+    assert MG3DConfig.from_dict(tiny_config.replace(negation_flag=True).to_dict()).negation_flag is True
     model = MG3DModel(config)
     assert model.negation_embedding is None and "negation_embedding" not in model.state_dict()
 
 
-def test_a_negated_sentence_scores_minus_its_cosine_and_legacy_models_do_not(tiny_model, tiny_config):
+def test_a_negated_sentence_scores_minus_its_cosine_and_unflagged_models_do_not(flagged_model, tiny_config):
     from napari_mg3d.model import MG3DModel
 
+    tiny_model = flagged_model
     tokens = tiny_model.encode_volume(torch.rand(2, 1, *tiny_model.config.input_size)).tokens
     sentences = torch.randn(3, tiny_model.config.fusion_dim)
     negated = torch.tensor([False, True, False])

@@ -29,7 +29,7 @@ class PretrainParams:
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute Swin activations in backward (saves memory)"})
     negation_flag: bool | None = field(default=None, metadata={"help": (
         "learn a vector added to the frozen feature of sentences with a negation cue (\"No effusion.\"), so that a "
-        "finding and its denial differ (not in the paper; default: on for new models, the bundle's with --init-from)")})
+        "finding and its denial differ, and score them as the complement of their finding (not in the paper; default: off, the bundle's with --init-from)")})
 
     max_steps: int = field(default=1000, metadata={"help": "optimizer steps to train"})
     batch_size: int = field(default=4, metadata={"help": "volumes per device per step (paper: 4)"})

@@ -131,15 +131,16 @@ def pretrain_params(out: Path, pairs: int, steps: int, objectives, shape, batch:
         checkpoint_every=max(1, steps // 4), log_every=5, progress=False, num_workers=1, **kw)
 
 
-def run_pretrain(out: Path, pairs: int, steps: int, objectives, shape, batch: int, snapshot: int = 0) -> dict[int, Path]:
+def run_pretrain(out: Path, pairs: int, steps: int, objectives, shape, batch: int, snapshot: int = 0,
+                 **kw) -> dict[int, Path]:
     """Pre-train; with ``snapshot`` also export the bundle at that step (stop there, export, resume)."""
     bundles: dict[int, Path] = {}
     if snapshot:
-        bundles[snapshot] = snapshot_run(out, pairs, steps, snapshot, objectives, shape, batch)
+        bundles[snapshot] = snapshot_run(out, pairs, steps, snapshot, objectives, shape, batch, **kw)
     bundles[steps] = out / "bundle"
     if not bundles[steps].exists():
         resume = "last" if (out / "checkpoints" / "last.ckpt").exists() else ""
-        pretrain.run(pretrain_params(out, pairs, steps, objectives, shape, batch, resume=resume))
+        pretrain.run(pretrain_params(out, pairs, steps, objectives, shape, batch, resume=resume, **kw))
     return bundles
 
 
@@ -159,12 +160,12 @@ def continue_cycles(out: Path, first: Path, cycles: int, pairs: int, steps: int,
     return done
 
 
-def snapshot_run(out: Path, pairs: int, schedule: int, stop: int, objectives, shape, batch: int) -> Path:
+def snapshot_run(out: Path, pairs: int, schedule: int, stop: int, objectives, shape, batch: int, **kw) -> Path:
     """Train on the ``schedule``-step schedule but stop at step ``stop`` and export the bundle there (the
     full run's half-way snapshot and the ablations, which compare at the same step of the same schedule)."""
     bundle = out / "bundle_step" / f"{stop}"
     if not bundle.exists():
-        last = pretrain.run(pretrain_params(out, pairs, schedule, objectives, shape, batch, stop_after_steps=stop))
+        last = pretrain.run(pretrain_params(out, pairs, schedule, objectives, shape, batch, stop_after_steps=stop, **kw))
         pretrain.bundle_from_checkpoint(last, bundle)
     return bundle
 
@@ -256,6 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seg-seeds", type=int, nargs="+", default=[7], help="segmentation comparison: one run per arm and seed")
     ap.add_argument("--held-out", type=int, default=100)
     ap.add_argument("--shape", type=int, nargs=3, default=[80, 112, 144])
+    ap.add_argument("--negation-flag", action="store_true", help="pre-train with the negation flag (MG3DConfig.negation_flag)")
     ap.add_argument("--skip-ablation", action="store_true")
     ap.add_argument("--skip-segmentation", action="store_true")
     a = ap.parse_args(argv)
@@ -268,7 +270,7 @@ def main(argv: list[str] | None = None) -> dict:
         runs = {"given bundle": (Path(a.pretrained), None)}
     else:
         bundles = run_pretrain(out / "full", a.pairs, a.steps, full, a.shape, a.batch_size,
-                               snapshot=0 if a.skip_ablation else half)
+                               snapshot=0 if a.skip_ablation else half, negation_flag=a.negation_flag or None)
         runs = {"random init": (None, 0), "full (six + sva)": (bundles[a.steps], a.steps)}
         for bundle, steps in continue_cycles(out / "full", bundles[a.steps], a.cycles, a.pairs, a.steps, full,
                                              a.shape, a.batch_size):
