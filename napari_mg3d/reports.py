@@ -130,7 +130,8 @@ def sentence_texts(report: str) -> list[str]:
 # effusion is present." and "Pleural effusion is not present." almost on top of each other (cosine 0.87 on
 # average over the 18 CT-RATE findings with all-MiniLM-L6-v2), so a model reading frozen features cannot
 # tell a finding from its denial; models configured with ``negation_flag`` add a learned vector to the frozen
-# feature of every sentence marked here (MG3DModel.encode_sentences_separately). The rule is sentence-level:
+# feature of every sentence marked here and score it as the complement of its finding
+# (MG3DModel.encode_sentences_separately, sentence_volume_similarity). The rule is sentence-level:
 # a negation or normality cue outside a pseudo-negation ("no change", "not only").
 _CUES = (
     r"no", r"not", r"\w*n't", r"cannot", r"without", r"absent", r"absence of", r"negative for", r"free of",

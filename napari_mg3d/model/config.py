@@ -52,10 +52,10 @@ class MG3DConfig:
         objectives: which pre-training objectives are on (the paper's six by default; add "sva" for
             sentence-volume alignment).
         gradient_checkpointing: recompute Swin activations in the backward pass.
-        negation_flag: add a learned vector to the frozen feature of every sentence with a negation cue
-            (``reports.is_negated``) before projecting it, so that a finding and its denial can be told
-            apart and score them as the complement of their finding (not in the paper; off by default: it did
-            not raise zero-shot AUC on the synthetic benchmark, see docs/synthetic_benchmark.md).
+        negation_flag: for every sentence with a negation cue (``reports.is_negated``), add a learned
+            vector to its frozen feature before projecting it, and score it in the sentence-volume read-out
+            as the complement of its finding (not in the paper; off by default: it did not raise zero-shot
+            AUC on the synthetic benchmark, see docs/synthetic_benchmark.md).
     """
 
     preset: str = "tiny"
