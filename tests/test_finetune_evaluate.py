@@ -114,20 +114,15 @@ def test_vocabfine_training_prompts_match_the_prompts_inference_reads(tiny_confi
     import torch
 
     from napari_mg3d.model import MG3DModel
-
-    tiny_model = MG3DModel(tiny_config.replace(negation_flag=True))
     from napari_mg3d.model.heads import PromptScorer, prompt_batch
     from training.finetune import TaskStep
 
+    model = MG3DModel(tiny_config.replace(negation_flag=True))
     names = ["Pleural effusion", "Cardiomegaly"]
-    step = TaskStep("vocabfine", tiny_model, PromptScorer(tiny_model.config.fusion_dim), {}, names, False, "x")
+    step = TaskStep("vocabfine", model, PromptScorer(model.config.fusion_dim), {}, names, False, "x")
     with torch.no_grad():
-        tiny_model.negation_embedding.normal_()
-    try:
-        trained = step._prompts(torch.device("cpu"))
-        _, read = tiny_model.encode_sentences_separately(prompt_batch(tiny_model.text.tokenizer, names))
-    finally:
-        with torch.no_grad():
-            tiny_model.negation_embedding.zero_()
+        model.negation_embedding.normal_()
+    trained = step._prompts(torch.device("cpu"))
+    _, read = model.encode_sentences_separately(prompt_batch(model.text.tokenizer, names))
     torch.testing.assert_close(trained, read)
     assert not torch.allclose(trained[:, 0], trained[:, 1], atol=1e-3)

@@ -373,18 +373,13 @@ def test_tokenizer_marks_negated_sentences(tiny_model):
 
 
 def test_negation_vector_moves_only_negated_sentences_and_starts_as_a_no_op(flagged_model):
-    tiny_model = flagged_model
-    assert tiny_model.config.negation_flag and torch.count_nonzero(tiny_model.negation_embedding) == 0
-    pair = _tokens(tiny_model, [["Pleural effusion is present.", "Pleural effusion is not present."]])
-    raw, before = tiny_model.encode_sentences_separately(pair)
-    torch.testing.assert_close(before, tiny_model.text_proj(raw))  # zero vector: same as without the flag
+    assert flagged_model.config.negation_flag and torch.count_nonzero(flagged_model.negation_embedding) == 0
+    pair = _tokens(flagged_model, [["Pleural effusion is present.", "Pleural effusion is not present."]])
+    raw, before = flagged_model.encode_sentences_separately(pair)
+    torch.testing.assert_close(before, flagged_model.text_proj(raw))  # zero vector: same as without the flag
     with torch.no_grad():
-        tiny_model.negation_embedding.normal_(0, 1.0)
-    try:
-        raw_after, after = tiny_model.encode_sentences_separately(pair)
-    finally:
-        with torch.no_grad():
-            tiny_model.negation_embedding.zero_()
+        flagged_model.negation_embedding.normal_(0, 1.0)
+    raw_after, after = flagged_model.encode_sentences_separately(pair)
     torch.testing.assert_close(raw_after, raw)  # the frozen features (SSM's target) never change
     torch.testing.assert_close(after[0, 0], before[0, 0])
     assert (after[0, 1] - before[0, 1]).norm() > 0.1 * before[0, 1].norm()
@@ -414,13 +409,12 @@ def test_configs_saved_before_the_negation_flag_load_without_it(tiny_config):
 def test_a_negated_sentence_scores_minus_its_cosine_and_unflagged_models_do_not(flagged_model, tiny_config):
     from napari_mg3d.model import MG3DModel
 
-    tiny_model = flagged_model
-    tokens = tiny_model.encode_volume(torch.rand(2, 1, *tiny_model.config.input_size)).tokens
-    sentences = torch.randn(3, tiny_model.config.fusion_dim)
+    tokens = flagged_model.encode_volume(torch.rand(2, 1, *flagged_model.config.input_size)).tokens
+    sentences = torch.randn(3, flagged_model.config.fusion_dim)
     negated = torch.tensor([False, True, False])
-    plain = tiny_model.sentence_volume_similarity(tokens, sentences)
-    flagged = tiny_model.sentence_volume_similarity(tokens, sentences, negated)
+    plain = flagged_model.sentence_volume_similarity(tokens, sentences)
+    flagged = flagged_model.sentence_volume_similarity(tokens, sentences, negated)
     torch.testing.assert_close(flagged, plain * torch.tensor([1.0, -1.0, 1.0])[:, None])
     legacy = MG3DModel(tiny_config.replace(negation_flag=False))
-    legacy.load_state_dict({k: v for k, v in tiny_model.state_dict().items() if k != "negation_embedding"})
+    legacy.load_state_dict({k: v for k, v in flagged_model.state_dict().items() if k != "negation_embedding"})
     torch.testing.assert_close(legacy.sentence_volume_similarity(tokens, sentences, negated), plain)
