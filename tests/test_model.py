@@ -171,6 +171,26 @@ def test_sentence_volume_alignment_contrasts_volumes_but_not_shared_template_sen
     assert sim.shape == (5, 2) and bool((sim.abs() <= 1 + 1e-5).all())
 
 
+def test_sva_affirmed_only_ignores_denials_as_queries(tiny_config):
+    from napari_mg3d.model import MG3DModel
+
+    torch.manual_seed(0)
+    model = MG3DModel(tiny_config.replace(objectives=("sva",), sva_affirmed_only=True))
+    pre = MG3DPretrainer(model)
+    volume = torch.rand(2, 1, 32, 32, 32)
+    with_denials = [["No pleural effusion.", "A 12 mm solid nodule in the right upper lobe."],
+                    ["The heart is not enlarged.", "Small hiatal hernia."]]
+    affirmed = [["A 12 mm solid nodule in the right upper lobe."], ["Small hiatal hernia."]]
+    out = _losses(pre, volume, _tokens(model, with_denials))["sva"]
+    torch.testing.assert_close(out, _losses(pre, volume, _tokens(model, affirmed))["sva"])
+    assert out > 0.1
+    # Reports of denials only: no query, so no loss (and no NaN).
+    assert _losses(pre, volume, _tokens(model, [["No pleural effusion."], ["Normal study."]]))["sva"].item() == 0.0
+    # The default keeps the denials as queries, so the same batch scores differently.
+    pre.config = model.config = tiny_config.replace(objectives=("sva",))
+    assert not torch.isclose(_losses(pre, volume, _tokens(model, with_denials))["sva"], out)
+
+
 def test_sva_loss_hand_built_case():
     tau = 0.5
     sim, owner = torch.eye(2), torch.tensor([0, 1])

@@ -31,6 +31,10 @@ class PretrainParams:
         "learn a vector added to the frozen feature of sentences with a negation cue (\"No effusion.\"), so that a "
         "finding and its denial differ, and score them as the complement of their finding (not in the paper; default: off, the bundle's with --init-from)")})
 
+    sva_affirmed_only: bool = field(default=False, metadata={"help": (
+        "sva: use only sentences without a negation cue as queries; a denial (\"No effusion.\") fits most other "
+        "patients' volumes too, which then count as false negatives (not in the paper; default: off)")})
+
     max_steps: int = field(default=1000, metadata={"help": "optimizer steps to train"})
     batch_size: int = field(default=4, metadata={"help": "volumes per device per step (paper: 4)"})
     accumulate: int = field(default=1, metadata={"help": "gradient accumulation steps"})

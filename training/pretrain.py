@@ -54,6 +54,8 @@ def model_config(p: PretrainParams, init: MG3DConfig | None = None):
         overrides["window_size"] = p.window_size
     if p.negation_flag is not None:
         overrides["negation_flag"] = p.negation_flag
+    if p.sva_affirmed_only:
+        overrides["sva_affirmed_only"] = True
     if init is not None:
         return _continued_config(p, init, overrides)
     return preset_config(p.preset, **overrides)

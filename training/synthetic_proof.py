@@ -258,6 +258,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--held-out", type=int, default=100)
     ap.add_argument("--shape", type=int, nargs=3, default=[80, 112, 144])
     ap.add_argument("--negation-flag", action="store_true", help="pre-train with the negation flag (MG3DConfig.negation_flag)")
+    ap.add_argument("--sva-affirmed-only", action="store_true",
+                    help="sva queries only sentences without a negation cue (MG3DConfig.sva_affirmed_only)")
     ap.add_argument("--skip-ablation", action="store_true")
     ap.add_argument("--skip-segmentation", action="store_true")
     a = ap.parse_args(argv)
@@ -270,7 +272,8 @@ def main(argv: list[str] | None = None) -> dict:
         runs = {"given bundle": (Path(a.pretrained), None)}
     else:
         bundles = run_pretrain(out / "full", a.pairs, a.steps, full, a.shape, a.batch_size,
-                               snapshot=0 if a.skip_ablation else half, negation_flag=a.negation_flag or None)
+                               snapshot=0 if a.skip_ablation else half, negation_flag=a.negation_flag or None,
+                               sva_affirmed_only=a.sva_affirmed_only)
         runs = {"random init": (None, 0), "full (six + sva)": (bundles[a.steps], a.steps)}
         for bundle, steps in continue_cycles(out / "full", bundles[a.steps], a.cycles, a.pairs, a.steps, full,
                                              a.shape, a.batch_size):

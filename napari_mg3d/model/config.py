@@ -51,6 +51,10 @@ class MG3DConfig:
         lambda_sva: weight of the sentence-volume alignment objective (not in the paper).
         objectives: which pre-training objectives are on (the paper's six by default; add "sva" for
             sentence-volume alignment).
+        sva_affirmed_only: in "sva", use only sentences without a negation cue as queries. A denial such as
+            "No pleural effusion." fits most volumes of a batch, but another patient's volume counts as its
+            negative whenever that report does not say the same words, so denials add mostly false negatives
+            (not in the paper; off by default, see docs/synthetic_benchmark.md).
         gradient_checkpointing: recompute Swin activations in the backward pass.
         negation_flag: for every sentence with a negation cue (``reports.is_negated``), add a learned
             vector to its frozen feature before projecting it, and score it in the sentence-volume read-out
@@ -80,6 +84,7 @@ class MG3DConfig:
     lambda_gamma: float = 0.1
     lambda_sva: float = 1.0
     objectives: tuple[str, ...] = OBJECTIVES
+    sva_affirmed_only: bool = False
     gradient_checkpointing: bool = False
     negation_flag: bool = False
     extra: dict[str, Any] = field(default_factory=dict)

@@ -338,10 +338,12 @@ class MG3DPretrainer(nn.Module):
 
     def _sva(self, tokens: torch.Tensor, raw: torch.Tensor, sent: torch.Tensor, valid: torch.Tensor,
              negated: torch.Tensor) -> torch.Tensor:
-        """Every valid sentence against every volume of the local batch (negatives are not gathered)."""
-        owner = torch.nonzero(valid)[:, 0]
-        similarity = self.model.sentence_volume_similarity(tokens, sent[valid], negated[valid])
+        """Every valid sentence (with ``sva_affirmed_only``: every one without a negation cue) against every
+        volume of the local batch (negatives are not gathered)."""
+        queries = valid & ~negated if self.config.sva_affirmed_only else valid
+        owner = torch.nonzero(queries)[:, 0]
+        similarity = self.model.sentence_volume_similarity(tokens, sent[queries], negated[queries])
         raw_n = F.normalize(raw.float(), dim=-1)
-        same_text = torch.einsum("qd,vsd->qvs", raw_n[valid], raw_n) > SAME_SENTENCE_COSINE
+        same_text = torch.einsum("qd,vsd->qvs", raw_n[queries], raw_n) > SAME_SENTENCE_COSINE
         shared = (same_text & valid[None]).any(-1)
         return L.sva_loss(similarity, owner, shared, self.config.temperature)
