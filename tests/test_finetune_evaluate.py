@@ -12,7 +12,7 @@ from napari_mg3d.checkpoint import load_bundle  # noqa: E402
 from napari_mg3d.inference import Predictor  # noqa: E402
 from training import metrics as M  # noqa: E402
 from training.evaluate import evaluate, format_table  # noqa: E402
-from training.finetune import FinetuneParams, run  # noqa: E402
+from training.finetune import FinetuneParams, lr_factor, run  # noqa: E402
 
 SHAPE = [40, 48, 56]
 
@@ -27,7 +27,7 @@ def chained(tmp_path_factory, gui_bundle):
     """segment -> classify -> report -> vocabfine, each starting from the previous bundle."""
     tmp = tmp_path_factory.mktemp("ft")
     b = _ft(tmp, gui_bundle, "segment", seg_target="organs", val_data="synthetic:1")
-    b = _ft(tmp, b, "classify", val_data="synthetic:3")
+    b = _ft(tmp, b, "classify", val_data="synthetic:3", warmup_steps=1, lr_schedule="cosine")
     b = _ft(tmp, b, "report")
     return _ft(tmp, b, "vocabfine", shots=2)
 
@@ -43,6 +43,17 @@ def test_each_task_writes_a_bundle_and_heads_accumulate(chained):
     assert "dice_per_class" in seg_metrics and "mean_dice" in seg_metrics
     assert Predictor(chained, device="cpu").capabilities() == {"segmentation": "", "scores": "", "report": "",
                                                                "heatmaps": ""}
+
+
+def test_learning_rate_warm_up_then_constant_or_cosine(chained):
+    constant, cosine = lr_factor(2, 10, "constant"), lr_factor(2, 10, "cosine")
+    assert [constant(s) for s in (0, 1, 2, 9)] == [0.5, 1.0, 1.0, 1.0]
+    assert [cosine(s) for s in (0, 1, 2)] == [0.5, 1.0, 1.0]
+    assert cosine(6) == pytest.approx(0.5) and cosine(10) == pytest.approx(0.0)
+    with pytest.raises(SystemExit, match="--lr-schedule 'linear': choose constant or cosine"):
+        lr_factor(0, 10, "linear")
+    params = load_bundle(chained).meta["provenance_chain"][-2]["params"]  # the classify stage
+    assert params["lr_schedule"] == "cosine" and params["warmup_steps"] == 1
 
 
 def test_frozen_encoder_linear_probe_leaves_the_encoder_untouched(tmp_path, gui_bundle):

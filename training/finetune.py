@@ -32,6 +32,7 @@ from napari_mg3d.preprocess import PreprocessConfig
 from napari_mg3d.synthetic import LABELS, ORGANS
 
 from .data import ALL_CLASSES, build_dataset, collate
+from .module import lr_lambda
 from .params import parse_devices, parse_params
 
 log = logging.getLogger("training.finetune")
@@ -55,6 +56,10 @@ class FinetuneParams:
     lr: float = field(default=1e-4, metadata={"help": "learning rate of the head"})
     lr_encoder: float = field(default=2e-5, metadata={"help": "learning rate of the encoder when not frozen"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    warmup_steps: int = field(default=0, metadata={"help": (
+        "linear learning-rate warm-up over the first N steps (lets a new head settle before its gradients reach a "
+        "pre-trained encoder)")})
+    lr_schedule: str = field(default="constant", metadata={"help": "after the warm-up: constant | cosine (decay to 0 at the last step)"})
     shots: int = field(default=0, metadata={"help": "vocabfine: use only this many training volumes (0: all)"})
     device: str = field(default="auto", metadata={"help": "accelerator: cuda | mps | cpu | auto"})
     devices: str = field(default="1", metadata={"help": "devices per node: a count, a list like 0,1, or auto (several: DDP)"})
@@ -87,6 +92,15 @@ def load_start(p: FinetuneParams):
     if p.text_encoder:
         overrides["text_encoder"] = p.text_encoder
     return MG3DModel(preset_config(p.preset, **overrides)), {}, {}, {}
+
+
+def lr_factor(warmup: int, steps: int, schedule: str):
+    """Learning-rate multiplier per step: linear warm-up over ``warmup`` steps, then constant or cosine to 0."""
+    if schedule not in ("constant", "cosine"):
+        raise SystemExit(f"--lr-schedule {schedule!r}: choose constant or cosine")
+    if schedule == "cosine":
+        return lr_lambda(warmup, steps)
+    return lambda step: (step + 1) / warmup if step < warmup else 1.0
 
 
 def _infinite(loader):
@@ -177,6 +191,7 @@ def run(p: FinetuneParams) -> Path:
     """Fine-tune; returns the bundle directory (written by the first process only)."""
     if p.task not in TASKS:
         raise SystemExit(f"--task {p.task!r}: choose one of {TASKS}")
+    lr_factor(p.warmup_steps, p.steps, p.lr_schedule)  # a bad --lr-schedule fails before any data is read
     fabric = make_fabric(p)
     fabric.launch()
     torch.manual_seed(p.seed)
@@ -225,6 +240,7 @@ def run(p: FinetuneParams) -> Path:
         groups.append({"params": encoder_params, "lr": p.lr_encoder})
     task_step = TaskStep(p.task, model, head, spec, names, multiclass=p.multiclass, data=p.data)
     task_step, opt = fabric.setup(task_step, torch.optim.AdamW(groups, weight_decay=p.weight_decay))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(p.warmup_steps, p.steps, p.lr_schedule))
     loader = fabric.setup_dataloaders(loader)
     task_step.train()
     model.text.eval()  # frozen, and without dropout
@@ -236,6 +252,7 @@ def run(p: FinetuneParams) -> Path:
         opt.zero_grad(set_to_none=True)
         fabric.backward(loss)
         opt.step()
+        scheduler.step()
         history.append(float(loss.detach()))
         if step % p.log_every == 0 or step == p.steps:
             fabric.print(f"step {step}/{p.steps} loss {np.mean(history[-p.log_every:]):.4f} "
