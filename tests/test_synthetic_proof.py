@@ -61,3 +61,25 @@ def test_probe_scores_every_route_on_held_out_volumes(tmp_path, tiny_config):
     # With 3 volumes every report finds its volume in the top 10; chance is reported as 10/n.
     assert out["recall@10_sva"] == 1.0 and out["recall@10_chance"] == 10 / 3
     assert out["pointing_n"] > 0 and 0.0 < out["pointing_random_baseline"] <= 1.0
+
+
+def test_scoring_rules_pair_matches_the_probe_and_needs_a_bundle(tmp_path, tiny_config):
+    import pytest
+    import torch
+
+    from napari_mg3d.model import MG3DModel
+
+    torch.manual_seed(0)
+    bundle = tmp_path / "bundle"
+    MG3DModel(tiny_config.replace(objectives=("sva",))).save_pretrained(str(bundle))
+    shape = (40, 48, 56)
+    rules = synthetic_proof.scoring_rules(bundle, n=4, shape=shape, seed=synthetic_proof.HELD_OUT_SEED)
+    probe = synthetic_proof.probe(bundle, n=4, shape=shape)
+    assert set(rules["variants"]) == {"pair", "pair centred", "present only", "present only centred"}
+    # Same volumes, same margins: the pair rules rank exactly as the probe's scores (a sigmoid of them) do.
+    assert rules["variants"]["pair"]["auc_per_finding"] == pytest.approx(probe["zero_shot_sva_auc_per_finding"])
+    assert rules["variants"]["pair centred"]["auc_per_finding"] == pytest.approx(
+        probe["zero_shot_sva_centred_auc_per_finding"])
+    assert rules["seeds"] == [synthetic_proof.HELD_OUT_SEED, synthetic_proof.HELD_OUT_SEED + 3]
+    with pytest.raises(SystemExit, match="--pretrained"):
+        synthetic_proof.main(["--out", str(tmp_path / "x"), "--scoring-rules"])

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from napari_mg3d.checkpoint import load_bundle
-from napari_mg3d.model.heads import alignment_zero_shot_margins, margins_to_scores, zero_shot_scores
+from napari_mg3d.model.heads import alignment_zero_shot_margins, margins_to_scores, prompt_batch, zero_shot_scores
 from napari_mg3d.model.text import tokenize_reports
 from napari_mg3d.preprocess import PreprocessConfig, labels_to_model, preprocess
 from napari_mg3d.synthetic import LABELS, generate_sample
@@ -43,6 +43,7 @@ from . import finetune, metrics, pretrain
 from .params import PretrainParams
 
 HELD_OUT_SEED = 900_000
+VALIDATION_SEED = 800_000  # for choices such as the zero-shot scoring rule; disjoint from the held-out volumes
 
 
 @torch.no_grad()
@@ -111,6 +112,36 @@ def probe(bundle: str | Path, n: int, shape, seed: int = HELD_OUT_SEED) -> dict:
     out["pointing_hit_rate"] = float(np.mean(hits)) if hits else None
     out["pointing_random_baseline"] = float(np.mean(chance)) if chance else None
     out["pointing_n"] = len(hits)
+    return out
+
+
+@torch.no_grad()
+def scoring_rules(bundle: str | Path, n: int, shape, seed: int = VALIDATION_SEED) -> dict:
+    """Zero-shot AUC of four read-outs of the sva score on ``n`` volumes from ``seed`` (by default validation
+    volumes, never the held-out ones, so that a rule chosen here can be reported on the held-out set): the prompt
+    pair's margin, that margin centred per volume over the 18 findings, the "present" prompt alone, and that
+    prompt centred."""
+    model = load_bundle(bundle).model.eval()
+    cfg = model.config
+    pre_cfg = PreprocessConfig(target_size=cfg.input_size)
+    batch = prompt_batch(model.text.tokenizer, LABELS)
+    _, prompts = model.encode_sentences_separately(batch)
+    flat, negated = prompts.reshape(-1, prompts.shape[-1]), batch.sentence_negated.reshape(-1)
+    labels, logits = [], []
+    for i in range(n):
+        s = generate_sample(seed + i, shape=tuple(shape))
+        x, _ = preprocess(Volume(s.volume, s.affine), pre_cfg)
+        similarity = model.sentence_volume_similarity(model.encode_volume(x[None]).tokens, flat, negated)[:, 0]
+        logits.append((similarity.view(len(LABELS), 2) / cfg.temperature).numpy())
+        labels.append([s.labels[k] for k in LABELS])
+    Y, P = np.array(labels), np.array(logits)
+    pair, present = P[:, :, 0] - P[:, :, 1], P[:, :, 0]
+    rules = {"pair": pair, "pair centred": pair - pair.mean(1, keepdims=True),
+             "present only": present, "present only centred": present - present.mean(1, keepdims=True)}
+    out: dict = {"seeds": [seed, seed + n - 1], "variants": {}}
+    for name, scores in rules.items():
+        per = {f: metrics.auc(Y[:, j], scores[:, j]) for j, f in enumerate(LABELS) if 0 < Y[:, j].sum() < n}
+        out["variants"][name] = {"mean_auc": float(np.mean(list(per.values()))), "auc_per_finding": per}
     return out
 
 
@@ -264,12 +295,23 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--negation-flag", action="store_true", help="pre-train with the negation flag (MG3DConfig.negation_flag)")
     ap.add_argument("--sva-affirmed-only", action="store_true",
                     help="sva queries only sentences without a negation cue (MG3DConfig.sva_affirmed_only)")
+    ap.add_argument("--scoring-rules", action="store_true",
+                    help="with --pretrained: only compare zero-shot scoring rules on --held-out validation volumes "
+                         "(seeds from 800000) and write OUT/zero_shot_scoring_validation.json")
     ap.add_argument("--skip-ablation", action="store_true")
     ap.add_argument("--skip-segmentation", action="store_true")
     a = ap.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    if a.scoring_rules:
+        if not a.pretrained:
+            raise SystemExit("--scoring-rules compares scoring rules of a trained bundle: give it with --pretrained")
+        rules = {"bundle": a.pretrained, **scoring_rules(a.pretrained, a.held_out, a.shape)}
+        (out / "zero_shot_scoring_validation.json").write_text(json.dumps(rules, indent=1))
+        for name, r in rules["variants"].items():
+            print(f"{name}: mean AUC {r['mean_auc']:.3f}")
+        return rules
     full = ("mim", "mlm", "sfr", "cml", "ssm", "dfa", "sva")
     half = a.steps // 2
     if a.pretrained:
