@@ -60,7 +60,7 @@ class ModelPass:
             enc = self.encode(x)
             logits = self.segment(x, enc.features)
             clf = self.heads["classifier"]
-            probs = clf.probabilities(clf(enc.global_feature))
+            probs = clf.probabilities(clf.classify(enc))
             _, feats = self.model.encode_sentences_separately(self.text)
             heat = self.model.sentence_heatmaps(enc, feats, self.text.sentence_valid)
         return {"labels": logits.argmax(1), "scores": probs.float(), "heat": heat.float()}

@@ -318,7 +318,7 @@ class Predictor:
         with torch.inference_mode(), self._autocast():
             if "classifier" in self.heads:
                 head = self.heads["classifier"]
-                probs = head.probabilities(head(enc.global_feature))[0]
+                probs = head.probabilities(head.classify(enc))[0]
                 return dict(zip(names, probs.float().cpu().tolist())), "classifier"
             if "prompt" in self.heads:
                 _, prompts = self.model.encode_sentences_separately(

@@ -438,3 +438,31 @@ def test_a_negated_sentence_scores_minus_its_cosine_and_unflagged_models_do_not(
     legacy = MG3DModel(tiny_config.replace(negation_flag=False))
     legacy.load_state_dict({k: v for k, v in flagged_model.state_dict().items() if k != "negation_embedding"})
     torch.testing.assert_close(legacy.sentence_volume_similarity(tokens, sentences, negated), plain)
+
+
+def test_attention_classifier_reads_where_the_finding_is_and_round_trips(tiny_config):
+    from napari_mg3d.model.heads import AttentionClassifier, LinearClassifier, build_head
+    from napari_mg3d.model.mg3d import VolumeEncoding
+
+    torch.manual_seed(0)
+    d = tiny_config.fusion_dim
+    head = build_head({"type": "classifier", "n_classes": 3, "pooling": "attention"}, tiny_config, 10)
+    assert isinstance(head, AttentionClassifier)
+    assert type(build_head({"type": "classifier", "n_classes": 3}, tiny_config, 10)) is LinearClassifier  # old bundles
+    tokens = torch.randn(2, 64, d)
+    enc = VolumeEncoding([], tokens, (4, 4, 4))
+    logits = head.classify(enc)
+    assert logits.shape == (2, 3)
+    # Each class's logit depends only on its own read-out: the per-class query sees every token.
+    probe = tokens.clone().requires_grad_(True)
+    head(probe)[0, 1].backward()
+    assert probe.grad[0].abs().sum(-1).min() > 0 and probe.grad[1].abs().sum() == 0
+    # A class query aimed at one token reads that token alone: the logit is the linear layer on it.
+    with torch.no_grad():
+        head.key.weight.copy_(torch.eye(d))
+        head.key.bias.zero_()
+        head.queries[0] = tokens[0, 5] * 50
+        expected = (head.norm(tokens[0, 5]) * head.linear.weight[0]).sum() + head.linear.bias[0]
+        torch.testing.assert_close(head(tokens)[0, 0], expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="pooling 'max'"):
+        build_head({"type": "classifier", "n_classes": 3, "pooling": "max"}, tiny_config, 10)

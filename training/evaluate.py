@@ -73,7 +73,7 @@ def collect(predictor: Predictor, data: str, seed: int, synthetic_shape, limit: 
                 out["zero_shot"].append(zero_shot_scores(model, heads["mlm_head"], enc.tokens, names).cpu().numpy())
             if "classifier" in heads:
                 head = heads["classifier"]
-                out["classifier"].append(head.probabilities(head(enc.global_feature))[0].cpu().numpy())
+                out["classifier"].append(head.probabilities(head.classify(enc))[0].cpu().numpy())
         if "segmentation" in heads and batch["mask"] is not None:
             pred = heads["segmentation"](x, enc.features).argmax(1)[0].cpu()
             gold = batch["mask"][0]

@@ -50,6 +50,9 @@ class FinetuneParams:
     val_data: str = field(default="", metadata={"help": "validation data"})
     label_names: list[str] | None = field(default=None, metadata={"help": "class/label names (default: the 18 CT-RATE names, or the lesion classes for segment)"})
     multiclass: bool = field(default=False, metadata={"help": "classify: one class per volume (softmax) instead of multi-label"})
+    pooling: str = field(default="mean", metadata={"help": (
+        "classify / prognosis: mean (linear classifier on the mean-pooled feature, as in the paper) | attention "
+        "(one attention read-out of the volume tokens per class)")})
     freeze_encoder: bool = field(default=False, metadata={"help": "train only the head (linear probing)"})
     steps: int = field(default=200, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=2, metadata={"help": "volumes per step"})
@@ -158,7 +161,7 @@ class TaskStep(nn.Module):
             if self.task == "vocabfine":
                 logits = self.head(enc.global_feature, self._prompts(x.device))  # (B, F, 2); class 0 = present
                 return F.cross_entropy(logits.reshape(-1, 2).float(), (1 - y.long()).reshape(-1))
-            logits = self.head(enc.global_feature).float()
+            logits = self.head.classify(enc).float()
             if not self.multiclass:
                 return F.binary_cross_entropy_with_logits(logits, y.float())
             return F.cross_entropy(logits, y.argmax(-1) if y.dim() > 1 else y.long())
@@ -192,6 +195,8 @@ def run(p: FinetuneParams) -> Path:
     if p.task not in TASKS:
         raise SystemExit(f"--task {p.task!r}: choose one of {TASKS}")
     lr_factor(p.warmup_steps, p.steps, p.lr_schedule)  # a bad --lr-schedule fails before any data is read
+    if p.pooling not in ("mean", "attention"):
+        raise SystemExit(f"--pooling {p.pooling!r}: choose mean or attention")
     fabric = make_fabric(p)
     fabric.launch()
     torch.manual_seed(p.seed)
@@ -212,7 +217,8 @@ def run(p: FinetuneParams) -> Path:
     if p.task in ("classify", "prognosis"):
         names = names or LABELS
         head_name = "classifier" if p.task == "classify" else "prognosis"
-        spec = {"type": "classifier", "n_classes": len(names), "multilabel": not p.multiclass, "labels": names}
+        spec = {"type": "classifier", "n_classes": len(names), "multilabel": not p.multiclass, "labels": names,
+                "pooling": p.pooling}
     elif p.task == "segment":
         names = names or {"organs": ["background", *ORGANS], "all": ALL_CLASSES}.get(p.seg_target, ["background", *LABELS])
         head_name, spec = "segmentation", {"type": "segmentation", "n_classes": len(names), "classes": names}
@@ -320,7 +326,7 @@ def validate(p: FinetuneParams, model, head, spec, names, pre_cfg, device) -> di
         for batch in loader:
             if batch is None:
                 continue
-            logits = head(model.encode_volume(batch["volume"].to(device)).global_feature)
+            logits = head.classify(model.encode_volume(batch["volume"].to(device)))
             probs.append(head.probabilities(logits).cpu())
             labels.append(batch["labels"])
         P, Y = torch.cat(probs).numpy(), torch.cat(labels).numpy()

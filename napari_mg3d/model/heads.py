@@ -1,6 +1,7 @@
 """Downstream heads on the MG-3D encoder (paper Sec. IV.B.2) and the prompt-driven anomaly scorer.
 
-* :class:`LinearClassifier` -- disease classification / prognosis on the pooled visual feature F̄_I.
+* :class:`LinearClassifier` -- disease classification / prognosis on the pooled visual feature F̄_I;
+  :class:`AttentionClassifier` -- the same with one attention read-out of the volume tokens per class.
 * :class:`SegmentationDecoder` -- the SwinUNETR decoder over the five Swin feature maps.
 * :class:`ReportDecoder` -- a transformer decoder over the visual tokens using the text encoder's tokenizer;
   greedy or beam search with length and repetition controls.
@@ -33,8 +34,31 @@ class LinearClassifier(nn.Module):
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.linear(self.norm(pooled))
 
+    def classify(self, encoding) -> torch.Tensor:
+        """Logits (B, n_classes) from a ``VolumeEncoding``."""
+        return self(encoding.global_feature)
+
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(logits) if self.multilabel else logits.softmax(-1)
+
+
+class AttentionClassifier(LinearClassifier):
+    """One learned query per class reads the volume tokens (B, N, d) with attention; each class's logit is a
+    linear function of its own read-out. A small finding moves a few of the N tokens, which a mean over all of
+    them dilutes; the query can attend to where it is (not in the paper: it uses :class:`LinearClassifier`)."""
+
+    def __init__(self, dim: int, n_classes: int, multilabel: bool = True) -> None:
+        super().__init__(dim, n_classes, multilabel)
+        self.queries = nn.Parameter(torch.randn(n_classes, dim) * dim ** -0.5)
+        self.key = nn.Linear(dim, dim)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        attention = torch.einsum("cd,bnd->bcn", self.queries, self.key(tokens)).mul(tokens.shape[-1] ** -0.5).softmax(-1)
+        read = self.norm(torch.einsum("bcn,bnd->bcd", attention, tokens))  # (B, C, d)
+        return (read * self.linear.weight).sum(-1) + self.linear.bias
+
+    def classify(self, encoding) -> torch.Tensor:
+        return self(encoding.tokens)
 
 
 class SegmentationDecoder(nn.Module):
@@ -228,7 +252,11 @@ def build_head(spec: dict, config, vocab_size: int) -> nn.Module:
     """Rebuild a head from its bundle description ``{"type": ..., ...}`` (config: MG3DConfig)."""
     kind = spec.get("type")
     if kind == "classifier":
-        return LinearClassifier(config.fusion_dim, int(spec["n_classes"]), bool(spec.get("multilabel", True)))
+        pooling = spec.get("pooling", "mean")
+        if pooling not in ("mean", "attention"):
+            raise ValueError(f"classifier head with pooling {pooling!r} in bundle; this napari-mg3d knows mean, attention")
+        cls = AttentionClassifier if pooling == "attention" else LinearClassifier
+        return cls(config.fusion_dim, int(spec["n_classes"]), bool(spec.get("multilabel", True)))
     if kind == "segmentation":
         return SegmentationDecoder(config.feature_size, int(spec["n_classes"]))
     if kind == "report":
