@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from napari_mg3d.checkpoint import load_bundle, save_bundle
 from napari_mg3d.model import MG3DModel, preset_config
-from napari_mg3d.model.heads import PROMPT_PAIR, build_head, prompt_batch
+from napari_mg3d.model.heads import CLASSIFIER_POOLINGS, PROMPT_PAIR, build_head, prompt_batch
 from napari_mg3d.preprocess import PreprocessConfig
 from napari_mg3d.synthetic import LABELS, ORGANS
 
@@ -195,8 +195,8 @@ def run(p: FinetuneParams) -> Path:
     if p.task not in TASKS:
         raise SystemExit(f"--task {p.task!r}: choose one of {TASKS}")
     lr_factor(p.warmup_steps, p.steps, p.lr_schedule)  # a bad --lr-schedule fails before any data is read
-    if p.pooling not in ("mean", "attention"):
-        raise SystemExit(f"--pooling {p.pooling!r}: choose mean or attention")
+    if p.pooling not in CLASSIFIER_POOLINGS:
+        raise SystemExit(f"--pooling {p.pooling!r}: choose one of {', '.join(CLASSIFIER_POOLINGS)}")
     fabric = make_fabric(p)
     fabric.launch()
     torch.manual_seed(p.seed)

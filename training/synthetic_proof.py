@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from napari_mg3d.checkpoint import load_bundle
-from napari_mg3d.model.heads import alignment_zero_shot_margins, margins_to_scores, prompt_batch, zero_shot_scores
+from napari_mg3d.model.heads import (alignment_prompt_logits, alignment_zero_shot_margins, margins_to_scores,
+                                     zero_shot_scores)
 from napari_mg3d.model.text import tokenize_reports
 from napari_mg3d.preprocess import PreprocessConfig, labels_to_model, preprocess
 from napari_mg3d.synthetic import LABELS, generate_sample
@@ -122,24 +123,21 @@ def scoring_rules(bundle: str | Path, n: int, shape, seed: int = VALIDATION_SEED
     pair's margin, that margin centred per volume over the 18 findings, the "present" prompt alone, and that
     prompt centred."""
     model = load_bundle(bundle).model.eval()
-    cfg = model.config
-    pre_cfg = PreprocessConfig(target_size=cfg.input_size)
-    batch = prompt_batch(model.text.tokenizer, LABELS)
-    _, prompts = model.encode_sentences_separately(batch)
-    flat, negated = prompts.reshape(-1, prompts.shape[-1]), batch.sentence_negated.reshape(-1)
+    pre_cfg = PreprocessConfig(target_size=model.config.input_size)
     labels, logits = [], []
     for i in range(n):
         s = generate_sample(seed + i, shape=tuple(shape))
         x, _ = preprocess(Volume(s.volume, s.affine), pre_cfg)
-        similarity = model.sentence_volume_similarity(model.encode_volume(x[None]).tokens, flat, negated)[:, 0]
-        logits.append((similarity.view(len(LABELS), 2) / cfg.temperature).numpy())
+        logits.append(alignment_prompt_logits(model, model.encode_volume(x[None]).tokens, LABELS))
         labels.append([s.labels[k] for k in LABELS])
-    Y, P = np.array(labels), np.array(logits)
+    Y, P = np.array(labels), torch.stack(logits)
     pair, present = P[:, :, 0] - P[:, :, 1], P[:, :, 0]
-    rules = {"pair": pair, "pair centred": pair - pair.mean(1, keepdims=True),
-             "present only": present, "present only centred": present - present.mean(1, keepdims=True)}
+    rules = {"pair": pair, "pair centred": torch.stack([margins_to_scores(m, centre=True) for m in pair]),
+             "present only": present,
+             "present only centred": torch.stack([margins_to_scores(m, centre=True) for m in present])}
     out: dict = {"seeds": [seed, seed + n - 1], "variants": {}}
     for name, scores in rules.items():
+        scores = scores.numpy()
         per = {f: metrics.auc(Y[:, j], scores[:, j]) for j, f in enumerate(LABELS) if 0 < Y[:, j].sum() < n}
         out["variants"][name] = {"mean_auc": float(np.mean(list(per.values()))), "auc_per_finding": per}
     return out

@@ -20,6 +20,7 @@ from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrUpBlock
 from torch import nn
 
 PROMPT_PAIR = ("{finding} is present.", "{finding} is not present.")
+CLASSIFIER_POOLINGS = ("mean", "attention")
 
 
 class LinearClassifier(nn.Module):
@@ -253,8 +254,9 @@ def build_head(spec: dict, config, vocab_size: int) -> nn.Module:
     kind = spec.get("type")
     if kind == "classifier":
         pooling = spec.get("pooling", "mean")
-        if pooling not in ("mean", "attention"):
-            raise ValueError(f"classifier head with pooling {pooling!r} in bundle; this napari-mg3d knows mean, attention")
+        if pooling not in CLASSIFIER_POOLINGS:
+            raise ValueError(f"classifier head with pooling {pooling!r} in bundle; this napari-mg3d knows "
+                             f"{', '.join(CLASSIFIER_POOLINGS)}")
         cls = AttentionClassifier if pooling == "attention" else LinearClassifier
         return cls(config.fusion_dim, int(spec["n_classes"]), bool(spec.get("multilabel", True)))
     if kind == "segmentation":
@@ -283,12 +285,19 @@ def alignment_zero_shot_margins(model, tokens: torch.Tensor, findings: list[str]
     """(F,) logit margin "present" minus "not present" per finding for one volume from the "sva" objective:
     each prompt of the pair is read out over the volume tokens (1, N, d) and compared with itself (cosine),
     divided by the training temperature. Only meaningful for a model pre-trained with "sva"."""
+    logits = alignment_prompt_logits(model, tokens, findings, pair)
+    return logits[:, 0] - logits[:, 1]
+
+
+def alignment_prompt_logits(model, tokens: torch.Tensor, findings: list[str],
+                            pair: tuple[str, str] = PROMPT_PAIR) -> torch.Tensor:
+    """(F, 2) sentence-volume score of each prompt of the pair over the volume tokens (1, N, d), divided by
+    the training temperature (see alignment_zero_shot_margins)."""
     batch = prompt_batch(model.text.tokenizer, findings, pair).to(tokens.device)
     _, prompts = model.encode_sentences_separately(batch)
     similarity = model.sentence_volume_similarity(tokens, prompts.reshape(-1, prompts.shape[-1]),
                                                   batch.sentence_negated.reshape(-1))[:, 0]
-    logits = similarity.view(len(findings), 2) / model.config.temperature
-    return logits[:, 0] - logits[:, 1]
+    return similarity.view(len(findings), 2) / model.config.temperature
 
 
 def margins_to_scores(margins: torch.Tensor, centre: bool = False) -> torch.Tensor:
