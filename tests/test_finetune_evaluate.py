@@ -64,6 +64,18 @@ def test_frozen_encoder_linear_probe_leaves_the_encoder_untouched(tmp_path, gui_
         assert np.array_equal(before[key].numpy(), after[key].numpy())
 
 
+def test_encoder_frozen_for_the_first_steps_then_fine_tuned(tmp_path, gui_bundle):
+    key = "vision.swin.patch_embed.proj.weight"
+    before = load_bundle(gui_bundle).model.state_dict()[key].numpy()
+    all_frozen = load_bundle(_ft(tmp_path / "a", gui_bundle, "classify", freeze_encoder_steps=2))
+    assert np.array_equal(all_frozen.model.state_dict()[key].numpy(), before)
+    assert all_frozen.meta["provenance"]["params"]["freeze_encoder_steps"] == 2
+    one_frozen = load_bundle(_ft(tmp_path / "b", gui_bundle, "classify", freeze_encoder_steps=1))
+    assert not np.array_equal(one_frozen.model.state_dict()[key].numpy(), before)
+    with pytest.raises(SystemExit, match="--freeze-encoder-steps 3: choose 0 to --steps"):
+        _ft(tmp_path / "c", gui_bundle, "classify", freeze_encoder_steps=3)
+
+
 def test_segmentation_needs_an_input_of_64(tmp_path, tiny_config):
     from napari_mg3d.checkpoint import save_bundle
     from napari_mg3d.model import MG3DModel

@@ -54,6 +54,10 @@ class FinetuneParams:
         "classify / prognosis: mean (linear classifier on the mean-pooled feature, as in the paper) | attention "
         "(one attention read-out of the volume tokens per class)")})
     freeze_encoder: bool = field(default=False, metadata={"help": "train only the head (linear probing)"})
+    freeze_encoder_steps: int = field(default=0, metadata={"help": (
+        "train only the head for the first N steps, then the volume encoder too (linear probing, then "
+        "fine-tuning): a new head's first, large gradients do not reach the pre-trained encoder; those steps "
+        "also skip the encoder's backward pass")})
     steps: int = field(default=200, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=2, metadata={"help": "volumes per step"})
     lr: float = field(default=1e-4, metadata={"help": "learning rate of the head"})
@@ -138,6 +142,7 @@ class TaskStep(nn.Module):
         self.names, self.multiclass, self.data = names, multiclass, data
         self._prompt_raw: torch.Tensor | None = None
         self._prompt_negated: torch.Tensor | None = None
+        self.encoder_frozen = False  # set by the training loop during --freeze-encoder-steps
         if task == "segment":
             from monai.losses import DiceCELoss
 
@@ -153,7 +158,8 @@ class TaskStep(nn.Module):
 
     def forward(self, batch: dict) -> torch.Tensor:
         x = batch["volume"]
-        enc = self.model.encode_volume(x)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.encoder_frozen):
+            enc = self.model.encode_volume(x)
         if self.task in ("classify", "prognosis", "vocabfine"):
             if batch["labels"] is None:
                 raise SystemExit(f"--task {self.task} needs labels in the data ({self.data} has none)")
@@ -195,6 +201,8 @@ def run(p: FinetuneParams) -> Path:
     if p.task not in TASKS:
         raise SystemExit(f"--task {p.task!r}: choose one of {TASKS}")
     lr_factor(p.warmup_steps, p.steps, p.lr_schedule)  # a bad --lr-schedule fails before any data is read
+    if not 0 <= p.freeze_encoder_steps <= p.steps:
+        raise SystemExit(f"--freeze-encoder-steps {p.freeze_encoder_steps}: choose 0 to --steps ({p.steps})")
     if p.pooling not in CLASSIFIER_POOLINGS:
         raise SystemExit(f"--pooling {p.pooling!r}: choose one of {', '.join(CLASSIFIER_POOLINGS)}")
     fabric = make_fabric(p)
@@ -244,8 +252,8 @@ def run(p: FinetuneParams) -> Path:
     groups = [{"params": list(head.parameters()), "lr": p.lr}]
     if not p.freeze_encoder:
         groups.append({"params": encoder_params, "lr": p.lr_encoder})
-    task_step = TaskStep(p.task, model, head, spec, names, multiclass=p.multiclass, data=p.data)
-    task_step, opt = fabric.setup(task_step, torch.optim.AdamW(groups, weight_decay=p.weight_decay))
+    step_module = TaskStep(p.task, model, head, spec, names, multiclass=p.multiclass, data=p.data)
+    task_step, opt = fabric.setup(step_module, torch.optim.AdamW(groups, weight_decay=p.weight_decay))
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(p.warmup_steps, p.steps, p.lr_schedule))
     loader = fabric.setup_dataloaders(loader)
     task_step.train()
@@ -254,6 +262,7 @@ def run(p: FinetuneParams) -> Path:
     t0, history = time.perf_counter(), []
     batches = _infinite(loader)
     for step in range(1, p.steps + 1):
+        step_module.encoder_frozen = step <= p.freeze_encoder_steps
         loss = task_step(next(batches))
         opt.zero_grad(set_to_none=True)
         fabric.backward(loss)
