@@ -1,0 +1,44 @@
+"""training.linear_probe: the logistic regression it fits, and the probe of a bundle's tokens."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("torchmetrics")
+
+from napari_mg3d.synthetic import LABELS  # noqa: E402
+from training import linear_probe  # noqa: E402
+
+
+def _data(n: int, seed: int):
+    """Feature 0 decides label 0 (offset and scale far from standard); label 1 is noise."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=g)
+    y = np.stack([(x[:, 0] > 0).numpy(), torch.rand(n, generator=g).numpy() > 0.5], 1).astype(np.float32)
+    return x * 0.01 + 3.0, y
+
+
+def test_logistic_fit_finds_the_informative_feature_and_only_it():
+    x, y = _data(300, 0)
+    fit = linear_probe.fit_logistic(x, y, c=1.0)
+    x_new, y_new = _data(200, 1)
+    scores = fit.logits(x_new).numpy()
+    from training.metrics import auc
+
+    assert auc(y_new[:, 0], scores[:, 0]) > 0.99
+    assert abs(auc(y_new[:, 1], scores[:, 1]) - 0.5) < 0.15
+    assert int(fit.weight[:, 0].abs().argmax()) == 0
+    shrunk = linear_probe.fit_logistic(x, y, c=1e-4)
+    assert float(shrunk.weight.abs().sum()) < 0.1 * float(fit.weight.abs().sum())
+
+
+def test_probe_reports_held_out_auc_per_pooling(gui_bundle):
+    out = linear_probe.probe(gui_bundle, n_train=6, n_val=6, n_test=6, shape=(40, 48, 56), cs=(0.1, 1.0))
+    assert set(out["poolings"]) == {"mean", "max", "mean+max"}
+    for r in out["poolings"].values():
+        assert r["c"] in (0.1, 1.0) and set(r["validation_mean_auc"]) == {0.1, 1.0}
+        assert set(r["held_out_auc_per_finding"]) <= set(LABELS)
+        assert all(0.0 <= v <= 1.0 for v in r["held_out_auc_per_finding"].values())
+        assert r["held_out_mean_auc"] == pytest.approx(np.mean(list(r["held_out_auc_per_finding"].values())))

@@ -1,0 +1,132 @@
+"""How much does an encoder's volume representation say about each finding? A supervised linear probe.
+
+    python -m training.linear_probe --bundle runs/proof/full/bundle --out runs/probe.json
+
+The tokens F_I (B, N, d) of synthetic volumes are pooled over N (mean, max, or both), standardised with the
+training set's statistics, and an L2-regularised logistic regression per finding is fitted on training
+volumes (seeds 0.., the pre-training set), its regularisation chosen on validation volumes (seeds 800000..),
+and its AUC reported on the held-out volumes (seeds 900000..) that the synthetic benchmark's zero-shot probe
+uses. A zero-shot read-out is a linear score of the same tokens (up to the attention read-out), so the probe
+is a practical ceiling for it: when zero-shot AUC is close to the probe's, the encoder is the limit, not the
+prompts or the scoring rule.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from napari_mg3d.checkpoint import load_bundle
+from napari_mg3d.preprocess import PreprocessConfig, preprocess
+from napari_mg3d.synthetic import LABELS, generate_sample
+from napari_mg3d.volume import Volume
+
+from . import metrics
+from .synthetic_proof import HELD_OUT_SEED, VALIDATION_SEED
+
+POOLINGS = {
+    "mean": lambda t: t.mean(1),
+    "max": lambda t: t.amax(1),
+    "mean+max": lambda t: torch.cat([t.mean(1), t.amax(1)], dim=1),
+}
+
+
+@dataclass
+class LogisticFit:
+    """Standardisation (mean, std of the training features) and weights (d, F), bias (F)."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        return ((features - self.mean) / self.std) @ self.weight + self.bias
+
+
+@torch.no_grad()
+def token_features(bundle: str | Path, first_seed: int, n: int, shape) -> tuple[torch.Tensor, np.ndarray]:
+    """Tokens (n, N, d) of synthetic volumes ``first_seed``.. and their 0/1 labels (n, len(LABELS))."""
+    model = load_bundle(bundle).model.eval()
+    pre_cfg = PreprocessConfig(target_size=model.config.input_size)
+    tokens, labels = [], []
+    for i in range(n):
+        s = generate_sample(first_seed + i, shape=tuple(shape))
+        x, _ = preprocess(Volume(s.volume, s.affine), pre_cfg)
+        tokens.append(model.encode_volume(x[None]).tokens[0].float())
+        labels.append([s.labels[k] for k in LABELS])
+    return torch.stack(tokens), np.array(labels, dtype=np.float32)
+
+
+def fit_logistic(features: torch.Tensor, labels: np.ndarray, c: float, iterations: int = 300) -> LogisticFit:
+    """One L2-regularised logistic regression per column of ``labels`` (penalty |W|² / (2 c n)), full batch."""
+    mean, std = features.mean(0), features.std(0).clamp_min(1e-6)
+    z, y = (features - mean) / std, torch.as_tensor(labels)
+    weight = torch.zeros(z.shape[1], y.shape[1], requires_grad=True)
+    bias = torch.zeros(y.shape[1], requires_grad=True)
+    optimiser = torch.optim.LBFGS([weight, bias], max_iter=iterations, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimiser.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(z @ weight + bias, y, reduction="sum") / len(z)
+        loss = loss + weight.square().sum() / (2 * c * len(z))
+        loss.backward()
+        return loss
+
+    optimiser.step(closure)
+    return LogisticFit(mean, std, weight.detach(), bias.detach())
+
+
+def auc_per_finding(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
+    """AUC of each finding that has positives and negatives among the volumes."""
+    n = len(labels)
+    return {f: metrics.auc(labels[:, j], scores[:, j]) for j, f in enumerate(LABELS) if 0 < labels[:, j].sum() < n}
+
+
+def probe(bundle: str | Path, n_train: int = 200, n_val: int = 100, n_test: int = 100, shape=(80, 112, 144),
+          cs: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)) -> dict:
+    """Held-out AUC per finding and mean for each pooling, with the regularisation chosen on validation."""
+    train = token_features(bundle, 0, n_train, shape)
+    val = token_features(bundle, VALIDATION_SEED, n_val, shape)
+    test = token_features(bundle, HELD_OUT_SEED, n_test, shape)
+    out: dict = {"bundle": str(bundle), "n_train": n_train, "n_val": n_val, "n_test": n_test, "poolings": {}}
+    for name, pool in POOLINGS.items():
+        x_train, x_val, x_test = pool(train[0]), pool(val[0]), pool(test[0])
+        fits = {c: fit_logistic(x_train, train[1], c) for c in cs}
+        val_auc = {c: float(np.mean(list(auc_per_finding(val[1], f.logits(x_val).numpy()).values())))
+                   for c, f in fits.items()}
+        best = max(val_auc, key=val_auc.get)
+        per = auc_per_finding(test[1], fits[best].logits(x_test).numpy())
+        out["poolings"][name] = {"c": best, "validation_mean_auc": val_auc, "held_out_mean_auc": float(np.mean(list(per.values()))),
+                                 "held_out_auc_per_finding": per}
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m training.linear_probe", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bundle", required=True, help="model bundle (directory or .zip) whose encoder is probed")
+    ap.add_argument("--train", type=int, default=200, help="training volumes (seeds 0..)")
+    ap.add_argument("--val", type=int, default=100, help="validation volumes for the regularisation (seeds 800000..)")
+    ap.add_argument("--held-out", type=int, default=100, help="held-out volumes (seeds 900000..)")
+    ap.add_argument("--shape", type=int, nargs=3, default=[80, 112, 144], help="voxels of the synthetic CTs")
+    ap.add_argument("--out", default="", help="write the results as JSON here")
+    a = ap.parse_args(argv)
+    result = probe(a.bundle, a.train, a.val, a.held_out, a.shape)
+    for name, r in result["poolings"].items():
+        print(f"{name:9s} held-out mean AUC {r['held_out_mean_auc']:.3f} (C={r['c']}); " + ", ".join(
+            f"{f} {v:.2f}" for f, v in r["held_out_auc_per_finding"].items()), flush=True)
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
