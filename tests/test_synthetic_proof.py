@@ -26,6 +26,10 @@ def test_a_finished_fine_tune_is_reused_only_with_the_same_settings(tmp_path):
     assert synthetic_proof._same_finetune(bundle, _params(tmp_path))  # where it was written does not matter
     assert not synthetic_proof._same_finetune(bundle, _params(tmp_path, steps=80))
     assert not synthetic_proof._same_finetune(bundle, _params(tmp_path, bundle="runs/other/bundle"))
+    older = {k: v for k, v in done.items() if k != "freeze_encoder_steps"}  # written before the option existed
+    (bundle / "config.json").write_text(json.dumps({"provenance": {"params": older}}))
+    assert synthetic_proof._same_finetune(bundle, _params(tmp_path))
+    assert not synthetic_proof._same_finetune(bundle, _params(tmp_path, freeze_encoder_steps=60))
 
 
 def test_results_table_has_one_row_per_run_and_the_segmentation_comparison():

@@ -249,8 +249,9 @@ def _same_finetune(bundle: Path, params) -> bool:
         return False
     done = json.loads(config.read_text()).get("provenance", {}).get("params", {})
     wanted = params.to_dict()
+    defaults = type(params)().to_dict()  # a setting added after the bundle was written had its default then
     keys = set(wanted) - {"out_dir", "num_workers", "log_every", "device", "devices"}
-    return all(done.get(k) == wanted[k] for k in keys)
+    return all(done.get(k, defaults[k]) == wanted[k] for k in keys)
 
 
 def _f(value) -> str:
