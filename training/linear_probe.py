@@ -23,12 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from napari_mg3d.checkpoint import load_bundle
-from napari_mg3d.preprocess import PreprocessConfig, preprocess
-from napari_mg3d.synthetic import LABELS, generate_sample
-from napari_mg3d.volume import Volume
+from napari_mg3d.synthetic import LABELS
 
 from . import metrics
-from .synthetic_proof import HELD_OUT_SEED, VALIDATION_SEED
+from .synthetic_proof import HELD_OUT_SEED, VALIDATION_SEED, token_features
 
 POOLINGS = {
     "mean": lambda t: t.mean(1),
@@ -48,20 +46,6 @@ class LogisticFit:
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         return ((features - self.mean) / self.std) @ self.weight + self.bias
-
-
-@torch.no_grad()
-def token_features(bundle: str | Path, first_seed: int, n: int, shape) -> tuple[torch.Tensor, np.ndarray]:
-    """Tokens (n, N, d) of synthetic volumes ``first_seed``.. and their 0/1 labels (n, len(LABELS))."""
-    model = load_bundle(bundle).model.eval()
-    pre_cfg = PreprocessConfig(target_size=model.config.input_size)
-    tokens, labels = [], []
-    for i in range(n):
-        s = generate_sample(first_seed + i, shape=tuple(shape))
-        x, _ = preprocess(Volume(s.volume, s.affine), pre_cfg)
-        tokens.append(model.encode_volume(x[None]).tokens[0].float())
-        labels.append([s.labels[k] for k in LABELS])
-    return torch.stack(tokens), np.array(labels, dtype=np.float32)
 
 
 def fit_logistic(features: torch.Tensor, labels: np.ndarray, c: float, iterations: int = 300) -> LogisticFit:
@@ -92,9 +76,10 @@ def auc_per_finding(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
 def probe(bundle: str | Path, n_train: int = 200, n_val: int = 100, n_test: int = 100, shape=(80, 112, 144),
           cs: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)) -> dict:
     """Held-out AUC per finding and mean for each pooling, with the regularisation chosen on validation."""
-    train = token_features(bundle, 0, n_train, shape)
-    val = token_features(bundle, VALIDATION_SEED, n_val, shape)
-    test = token_features(bundle, HELD_OUT_SEED, n_test, shape)
+    model = load_bundle(bundle).model.eval()
+    train = token_features(model, 0, n_train, shape)
+    val = token_features(model, VALIDATION_SEED, n_val, shape)
+    test = token_features(model, HELD_OUT_SEED, n_test, shape)
     out: dict = {"bundle": str(bundle), "n_train": n_train, "n_val": n_val, "n_test": n_test, "poolings": {}}
     for name, pool in POOLINGS.items():
         x_train, x_val, x_test = pool(train[0]), pool(val[0]), pool(test[0])

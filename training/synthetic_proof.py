@@ -117,20 +117,28 @@ def probe(bundle: str | Path, n: int, shape, seed: int = HELD_OUT_SEED) -> dict:
 
 
 @torch.no_grad()
+def token_features(model, first_seed: int, n: int, shape) -> tuple[torch.Tensor, np.ndarray]:
+    """Tokens (n, N, d) of synthetic volumes ``first_seed``.. (``shape`` voxels, preprocessed to the model's
+    input) and their 0/1 finding labels (n, len(LABELS))."""
+    pre_cfg = PreprocessConfig(target_size=model.config.input_size)
+    tokens, labels = [], []
+    for i in range(n):
+        s = generate_sample(first_seed + i, shape=tuple(shape))
+        x, _ = preprocess(Volume(s.volume, s.affine), pre_cfg)
+        tokens.append(model.encode_volume(x[None]).tokens[0].float())
+        labels.append([s.labels[k] for k in LABELS])
+    return torch.stack(tokens), np.array(labels, dtype=np.float32)
+
+
+@torch.no_grad()
 def scoring_rules(bundle: str | Path, n: int, shape, seed: int = VALIDATION_SEED) -> dict:
     """Zero-shot AUC of four read-outs of the sva score on ``n`` volumes from ``seed`` (by default validation
     volumes, never the held-out ones, so that a rule chosen here can be reported on the held-out set): the prompt
     pair's margin, that margin centred per volume over the 18 findings, the "present" prompt alone, and that
     prompt centred."""
     model = load_bundle(bundle).model.eval()
-    pre_cfg = PreprocessConfig(target_size=model.config.input_size)
-    labels, logits = [], []
-    for i in range(n):
-        s = generate_sample(seed + i, shape=tuple(shape))
-        x, _ = preprocess(Volume(s.volume, s.affine), pre_cfg)
-        logits.append(alignment_prompt_logits(model, model.encode_volume(x[None]).tokens, LABELS))
-        labels.append([s.labels[k] for k in LABELS])
-    Y, P = np.array(labels), torch.stack(logits)
+    tokens, Y = token_features(model, seed, n, shape)
+    P = torch.stack([alignment_prompt_logits(model, t[None], LABELS) for t in tokens])
     pair, present = P[:, :, 0] - P[:, :, 1], P[:, :, 0]
     rules = {"pair": pair, "pair centred": torch.stack([margins_to_scores(m, centre=True) for m in pair]),
              "present only": present,
