@@ -51,6 +51,7 @@ def test_presets_match_the_paper():
         ({"input_size": (64, 60, 64)}, "multiple of 32"),
         ({"feature_size": 20}, "multiple of 12"),
         ({"objectives": ("mim", "clip")}, "unknown objectives"),
+        ({"sva_memory": -4}, "sva_memory must be >= 0"),
     ],
 )
 def test_config_rejects_bad_values_with_a_clear_message(overrides, message):
@@ -189,6 +190,50 @@ def test_sva_affirmed_only_ignores_denials_as_queries(tiny_config):
     # The default keeps the denials as queries, so the same batch scores differently.
     pre.config = model.config = tiny_config.replace(objectives=("sva",))
     assert not torch.isclose(_losses(pre, volume, _tokens(model, with_denials))["sva"], out)
+
+
+def test_sva_memory_adds_remembered_volumes_as_negatives_but_not_shared_reports(tiny_config):
+    from napari_mg3d.model import MG3DModel
+
+    torch.manual_seed(0)
+    model = MG3DModel(tiny_config.replace(objectives=("sva",), sva_memory=8))
+    pre = MG3DPretrainer(model)
+    volume_a, volume_b = torch.rand(2, 1, 32, 32, 32), torch.rand(2, 1, 32, 32, 32)
+    denials = _tokens(model, [["No pleural effusion."], ["No pleural effusion."]])
+    text_a, text_b = _tokens(model, REPORTS[:2]), _tokens(model, [["Normal study."], ["Small hiatal hernia."]])
+    without = _losses(pre, volume_a, text_a)["sva"]
+
+    def remember(volume, text):
+        with torch.no_grad():
+            raw, _ = model.encode_sentences_separately(text)
+            pre.sva_memory.write(model.encode_volume(volume).tokens, raw, text.sentence_valid)
+
+    remember(volume_b, denials)
+    # A remembered volume whose report says the same sentence is no negative: still nothing to contrast.
+    assert _losses(pre, volume_a, denials)["sva"].item() == 0.0
+    remember(volume_b, text_b)
+    assert _losses(pre, volume_a, denials)["sva"] > 0.1  # now two volumes to tell apart
+    assert _losses(pre, volume_a, text_a)["sva"] > without + 1e-3
+    assert int(pre.sva_memory.written) == 4  # evaluation does not write
+    pre.train()
+    pre(volume_a, text_a, torch.Generator().manual_seed(0))
+    assert int(pre.sva_memory.written) == 6 and pre.sva_memory.filled == 6
+    assert {"sva_memory.tokens", "sva_memory.raw", "sva_memory.valid", "sva_memory.written"} <= set(pre.state_dict())
+
+
+def test_sva_memory_is_first_in_first_out():
+    from napari_mg3d.model.mg3d import SentenceVolumeMemory
+
+    memory = SentenceVolumeMemory(size=3, tokens=2, dim=1, sentences=2, hidden=1)
+    for batch in ([1.0, 2.0], [3.0, 4.0]):
+        values = torch.tensor(batch)
+        memory.write(values[:, None, None].expand(-1, 2, 1), values[:, None, None].expand(-1, 3, 1),
+                     torch.ones(2, 3, dtype=torch.bool))
+    tokens, raw, valid = memory.read()
+    assert tokens[:, 0, 0].tolist() == [2.0, 3.0, 4.0]  # oldest first; 1 was pushed out
+    assert raw.shape == (3, 2, 1) and bool(valid.all())  # a third sentence is not remembered
+    with pytest.raises(ValueError, match="input size must not change"):
+        memory.write(torch.zeros(1, 5, 1), torch.zeros(1, 1, 1), torch.ones(1, 1, dtype=torch.bool))
 
 
 def test_sva_loss_hand_built_case():

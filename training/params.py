@@ -34,6 +34,10 @@ class PretrainParams:
     sva_affirmed_only: bool = field(default=False, metadata={"help": (
         "sva: use only sentences without a negation cue as queries; a denial (\"No effusion.\") fits most other "
         "patients' volumes too, which then count as false negatives (not in the paper; default: off)")})
+    sva_memory: int = field(default=0, metadata={"help": (
+        "sva: also contrast every sentence with the detached tokens of this many earlier volumes (a first-in "
+        "first-out memory, kept in checkpoints), not only with the other volumes of its batch (not in the paper; "
+        "default 0: off; under DDP the ranks share rank 0's memory, as buffers are broadcast)")})
 
     max_steps: int = field(default=1000, metadata={"help": "optimizer steps to train"})
     batch_size: int = field(default=4, metadata={"help": "volumes per device per step (paper: 4)"})

@@ -56,6 +56,8 @@ def model_config(p: PretrainParams, init: MG3DConfig | None = None):
         overrides["negation_flag"] = p.negation_flag
     if p.sva_affirmed_only:
         overrides["sva_affirmed_only"] = True
+    if p.sva_memory:
+        overrides["sva_memory"] = p.sva_memory
     if init is not None:
         return _continued_config(p, init, overrides)
     return preset_config(p.preset, **overrides)

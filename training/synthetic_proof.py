@@ -304,6 +304,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--negation-flag", action="store_true", help="pre-train with the negation flag (MG3DConfig.negation_flag)")
     ap.add_argument("--sva-affirmed-only", action="store_true",
                     help="sva queries only sentences without a negation cue (MG3DConfig.sva_affirmed_only)")
+    ap.add_argument("--sva-memory", type=int, default=0,
+                    help="sva also contrasts each sentence with this many earlier volumes (MG3DConfig.sva_memory)")
     ap.add_argument("--scoring-rules", action="store_true",
                     help="with --pretrained: only compare zero-shot scoring rules on --held-out validation volumes "
                          "(seeds from 800000) and write OUT/zero_shot_scoring_validation.json")
@@ -328,7 +330,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         bundles = run_pretrain(out / "full", a.pairs, a.steps, full, a.shape, a.batch_size,
                                snapshot=0 if a.skip_ablation else half, negation_flag=a.negation_flag or None,
-                               sva_affirmed_only=a.sva_affirmed_only)
+                               sva_affirmed_only=a.sva_affirmed_only, sva_memory=a.sva_memory)
         runs = {"random init": (None, 0), "full (six + sva)": (bundles[a.steps], a.steps)}
         for bundle, steps in continue_cycles(out / "full", bundles[a.steps], a.cycles, a.pairs, a.steps, full,
                                              a.shape, a.batch_size):

@@ -253,6 +253,51 @@ def random_block_mask(
 LossGather = Callable[[torch.Tensor], torch.Tensor]
 
 
+class SentenceVolumeMemory(nn.Module):
+    """First-in first-out memory of earlier volumes for the "sva" objective (``config.sva_memory``).
+
+    Per volume it keeps the detached volume tokens (N, d) and its report's frozen sentence features (S, H)
+    with their validity (S,), so that a sentence the remembered report shares (e.g. "No pleural effusion.")
+    is not counted as a negative. Buffers, so a checkpoint carries the memory and a resumed run sees the
+    same one. Sentences beyond ``sentences`` per report are not remembered (they only mark shared text).
+    """
+
+    def __init__(self, size: int, tokens: int, dim: int, sentences: int, hidden: int) -> None:
+        super().__init__()
+        self.size = size
+        self.register_buffer("tokens", torch.zeros(size, tokens, dim))
+        self.register_buffer("raw", torch.zeros(size, sentences, hidden))
+        self.register_buffer("valid", torch.zeros(size, sentences, dtype=torch.bool))
+        self.register_buffer("written", torch.zeros((), dtype=torch.long))
+
+    @property
+    def filled(self) -> int:
+        return min(int(self.written), self.size)
+
+    def read(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Copies (the caller's graph must not see the next ``write``) of the filled rows, oldest first."""
+        n, start = self.filled, int(self.written) % self.size
+        order = (torch.arange(n, device=self.tokens.device) + (start if n == self.size else 0)) % self.size
+        return self.tokens[order].clone(), self.raw[order].clone(), self.valid[order].clone()
+
+    @torch.no_grad()
+    def write(self, tokens: torch.Tensor, raw: torch.Tensor, valid: torch.Tensor) -> None:
+        """Remember a batch: tokens (B, N, d), raw sentence features (B, S, H), valid (B, S)."""
+        if tokens.shape[1:] != self.tokens.shape[1:]:
+            raise InputError(f"sva memory holds tokens of shape {tuple(self.tokens.shape[1:])}, got "
+                             f"{tuple(tokens.shape[1:])}; the input size must not change during a run")
+        keep = min(tokens.shape[0], self.size)
+        tokens, raw, valid = tokens[-keep:], raw[-keep:], valid[-keep:]
+        rows = (int(self.written) + torch.arange(keep, device=self.tokens.device)) % self.size
+        s = min(raw.shape[1], self.raw.shape[1])
+        self.tokens[rows] = tokens.detach().to(self.tokens.dtype)
+        self.raw[rows] = 0.0
+        self.raw[rows, :s] = raw[:, :s].detach().to(self.raw.dtype)
+        self.valid[rows] = False
+        self.valid[rows, :s] = valid[:, :s]
+        self.written += tokens.shape[0]
+
+
 class MG3DPretrainer(nn.Module):
     """MG-3D pre-training: the model plus the MIM decoder and MLM head; forward returns every loss.
 
@@ -267,6 +312,12 @@ class MG3DPretrainer(nn.Module):
         self.mim_decoder = MIMDecoder(self.config.fusion_dim)
         self.mlm_head = MLMHead(self.config.fusion_dim, model.text.vocab_size)
         self.gather = gather
+        self.sva_memory: SentenceVolumeMemory | None = None
+        if self.config.sva_memory > 0:
+            grid = self.config.token_grid
+            self.sva_memory = SentenceVolumeMemory(self.config.sva_memory, grid[0] * grid[1] * grid[2],
+                                                   self.config.fusion_dim, self.config.max_sentences,
+                                                   model.text.hidden_size)
 
     def trainable_named_parameters(self):
         return [(n, p) for n, p in self.named_parameters() if not n.startswith("model.text.")]
@@ -339,11 +390,25 @@ class MG3DPretrainer(nn.Module):
     def _sva(self, tokens: torch.Tensor, raw: torch.Tensor, sent: torch.Tensor, valid: torch.Tensor,
              negated: torch.Tensor) -> torch.Tensor:
         """Every valid sentence (with ``sva_affirmed_only``: every one without a negation cue) against every
-        volume of the local batch (negatives are not gathered)."""
+        volume of the local batch (negatives are not gathered) and, with ``sva_memory``, against the
+        remembered volumes too. In training mode the batch is then written to the memory."""
         queries = valid & ~negated if self.config.sva_affirmed_only else valid
         owner = torch.nonzero(queries)[:, 0]
-        similarity = self.model.sentence_volume_similarity(tokens, sent[queries], negated[queries])
+        keys, key_raw, key_valid = tokens, raw, valid
+        memory = self.sva_memory
+        if memory is not None and memory.filled:
+            old_tokens, old_raw, old_valid = memory.read()
+            keys = torch.cat([tokens, old_tokens.to(tokens.dtype)])
+            s = max(raw.shape[1], old_raw.shape[1])
+            key_raw = torch.cat([F.pad(raw.float(), (0, 0, 0, s - raw.shape[1])),
+                                 F.pad(old_raw, (0, 0, 0, s - old_raw.shape[1]))])
+            key_valid = torch.cat([F.pad(valid, (0, s - valid.shape[1])), F.pad(old_valid, (0, s - old_valid.shape[1]))])
+        similarity = self.model.sentence_volume_similarity(keys, sent[queries], negated[queries])
         raw_n = F.normalize(raw.float(), dim=-1)
-        same_text = torch.einsum("qd,vsd->qvs", raw_n[queries], raw_n) > SAME_SENTENCE_COSINE
-        shared = (same_text & valid[None]).any(-1)
-        return L.sva_loss(similarity, owner, shared, self.config.temperature)
+        key_n = F.normalize(key_raw.float(), dim=-1)
+        same_text = torch.einsum("qd,vsd->qvs", raw_n[queries], key_n) > SAME_SENTENCE_COSINE
+        shared = (same_text & key_valid[None]).any(-1)
+        loss = L.sva_loss(similarity, owner, shared, self.config.temperature)
+        if memory is not None and self.training:
+            memory.write(tokens, raw, valid)
+        return loss
