@@ -192,48 +192,60 @@ def test_sva_affirmed_only_ignores_denials_as_queries(tiny_config):
     assert not torch.isclose(_losses(pre, volume, _tokens(model, with_denials))["sva"], out)
 
 
-def test_sva_memory_adds_remembered_volumes_as_negatives_but_not_shared_reports(tiny_config):
+def test_sva_memory_makes_a_volume_choose_its_sentence_over_remembered_ones(tiny_config):
     from napari_mg3d.model import MG3DModel
 
     torch.manual_seed(0)
     model = MG3DModel(tiny_config.replace(objectives=("sva",), sva_memory=8))
     pre = MG3DPretrainer(model)
-    volume_a, volume_b = torch.rand(2, 1, 32, 32, 32), torch.rand(2, 1, 32, 32, 32)
-    denials = _tokens(model, [["No pleural effusion."], ["No pleural effusion."]])
-    text_a, text_b = _tokens(model, REPORTS[:2]), _tokens(model, [["Normal study."], ["Small hiatal hernia."]])
-    without = _losses(pre, volume_a, text_a)["sva"]
+    volume = torch.rand(1, 1, 32, 32, 32)
+    own = "A 12 mm solid nodule in the right upper lobe."
+    text = _tokens(model, [[own, "No pleural effusion."]])
 
-    def remember(volume, text):
+    def remember(sentence):
         with torch.no_grad():
-            raw, _ = model.encode_sentences_separately(text)
-            pre.sva_memory.write(model.encode_volume(volume).tokens, raw, text.sentence_valid)
+            raw, _ = model.encode_sentences_separately(_tokens(model, [[sentence]]))
+        pre.sva_memory.write(raw[0])
 
-    remember(volume_b, denials)
-    # A remembered volume whose report says the same sentence is no negative: still nothing to contrast.
-    assert _losses(pre, volume_a, denials)["sva"].item() == 0.0
-    remember(volume_b, text_b)
-    assert _losses(pre, volume_a, denials)["sva"] > 0.1  # now two volumes to tell apart
-    assert _losses(pre, volume_a, text_a)["sva"] > without + 1e-3
-    assert int(pre.sva_memory.written) == 4  # evaluation does not write
-    pre.train()
-    pre(volume_a, text_a, torch.Generator().manual_seed(0))
-    assert int(pre.sva_memory.written) == 6 and pre.sva_memory.filled == 6
-    assert {"sva_memory.tokens", "sva_memory.raw", "sva_memory.valid", "sva_memory.written"} <= set(pre.state_dict())
+    # One volume, nothing remembered: no candidate sentence, no loss (sva alone needs two volumes).
+    assert _losses(pre, volume, text)["sva"].item() == 0.0
+    remember(own)  # the volume's own sentence is never its negative
+    assert pre.sva_memory.filled == 1 and _losses(pre, volume, text)["sva"].item() == 0.0
+    remember(own)  # already remembered: not written twice
+    assert pre.sva_memory.filled == 1
+    remember("Small hiatal hernia.")
+    got = _losses(pre, volume, text)["sva"]
+    with torch.no_grad():
+        tokens = model.encode_volume(volume).tokens
+        raw, sent = model.encode_sentences_separately(_tokens(model, [[own, "No pleural effusion.", "Small hiatal hernia."]]))
+        s = model.sentence_volume_similarity(tokens, sent[0], torch.tensor([False, True, False]))[:, 0]
+    tau = model.config.temperature
+    expected = torch.stack([torch.log1p(torch.exp((s[2] - s[i]) / tau)) for i in (0, 1)]).mean()
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    pre.train()  # training remembers the batch's affirmed sentences only, and only new ones
+    remember("Cardiomegaly is present.")
+    pre(volume, _tokens(model, [["Small hiatal hernia.", "Mild emphysema.", "No pleural effusion."]]))
+    assert int(pre.sva_memory.written) == 4
+    assert {"sva_memory.raw", "sva_memory.written"} <= set(pre.state_dict())
 
 
 def test_sva_memory_is_first_in_first_out():
-    from napari_mg3d.model.mg3d import SentenceVolumeMemory
+    from napari_mg3d.model.mg3d import SentenceMemory
 
-    memory = SentenceVolumeMemory(size=3, tokens=2, dim=1, sentences=2, hidden=1)
-    for batch in ([1.0, 2.0], [3.0, 4.0]):
-        values = torch.tensor(batch)
-        memory.write(values[:, None, None].expand(-1, 2, 1), values[:, None, None].expand(-1, 3, 1),
-                     torch.ones(2, 3, dtype=torch.bool))
-    tokens, raw, valid = memory.read()
-    assert tokens[:, 0, 0].tolist() == [2.0, 3.0, 4.0]  # oldest first; 1 was pushed out
-    assert raw.shape == (3, 2, 1) and bool(valid.all())  # a third sentence is not remembered
-    with pytest.raises(ValueError, match="input size must not change"):
-        memory.write(torch.zeros(1, 5, 1), torch.zeros(1, 1, 1), torch.ones(1, 1, dtype=torch.bool))
+    memory = SentenceMemory(size=3, hidden=2)
+    for batch in ([[1.0, 0.0], [0.0, 1.0]], [[1.0, 1.0], [1.0, -1.0]]):
+        memory.write(torch.tensor(batch))
+    assert memory.read().tolist() == [[0.0, 1.0], [1.0, 1.0], [1.0, -1.0]]  # oldest first; [1, 0] pushed out
+    with pytest.raises(ValueError, match="text encoder must not change"):
+        memory.write(torch.zeros(1, 5))
+
+
+def test_sentence_choice_loss_hand_built_case():
+    tau = 0.5
+    positive, candidates = torch.tensor([1.0, 0.0]), torch.tensor([[0.0, 1.0], [0.0, 0.0]])
+    allowed = torch.tensor([[True, False], [False, False]])  # query 1 has no negative
+    expected = (math.log(1 + math.exp(-2)) + 0.0) / 2
+    assert L.sentence_choice_loss(positive, candidates, allowed, tau).item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_sva_loss_hand_built_case():

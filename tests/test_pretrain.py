@@ -52,7 +52,7 @@ def test_a_few_steps_write_a_loadable_bundle_with_every_loss_logged(tmp_path, ti
 
 
 def test_killed_and_resumed_run_continues_with_the_same_losses(tmp_path, tiny_text_encoder_dir):
-    # With sva's memory of 3 volumes (batch 2), the resumed steps' losses also depend on the restored memory.
+    # With a memory of 3 sentences (filled after 2 steps), the resumed losses also depend on the restored memory.
     kw = dict(max_steps=5, objectives=["mim", "mlm", "sfr", "cml", "ssm", "dfa", "sva"], sva_memory=3)
     straight = tmp_path / "straight"
     run(_params(straight, tiny_text_encoder_dir, **kw))
@@ -60,7 +60,7 @@ def test_killed_and_resumed_run_continues_with_the_same_losses(tmp_path, tiny_te
     stopped = run(_params(split, tiny_text_encoder_dir, stop_after_steps=2, **kw))
     assert stopped.name == "last.ckpt" and not (split / "bundle").exists()
     state = torch.load(stopped, map_location="cpu", weights_only=False)
-    assert state["global_step"] == 2 and int(state["state_dict"]["pretrainer.sva_memory.written"]) == 4
+    assert state["global_step"] == 2 and int(state["state_dict"]["pretrainer.sva_memory.written"]) >= 3
     run(_params(split, tiny_text_encoder_dir, resume="last", **kw))
     a, b = _losses(straight), _losses(split)
     assert sorted(b) == [0, 1, 2, 3, 4]

@@ -35,9 +35,9 @@ class PretrainParams:
         "sva: use only sentences without a negation cue as queries; a denial (\"No effusion.\") fits most other "
         "patients' volumes too, which then count as false negatives (not in the paper; default: off)")})
     sva_memory: int = field(default=0, metadata={"help": (
-        "sva: also contrast every sentence with the detached tokens of this many earlier volumes (a first-in "
-        "first-out memory, kept in checkpoints), not only with the other volumes of its batch (not in the paper; "
-        "default 0: off; under DDP the ranks share rank 0's memory, as buffers are broadcast)")})
+        "sva: also let each volume choose its own sentences against other reports' affirmed sentences, those "
+        "of the batch and up to this many distinct ones remembered from earlier batches (frozen features, "
+        "re-projected every step, kept in checkpoints; not in the paper; default 0: off)")})
 
     max_steps: int = field(default=1000, metadata={"help": "optimizer steps to train"})
     batch_size: int = field(default=4, metadata={"help": "volumes per device per step (paper: 4)"})

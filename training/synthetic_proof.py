@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--sva-affirmed-only", action="store_true",
                     help="sva queries only sentences without a negation cue (MG3DConfig.sva_affirmed_only)")
     ap.add_argument("--sva-memory", type=int, default=0,
-                    help="sva also contrasts each sentence with this many earlier volumes (MG3DConfig.sva_memory)")
+                    help="sva also lets each volume choose its sentences against up to this many remembered ones (MG3DConfig.sva_memory)")
     ap.add_argument("--scoring-rules", action="store_true",
                     help="with --pretrained: only compare zero-shot scoring rules on --held-out validation volumes "
                          "(seeds from 800000) and write OUT/zero_shot_scoring_validation.json")

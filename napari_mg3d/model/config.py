@@ -55,11 +55,12 @@ class MG3DConfig:
             "No pleural effusion." fits most volumes of a batch, but another patient's volume counts as its
             negative whenever that report does not say the same words, so denials add mostly false negatives
             (not in the paper; off by default, see docs/synthetic_benchmark.md).
-        sva_memory: in "sva", also score every sentence against the tokens of this many earlier volumes
-            (a first-in first-out memory of detached tokens, filled during training), so a sentence has to
-            pick its own volume from ``batch + sva_memory`` instead of from the batch alone. With 4 volumes per
-            batch, a sentence is told apart from 3 others, and a few large findings are enough to do that
-            (not in the paper; 0, off, by default; see docs/synthetic_benchmark.md).
+        sva_memory: add to "sva" the other direction, each volume choosing its own sentences against other
+            reports' affirmed sentences: those of the batch and up to this many remembered from earlier
+            batches (distinct sentences, first in first out). The text encoder is frozen, so the memory holds
+            its features and re-projects them at every step: the remembered negatives are never stale. With
+            4 volumes per batch, "sva" alone tells a sentence's volume from 3 others, which a few large
+            findings are enough to do (not in the paper; 0, off, by default; see docs/synthetic_benchmark.md).
         gradient_checkpointing: recompute Swin activations in the backward pass.
         negation_flag: for every sentence with a negation cue (``reports.is_negated``), add a learned
             vector to its frozen feature before projecting it, and score it in the sentence-volume read-out
@@ -130,7 +131,7 @@ class MG3DConfig:
         if not 0.0 < self.mim_ratio < 1.0 or not 0.0 < self.mlm_ratio < 1.0:
             raise ConfigError("mim_ratio and mlm_ratio must lie strictly between 0 and 1")
         if self.sva_memory < 0:
-            raise ConfigError(f"sva_memory must be >= 0 volumes (0 turns the memory off), got {self.sva_memory}")
+            raise ConfigError(f"sva_memory must be >= 0 sentences (0 turns it off), got {self.sva_memory}")
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
         unknown = set(self.objectives) - set(ALL_OBJECTIVES)

@@ -253,49 +253,46 @@ def random_block_mask(
 LossGather = Callable[[torch.Tensor], torch.Tensor]
 
 
-class SentenceVolumeMemory(nn.Module):
-    """First-in first-out memory of earlier volumes for the "sva" objective (``config.sva_memory``).
+class SentenceMemory(nn.Module):
+    """First-in first-out memory of earlier reports' affirmed sentences for "sva" (``config.sva_memory``).
 
-    Per volume it keeps the detached volume tokens (N, d) and its report's frozen sentence features (S, H)
-    with their validity (S,), so that a sentence the remembered report shares (e.g. "No pleural effusion.")
-    is not counted as a negative. Buffers, so a checkpoint carries the memory and a resumed run sees the
-    same one. Sentences beyond ``sentences`` per report are not remembered (they only mark shared text).
+    It keeps the *frozen* text encoder's sentence features (M, H). The trainable projection and read-out are
+    applied afresh at every step, so, unlike a memory of volume features, the remembered negatives are never
+    stale. Buffers, so a checkpoint carries the memory and a resumed run sees the same one.
     """
 
-    def __init__(self, size: int, tokens: int, dim: int, sentences: int, hidden: int) -> None:
+    def __init__(self, size: int, hidden: int) -> None:
         super().__init__()
         self.size = size
-        self.register_buffer("tokens", torch.zeros(size, tokens, dim))
-        self.register_buffer("raw", torch.zeros(size, sentences, hidden))
-        self.register_buffer("valid", torch.zeros(size, sentences, dtype=torch.bool))
+        self.register_buffer("raw", torch.zeros(size, hidden))
         self.register_buffer("written", torch.zeros((), dtype=torch.long))
 
     @property
     def filled(self) -> int:
         return min(int(self.written), self.size)
 
-    def read(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Copies (the caller's graph must not see the next ``write``) of the filled rows, oldest first."""
+    def read(self) -> torch.Tensor:
+        """A copy (the caller's graph must not see the next ``write``) of the filled rows, oldest first."""
         n, start = self.filled, int(self.written) % self.size
-        order = (torch.arange(n, device=self.tokens.device) + (start if n == self.size else 0)) % self.size
-        return self.tokens[order].clone(), self.raw[order].clone(), self.valid[order].clone()
+        order = (torch.arange(n, device=self.raw.device) + (start if n == self.size else 0)) % self.size
+        return self.raw[order].clone()
 
     @torch.no_grad()
-    def write(self, tokens: torch.Tensor, raw: torch.Tensor, valid: torch.Tensor) -> None:
-        """Remember a batch: tokens (B, N, d), raw sentence features (B, S, H), valid (B, S)."""
-        if tokens.shape[1:] != self.tokens.shape[1:]:
-            raise InputError(f"sva memory holds tokens of shape {tuple(self.tokens.shape[1:])}, got "
-                             f"{tuple(tokens.shape[1:])}; the input size must not change during a run")
-        keep = min(tokens.shape[0], self.size)
-        tokens, raw, valid = tokens[-keep:], raw[-keep:], valid[-keep:]
-        rows = (int(self.written) + torch.arange(keep, device=self.tokens.device)) % self.size
-        s = min(raw.shape[1], self.raw.shape[1])
-        self.tokens[rows] = tokens.detach().to(self.tokens.dtype)
-        self.raw[rows] = 0.0
-        self.raw[rows, :s] = raw[:, :s].detach().to(self.raw.dtype)
-        self.valid[rows] = False
-        self.valid[rows, :s] = valid[:, :s]
-        self.written += tokens.shape[0]
+    def write(self, raw: torch.Tensor) -> None:
+        """Remember sentences, raw frozen features (K, H), skipping any whose text is already remembered
+        (cosine > SAME_SENTENCE_COSINE): template sentences recur in many reports, and repeats would crowd
+        out everything else."""
+        if raw.shape[-1] != self.raw.shape[-1]:
+            raise InputError(f"the sentence memory holds features of width {self.raw.shape[-1]}, got "
+                             f"{raw.shape[-1]}; the text encoder must not change during a run")
+        known = F.normalize(self.read().float(), dim=-1)
+        for feature in raw.detach().float():
+            unit = F.normalize(feature, dim=-1)
+            if known.shape[0] and bool((known @ unit > SAME_SENTENCE_COSINE).any()):
+                continue
+            self.raw[int(self.written) % self.size] = feature.to(self.raw.dtype)
+            self.written += 1
+            known = torch.cat([known, unit[None]])
 
 
 class MG3DPretrainer(nn.Module):
@@ -312,12 +309,9 @@ class MG3DPretrainer(nn.Module):
         self.mim_decoder = MIMDecoder(self.config.fusion_dim)
         self.mlm_head = MLMHead(self.config.fusion_dim, model.text.vocab_size)
         self.gather = gather
-        self.sva_memory: SentenceVolumeMemory | None = None
+        self.sva_memory: SentenceMemory | None = None
         if self.config.sva_memory > 0:
-            grid = self.config.token_grid
-            self.sva_memory = SentenceVolumeMemory(self.config.sva_memory, grid[0] * grid[1] * grid[2],
-                                                   self.config.fusion_dim, self.config.max_sentences,
-                                                   model.text.hidden_size)
+            self.sva_memory = SentenceMemory(self.config.sva_memory, model.text.hidden_size)
 
     def trainable_named_parameters(self):
         return [(n, p) for n, p in self.named_parameters() if not n.startswith("model.text.")]
@@ -390,25 +384,40 @@ class MG3DPretrainer(nn.Module):
     def _sva(self, tokens: torch.Tensor, raw: torch.Tensor, sent: torch.Tensor, valid: torch.Tensor,
              negated: torch.Tensor) -> torch.Tensor:
         """Every valid sentence (with ``sva_affirmed_only``: every one without a negation cue) against every
-        volume of the local batch (negatives are not gathered) and, with ``sva_memory``, against the
-        remembered volumes too. In training mode the batch is then written to the memory."""
+        volume of the local batch (negatives are not gathered). With ``sva_memory``, also the other
+        direction: each volume picks its own sentences from the batch's and the memory's affirmed sentences;
+        in training mode the batch's affirmed sentences are then remembered."""
         queries = valid & ~negated if self.config.sva_affirmed_only else valid
         owner = torch.nonzero(queries)[:, 0]
-        keys, key_raw, key_valid = tokens, raw, valid
-        memory = self.sva_memory
-        if memory is not None and memory.filled:
-            old_tokens, old_raw, old_valid = memory.read()
-            keys = torch.cat([tokens, old_tokens.to(tokens.dtype)])
-            s = max(raw.shape[1], old_raw.shape[1])
-            key_raw = torch.cat([F.pad(raw.float(), (0, 0, 0, s - raw.shape[1])),
-                                 F.pad(old_raw, (0, 0, 0, s - old_raw.shape[1]))])
-            key_valid = torch.cat([F.pad(valid, (0, s - valid.shape[1])), F.pad(old_valid, (0, s - old_valid.shape[1]))])
-        similarity = self.model.sentence_volume_similarity(keys, sent[queries], negated[queries])
+        similarity = self.model.sentence_volume_similarity(tokens, sent[queries], negated[queries])
         raw_n = F.normalize(raw.float(), dim=-1)
-        key_n = F.normalize(key_raw.float(), dim=-1)
-        same_text = torch.einsum("qd,vsd->qvs", raw_n[queries], key_n) > SAME_SENTENCE_COSINE
-        shared = (same_text & key_valid[None]).any(-1)
+        same_text = torch.einsum("qd,vsd->qvs", raw_n[queries], raw_n) > SAME_SENTENCE_COSINE
+        shared = (same_text & valid[None]).any(-1)
         loss = L.sva_loss(similarity, owner, shared, self.config.temperature)
-        if memory is not None and self.training:
-            memory.write(tokens, raw, valid)
+        if self.sva_memory is None:
+            return loss
+        loss = loss + self._sva_sentences(tokens, raw_n, valid, similarity, owner, raw_n[queries],
+                                          ~negated[queries])
+        if self.training:
+            self.sva_memory.write(raw[valid & ~negated])
         return loss
+
+    def _sva_sentences(self, tokens: torch.Tensor, raw_n: torch.Tensor, valid: torch.Tensor,
+                       similarity: torch.Tensor, owner: torch.Tensor, query_raw: torch.Tensor,
+                       affirmed: torch.Tensor) -> torch.Tensor:
+        """Volume -> sentence: each query sentence's score on its own volume against that volume's scores of
+        the candidates, the other reports' affirmed query sentences and the remembered ones, leaving out
+        those whose text the volume's own report contains. ``similarity`` (Q, B), ``owner`` (Q,),
+        ``query_raw`` (Q, H) unit frozen features and ``affirmed`` (Q,) describe the batch's queries."""
+        m = self.model
+        remembered = self.sva_memory.read().to(tokens.device)
+        no_cue = torch.zeros(remembered.shape[0], dtype=torch.bool, device=tokens.device)
+        sent = m.project_sentences(remembered.to(tokens.dtype), no_cue)
+        candidates = torch.cat([similarity[affirmed], m.sentence_volume_similarity(tokens, sent, no_cue)])
+        candidate_owner = torch.cat([owner[affirmed], owner.new_full((remembered.shape[0],), -1)])
+        candidate_raw = torch.cat([query_raw[affirmed], F.normalize(remembered.float(), dim=-1)])
+        in_report = ((torch.einsum("cd,bsd->cbs", candidate_raw, raw_n) > SAME_SENTENCE_COSINE)
+                     & valid[None]).any(-1)  # (C, B)
+        allowed = (candidate_owner[None] != owner[:, None]) & ~in_report[:, owner].t()
+        positive = similarity[torch.arange(owner.shape[0], device=owner.device), owner]
+        return L.sentence_choice_loss(positive, candidates[:, owner].t(), allowed, self.config.temperature)
