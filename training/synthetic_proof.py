@@ -218,10 +218,10 @@ def random_init_bundle(out: Path, like: Path) -> Path:
 
 
 def seg_compare(pretrained: Path, out: Path, steps: int, shape, preset_size, seeds=(7,), warmup: int = 0,
-                schedule: str = "constant", freeze_steps: int = 0) -> dict:
+                schedule: str = "constant", freeze_steps: int = 0, target: str = "all") -> dict:
     """Both arms once per seed (initialisation of the decoder, data order); Dice means over the seeds."""
     common = dict(task="segment", data="synthetic:20", val_data="synthetic:10", steps=steps, batch_size=2,
-                  seg_target="all", synthetic_shape=list(shape), lr=1e-3, lr_encoder=1e-4, log_every=20,
+                  seg_target=target, synthetic_shape=list(shape), lr=1e-3, lr_encoder=1e-4, log_every=20,
                   warmup_steps=warmup, lr_schedule=schedule, freeze_encoder_steps=freeze_steps)
     res = {}
     for name, extra in (("pretrained", {"bundle": str(pretrained)}),
@@ -297,6 +297,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seg-seeds", type=int, nargs="+", default=[7], help="segmentation comparison: one run per arm and seed")
     ap.add_argument("--seg-freeze-steps", type=int, default=0,
                     help="segmentation: train only the decoder for the first N steps (both arms)")
+    ap.add_argument("--seg-target", default="all", choices=("all", "organs", "lesions"),
+                    help="segmentation classes: organs and lesions (28), organs (9) or the 18 findings' lesions")
     ap.add_argument("--seg-warmup", type=int, default=0, help="segmentation: learning-rate warm-up steps (both arms)")
     ap.add_argument("--seg-schedule", default="constant", help="segmentation: constant | cosine after the warm-up (both arms)")
     ap.add_argument("--held-out", type=int, default=100)
@@ -354,7 +356,7 @@ def main(argv: list[str] | None = None) -> dict:
         main_bundle = max(runs.values(), key=lambda run: run[1] or 0)[0]  # the most trained
         size = load_bundle(main_bundle).config.input_size
         results["segmentation"] = seg_compare(main_bundle, out, a.seg_steps, a.shape, size, tuple(a.seg_seeds),
-                                              a.seg_warmup, a.seg_schedule, a.seg_freeze_steps)
+                                              a.seg_warmup, a.seg_schedule, a.seg_freeze_steps, a.seg_target)
     results["settings"] = vars(a)
     results["wall_clock_s"] = time.perf_counter() - t0
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
