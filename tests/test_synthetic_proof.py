@@ -87,3 +87,30 @@ def test_scoring_rules_pair_matches_the_probe_and_needs_a_bundle(tmp_path, tiny_
     assert rules["seeds"] == [synthetic_proof.HELD_OUT_SEED, synthetic_proof.HELD_OUT_SEED + 3]
     with pytest.raises(SystemExit, match="--pretrained"):
         synthetic_proof.main(["--out", str(tmp_path / "x"), "--scoring-rules"])
+
+
+def test_segmentation_comparison_gives_both_arms_the_same_target_and_seeds(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    seen = []
+
+    def fake_run(params):
+        seen.append(params)
+        return tmp_path / params.out_dir / "bundle"
+
+    dice = {"pretrained": {7: 0.4, 8: 0.2}, "scratch": {7: 0.3, 8: 0.3}}
+
+    def fake_load(path):
+        arm, seed = path.parent.name.split("_")[1], int(path.parent.name.split("seed")[1])
+        metrics = {"mean_dice": dice[arm][seed], "dice_per_class": {"pleural effusion": dice[arm][seed]}}
+        return SimpleNamespace(meta={"provenance": {"metrics": metrics}})
+
+    monkeypatch.setattr(finetune, "run", fake_run)
+    monkeypatch.setattr(synthetic_proof, "load_bundle", fake_load)
+    res = synthetic_proof.seg_compare(tmp_path / "pre", tmp_path, 240, (80, 112, 144), (64, 64, 64), seeds=(7, 8),
+                                      target="lesions")
+    assert [(p.seg_target, p.seed, p.bundle or p.preset) for p in seen] == [
+        ("lesions", 7, str(tmp_path / "pre")), ("lesions", 8, str(tmp_path / "pre")),
+        ("lesions", 7, "tiny"), ("lesions", 8, "tiny")]
+    assert res["pretrained"]["mean_dice"] == pytest.approx(0.3) and res["scratch"]["mean_dice"] == pytest.approx(0.3)
+    assert res["pretrained"]["mean_dice_per_seed"] == {"7": 0.4, "8": 0.2}
