@@ -98,6 +98,10 @@ def test_evaluate_reports_every_metric_it_can(chained):
 def test_metrics_match_hand_computed_values():
     assert M.auc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == pytest.approx(0.75)
     assert np.isnan(M.auc([1, 1], [0.2, 0.3]))
+    labels = np.array([[0, 1, 0], [0, 1, 0], [1, 1, 0], [1, 1, 0]])
+    scores = np.array([[0.1, 0.5, 0.2], [0.4, 0.1, 0.3], [0.35, 0.2, 0.1], [0.8, 0.9, 0.4]])
+    # A label without negatives (or positives) among the volumes has no AUC and is left out.
+    assert M.auc_per_label(labels, scores, ["a", "all positive", "all negative"]) == pytest.approx({"a": 0.75})
     assert M.accuracy([1, 0, 1, 1], [1, 1, 1, 0]) == 0.5
     a = np.zeros((4, 4), bool)
     b = np.zeros((4, 4), bool)

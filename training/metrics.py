@@ -22,6 +22,13 @@ def auc(labels: Sequence[float], scores: Sequence[float]) -> float:
     return float(binary_auroc(torch.as_tensor(np.asarray(scores), dtype=torch.float32), y))
 
 
+def auc_per_label(labels: np.ndarray, scores: np.ndarray, names: Sequence[str]) -> dict[str, float]:
+    """AUC of each column of ``labels`` (N, L) 0/1 against ``scores`` (N, L), keyed by ``names``; labels
+    that are all positive or all negative among the N have no AUC and are left out."""
+    n = len(labels)
+    return {name: auc(labels[:, j], scores[:, j]) for j, name in enumerate(names) if 0 < labels[:, j].sum() < n}
+
+
 def accuracy(labels: Sequence[int], predictions: Sequence[int]) -> float:
     y, p = np.asarray(labels), np.asarray(predictions)
     return float((y == p).mean()) if len(y) else float("nan")

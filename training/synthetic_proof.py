@@ -102,7 +102,7 @@ def probe(bundle: str | Path, n: int, shape, seed: int = HELD_OUT_SEED) -> dict:
     for key, scores in (("zero_shot_mlm", zs), ("zero_shot_sva", za), ("zero_shot_sva_centred", zc)):
         if scores:
             P = np.stack(scores)
-            per = {name: metrics.auc(Y[:, j], P[:, j]) for j, name in enumerate(LABELS) if 0 < Y[:, j].sum() < n}
+            per = metrics.auc_per_label(Y, P, LABELS)
             out[f"{key}_auc_mean"] = float(np.mean(list(per.values())))
             out[f"{key}_auc_per_finding"] = per
     S = (F.normalize(torch.stack(gt), dim=-1) @ F.normalize(torch.stack(gv), dim=-1).t()).numpy()
@@ -146,7 +146,7 @@ def scoring_rules(bundle: str | Path, n: int, shape, seed: int = VALIDATION_SEED
     out: dict = {"seeds": [seed, seed + n - 1], "variants": {}}
     for name, scores in rules.items():
         scores = scores.numpy()
-        per = {f: metrics.auc(Y[:, j], scores[:, j]) for j, f in enumerate(LABELS) if 0 < Y[:, j].sum() < n}
+        per = metrics.auc_per_label(Y, scores, LABELS)
         out["variants"][name] = {"mean_auc": float(np.mean(list(per.values()))), "auc_per_finding": per}
     return out
 
