@@ -107,10 +107,11 @@ def test_segmentation_comparison_gives_both_arms_the_same_target_and_seeds(tmp_p
 
     monkeypatch.setattr(finetune, "run", fake_run)
     monkeypatch.setattr(synthetic_proof, "load_bundle", fake_load)
-    res = synthetic_proof.seg_compare(tmp_path / "pre", tmp_path, 240, (80, 112, 144), (64, 64, 64), seeds=(7, 8),
-                                      target="lesions")
+    res = synthetic_proof.seg_compare(tmp_path / "pre", tmp_path, 240, (80, 112, 144), (128, 96, 128), seeds=(7, 8),
+                                      target="lesions", preset="base")
     assert [(p.seg_target, p.seed, p.bundle or p.preset) for p in seen] == [
         ("lesions", 7, str(tmp_path / "pre")), ("lesions", 8, str(tmp_path / "pre")),
-        ("lesions", 7, "tiny"), ("lesions", 8, "tiny")]
+        ("lesions", 7, "base"), ("lesions", 8, "base")]
+    assert seen[2].input_size == [128, 96, 128]  # the scratch arm has the pre-trained model's architecture
     assert res["pretrained"]["mean_dice"] == pytest.approx(0.3) and res["scratch"]["mean_dice"] == pytest.approx(0.3)
     assert res["pretrained"]["mean_dice_per_seed"] == {"7": 0.4, "8": 0.2}

@@ -218,14 +218,14 @@ def random_init_bundle(out: Path, like: Path) -> Path:
 
 
 def seg_compare(pretrained: Path, out: Path, steps: int, shape, preset_size, seeds=(7,), warmup: int = 0,
-                schedule: str = "constant", freeze_steps: int = 0, target: str = "all") -> dict:
+                schedule: str = "constant", freeze_steps: int = 0, target: str = "all", preset: str = "tiny") -> dict:
     """Both arms once per seed (initialisation of the decoder, data order); Dice means over the seeds."""
     common = dict(task="segment", data="synthetic:20", val_data="synthetic:10", steps=steps, batch_size=2,
                   seg_target=target, synthetic_shape=list(shape), lr=1e-3, lr_encoder=1e-4, log_every=20,
                   warmup_steps=warmup, lr_schedule=schedule, freeze_encoder_steps=freeze_steps)
     res = {}
     for name, extra in (("pretrained", {"bundle": str(pretrained)}),
-                        ("scratch", {"preset": "tiny", "input_size": list(preset_size)})):
+                        ("scratch", {"preset": preset, "input_size": list(preset_size)})):
         per_seed = {}
         for seed in seeds:
             params = finetune.FinetuneParams(out_dir=str(out / f"seg_{name}_seed{seed}"), seed=seed, **common, **extra)
@@ -289,6 +289,8 @@ def main(argv: list[str] | None = None) -> dict:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/proof")
     ap.add_argument("--pretrained", default="", help="evaluate this pre-trained bundle instead of training one")
+    ap.add_argument("--preset", default="tiny", choices=("tiny", "base", "large"),
+                    help="model preset to pre-train (tiny on CPU; base or large on a GPU)")
     ap.add_argument("--pairs", type=int, default=2000)
     ap.add_argument("--steps", type=int, default=500, help="pre-training steps of the full run (ablations: half)")
     ap.add_argument("--cycles", type=int, default=1, help="continue the full run for this many cycles of --steps")
@@ -332,7 +334,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         bundles = run_pretrain(out / "full", a.pairs, a.steps, full, a.shape, a.batch_size,
                                snapshot=0 if a.skip_ablation else half, negation_flag=a.negation_flag or None,
-                               sva_affirmed_only=a.sva_affirmed_only, sva_memory=a.sva_memory)
+                               sva_affirmed_only=a.sva_affirmed_only, sva_memory=a.sva_memory, preset=a.preset)
         runs = {"random init": (None, 0), "full (six + sva)": (bundles[a.steps], a.steps)}
         for bundle, steps in continue_cycles(out / "full", bundles[a.steps], a.cycles, a.pairs, a.steps, full,
                                              a.shape, a.batch_size):
@@ -346,7 +348,8 @@ def main(argv: list[str] | None = None) -> dict:
                                      ("no SSM+DFA", ("mim", "mlm", "sfr", "cml", "sva")),
                                      ("no MIM+MLM", ("sfr", "cml", "ssm", "dfa", "sva"))):
                 folder = out / name.split(" (")[0].replace("'", "").replace(" ", "_").replace("+", "_")
-                runs[name] = (snapshot_run(folder, a.pairs, a.steps, half, objectives, a.shape, a.batch_size), half)
+                runs[name] = (snapshot_run(folder, a.pairs, a.steps, half, objectives, a.shape, a.batch_size,
+                                           preset=a.preset), half)
         runs["random init"] = (random_init_bundle(out / "random_init", bundles[a.steps]), 0)
     results: dict = {"runs": {}}
     for name, (bundle, steps) in runs.items():
@@ -354,9 +357,11 @@ def main(argv: list[str] | None = None) -> dict:
         print(name, json.dumps(results["runs"][name]), flush=True)
     if not a.skip_segmentation:
         main_bundle = max(runs.values(), key=lambda run: run[1] or 0)[0]  # the most trained
-        size = load_bundle(main_bundle).config.input_size
+        main_config = load_bundle(main_bundle).config
+        size = main_config.input_size
         results["segmentation"] = seg_compare(main_bundle, out, a.seg_steps, a.shape, size, tuple(a.seg_seeds),
-                                              a.seg_warmup, a.seg_schedule, a.seg_freeze_steps, a.seg_target)
+                                              a.seg_warmup, a.seg_schedule, a.seg_freeze_steps, a.seg_target,
+                                              main_config.preset)
     results["settings"] = vars(a)
     results["wall_clock_s"] = time.perf_counter() - t0
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
