@@ -67,11 +67,6 @@ def fit_logistic(features: torch.Tensor, labels: np.ndarray, c: float, iteration
     return LogisticFit(mean, std, weight.detach(), bias.detach())
 
 
-def auc_per_finding(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
-    """AUC of each of the 18 findings that has positives and negatives among the volumes."""
-    return metrics.auc_per_label(labels, scores, LABELS)
-
-
 def probe(bundle: str | Path, n_train: int = 200, n_val: int = 100, n_test: int = 100, shape=(80, 112, 144),
           cs: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)) -> dict:
     """Held-out AUC per finding and mean for each pooling, with the regularisation chosen on validation."""
@@ -83,10 +78,10 @@ def probe(bundle: str | Path, n_train: int = 200, n_val: int = 100, n_test: int 
     for name, pool in POOLINGS.items():
         x_train, x_val, x_test = pool(train[0]), pool(val[0]), pool(test[0])
         fits = {c: fit_logistic(x_train, train[1], c) for c in cs}
-        val_auc = {c: float(np.mean(list(auc_per_finding(val[1], f.logits(x_val).numpy()).values())))
+        val_auc = {c: float(np.mean(list(metrics.auc_per_label(val[1], f.logits(x_val).numpy(), LABELS).values())))
                    for c, f in fits.items()}
         best = max(val_auc, key=val_auc.get)
-        per = auc_per_finding(test[1], fits[best].logits(x_test).numpy())
+        per = metrics.auc_per_label(test[1], fits[best].logits(x_test).numpy(), LABELS)
         out["poolings"][name] = {"c": best, "validation_mean_auc": val_auc, "held_out_mean_auc": float(np.mean(list(per.values()))),
                                  "held_out_auc_per_finding": per}
     return out

@@ -253,6 +253,13 @@ def random_block_mask(
 LossGather = Callable[[torch.Tensor], torch.Tensor]
 
 
+def _reports_containing(sentences: torch.Tensor, reports: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(Q, B) True where report b has a valid sentence with the same text as sentence q: unit frozen
+    features, sentences (Q, H) and reports (B, S, H), cosine > SAME_SENTENCE_COSINE; valid (B, S)."""
+    same = torch.einsum("qd,bsd->qbs", sentences, reports) > SAME_SENTENCE_COSINE
+    return (same & valid[None]).any(-1)
+
+
 class SentenceMemory(nn.Module):
     """First-in first-out memory of earlier reports' affirmed sentences for "sva" (``config.sva_memory``).
 
@@ -391,8 +398,7 @@ class MG3DPretrainer(nn.Module):
         owner = torch.nonzero(queries)[:, 0]
         similarity = self.model.sentence_volume_similarity(tokens, sent[queries], negated[queries])
         raw_n = F.normalize(raw.float(), dim=-1)
-        same_text = torch.einsum("qd,vsd->qvs", raw_n[queries], raw_n) > SAME_SENTENCE_COSINE
-        shared = (same_text & valid[None]).any(-1)
+        shared = _reports_containing(raw_n[queries], raw_n, valid)
         loss = L.sva_loss(similarity, owner, shared, self.config.temperature)
         if self.sva_memory is None:
             return loss
@@ -416,8 +422,7 @@ class MG3DPretrainer(nn.Module):
         candidates = torch.cat([similarity[affirmed], m.sentence_volume_similarity(tokens, sent, no_cue)])
         candidate_owner = torch.cat([owner[affirmed], owner.new_full((remembered.shape[0],), -1)])
         candidate_raw = torch.cat([query_raw[affirmed], F.normalize(remembered.float(), dim=-1)])
-        in_report = ((torch.einsum("cd,bsd->cbs", candidate_raw, raw_n) > SAME_SENTENCE_COSINE)
-                     & valid[None]).any(-1)  # (C, B)
+        in_report = _reports_containing(candidate_raw, raw_n, valid)
         allowed = (candidate_owner[None] != owner[:, None]) & ~in_report[:, owner].t()
         positive = similarity[torch.arange(owner.shape[0], device=owner.device), owner]
         return L.sentence_choice_loss(positive, candidates[:, owner].t(), allowed, self.config.temperature)
