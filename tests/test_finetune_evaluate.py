@@ -58,10 +58,16 @@ def test_learning_rate_warm_up_then_constant_or_cosine(chained):
 
 def test_frozen_encoder_linear_probe_leaves_the_encoder_untouched(tmp_path, gui_bundle):
     before = load_bundle(gui_bundle).model.state_dict()
-    after = load_bundle(_ft(tmp_path, gui_bundle, "prognosis", freeze_encoder=True, multiclass=True,
-                            label_names=["mild", "severe"] + [f"x{i}" for i in range(16)])).model.state_dict()
+    probe = load_bundle(_ft(tmp_path, gui_bundle, "prognosis", freeze_encoder=True, multiclass=True, head_norm="batch",
+                            label_names=["mild", "severe"] + [f"x{i}" for i in range(16)]))
+    after = probe.model.state_dict()
     for key in ("vision.swin.patch_embed.proj.weight", "proj16.weight"):
         assert np.array_equal(before[key].numpy(), after[key].numpy())
+    # --head-norm batch: the bundle says so and carries the running statistics of the training volumes
+    assert probe.meta["head_specs"]["prognosis"]["norm"] == "batch"
+    assert probe.build_heads()[0]["prognosis"].norm.running_mean.abs().sum() > 0
+    with pytest.raises(SystemExit, match="--head-norm 'group': choose one of layer, batch"):
+        _ft(tmp_path / "bad", gui_bundle, "classify", head_norm="group")
 
 
 def test_encoder_frozen_for_the_first_steps_then_fine_tuned(tmp_path, gui_bundle):

@@ -523,3 +523,49 @@ def test_attention_classifier_reads_where_the_finding_is_and_round_trips(tiny_co
         torch.testing.assert_close(head(tokens)[0, 0], expected, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="pooling 'max'"):
         build_head({"type": "classifier", "n_classes": 3, "pooling": "max"}, tiny_config, 10)
+
+
+def test_batch_norm_head_separates_volumes_that_layer_norm_leaves_at_the_prior(tiny_config):
+    """Pooled features = one common vector + a 2% variation that carries the label: standardising across
+    volumes gives the linear layer unit-scale inputs; LayerNorm keeps the variation 2% of the input."""
+    from napari_mg3d.model.heads import LinearClassifier, build_head
+
+    torch.manual_seed(0)
+    d = tiny_config.fusion_dim
+    common, direction = torch.randn(d), torch.randn(d)
+    label = torch.tensor([0.0, 1.0] * 8)
+    pooled = common + 0.02 * (2 * label[:, None] - 1) * direction
+    batch = build_head({"type": "classifier", "n_classes": 1, "norm": "batch"}, tiny_config, 10)
+    layer = build_head({"type": "classifier", "n_classes": 1}, tiny_config, 10)
+    assert type(layer.norm) is torch.nn.LayerNorm  # old bundles (no "norm") keep LayerNorm
+    standardised = batch.norm(pooled)
+    torch.testing.assert_close(standardised.mean(0), torch.zeros(d), atol=1e-3, rtol=0)
+    assert standardised.std(0)[direction.abs() > 0.5].min() > 0.9  # unit spread where the label varies it
+    assert layer.norm(pooled).std(0).max() < 0.1
+    # Running statistics at inference; a single volume in training mode uses them too instead of failing.
+    batch.eval()
+    one = batch(pooled[:1])
+    batch.train()
+    torch.testing.assert_close(batch(pooled[:1]), one)
+    with pytest.raises(ValueError, match="norm 'group'"):
+        build_head({"type": "classifier", "n_classes": 3, "norm": "group"}, tiny_config, 10)
+    with pytest.raises(ValueError, match="norm 'group'"):
+        LinearClassifier(d, 3, norm="group")
+
+
+def test_fused_attention_inference_matches_the_explicit_path(tiny_config):
+    from napari_mg3d.model.vision import SwinVisionEncoder
+
+    torch.manual_seed(0)
+    encoder = SwinVisionEncoder(tiny_config).eval()
+    x = torch.rand(2, 1, *tiny_config.input_size)
+    with torch.no_grad():
+        fused = encoder(x)
+        encoder.use_fused_attention(False)
+        explicit = encoder(x)
+    for a, b in zip(fused, explicit):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    # With autograd on, the explicit path runs whatever the switch says, so training gets its gradients.
+    encoder.use_fused_attention(True)
+    encoder(x)[-1].sum().backward()
+    assert encoder.swin.layers1[0].blocks[0].attn.relative_position_bias_table.grad.abs().sum() > 0

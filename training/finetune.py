@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from napari_mg3d.checkpoint import load_bundle, save_bundle
 from napari_mg3d.model import MG3DModel, preset_config
-from napari_mg3d.model.heads import CLASSIFIER_POOLINGS, PROMPT_PAIR, build_head, prompt_batch
+from napari_mg3d.model.heads import CLASSIFIER_NORMS, CLASSIFIER_POOLINGS, PROMPT_PAIR, build_head, prompt_batch
 from napari_mg3d.preprocess import PreprocessConfig
 from napari_mg3d.synthetic import LABELS, ORGANS
 
@@ -53,6 +53,10 @@ class FinetuneParams:
     pooling: str = field(default="mean", metadata={"help": (
         "classify / prognosis: mean (linear classifier on the mean-pooled feature, as in the paper) | attention "
         "(one attention read-out of the volume tokens per class)")})
+    head_norm: str = field(default="layer", metadata={"help": (
+        "classify / prognosis: normalisation before the linear layer: layer (LayerNorm per volume, as in the "
+        "paper's head) | batch (each dimension standardised across volumes; keeps a new head from predicting "
+        "the prior for every volume when the encoder's features are nearly the same for all of them)")})
     freeze_encoder: bool = field(default=False, metadata={"help": "train only the head (linear probing)"})
     freeze_encoder_steps: int = field(default=0, metadata={"help": (
         "train only the head for the first N steps, then the volume encoder too (linear probing, then "
@@ -205,6 +209,8 @@ def run(p: FinetuneParams) -> Path:
         raise SystemExit(f"--freeze-encoder-steps {p.freeze_encoder_steps}: choose 0 to --steps ({p.steps})")
     if p.pooling not in CLASSIFIER_POOLINGS:
         raise SystemExit(f"--pooling {p.pooling!r}: choose one of {', '.join(CLASSIFIER_POOLINGS)}")
+    if p.head_norm not in CLASSIFIER_NORMS:
+        raise SystemExit(f"--head-norm {p.head_norm!r}: choose one of {', '.join(CLASSIFIER_NORMS)}")
     fabric = make_fabric(p)
     fabric.launch()
     torch.manual_seed(p.seed)
@@ -226,7 +232,7 @@ def run(p: FinetuneParams) -> Path:
         names = names or LABELS
         head_name = "classifier" if p.task == "classify" else "prognosis"
         spec = {"type": "classifier", "n_classes": len(names), "multilabel": not p.multiclass, "labels": names,
-                "pooling": p.pooling}
+                "pooling": p.pooling, "norm": p.head_norm}
     elif p.task == "segment":
         names = names or {"organs": ["background", *ORGANS], "all": ALL_CLASSES}.get(p.seg_target, ["background", *LABELS])
         head_name, spec = "segmentation", {"type": "segmentation", "n_classes": len(names), "classes": names}

@@ -21,15 +21,36 @@ from torch import nn
 
 PROMPT_PAIR = ("{finding} is present.", "{finding} is not present.")
 CLASSIFIER_POOLINGS = ("mean", "attention")
+CLASSIFIER_NORMS = ("layer", "batch")
+
+
+class _Standardise(nn.BatchNorm1d):
+    """BatchNorm without affine that uses its running statistics for a batch of one (which has no spread)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__(dim, affine=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.shape[0] > 1:
+            return super().forward(x)
+        return F.batch_norm(x, self.running_mean, self.running_var, training=False, eps=self.eps)
 
 
 class LinearClassifier(nn.Module):
-    """Linear layer on F̄_I (B, d) -> logits (B, n_classes). ``multilabel`` selects sigmoid vs softmax."""
+    """Linear layer on F̄_I (B, d) -> logits (B, n_classes). ``multilabel`` selects sigmoid vs softmax.
 
-    def __init__(self, dim: int, n_classes: int, multilabel: bool = True) -> None:
+    ``norm`` before the linear layer: "layer" (LayerNorm of each feature vector, as shipped) or "batch"
+    (each dimension standardised across volumes, running statistics at inference, no affine; the usual
+    linear-probe normalisation). A randomly initialised encoder's pooled features are one common vector plus
+    a few-percent variation; LayerNorm keeps that ratio, so a new linear layer starts by predicting the prior
+    for every volume. Standardising across volumes removes the common vector."""
+
+    def __init__(self, dim: int, n_classes: int, multilabel: bool = True, norm: str = "layer") -> None:
         super().__init__()
+        if norm not in CLASSIFIER_NORMS:
+            raise ValueError(f"classifier norm {norm!r}: choose one of {', '.join(CLASSIFIER_NORMS)}")
         self.multilabel = multilabel
-        self.norm = nn.LayerNorm(dim)
+        self.norm = nn.LayerNorm(dim) if norm == "layer" else _Standardise(dim)
         self.linear = nn.Linear(dim, n_classes)
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
@@ -48,14 +69,15 @@ class AttentionClassifier(LinearClassifier):
     linear function of its own read-out. A small finding moves a few of the N tokens, which a mean over all of
     them dilutes; the query can attend to where it is (not in the paper: it uses :class:`LinearClassifier`)."""
 
-    def __init__(self, dim: int, n_classes: int, multilabel: bool = True) -> None:
-        super().__init__(dim, n_classes, multilabel)
+    def __init__(self, dim: int, n_classes: int, multilabel: bool = True, norm: str = "layer") -> None:
+        super().__init__(dim, n_classes, multilabel, norm)
         self.queries = nn.Parameter(torch.randn(n_classes, dim) * dim ** -0.5)
         self.key = nn.Linear(dim, dim)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         attention = torch.einsum("cd,bnd->bcn", self.queries, self.key(tokens)).mul(tokens.shape[-1] ** -0.5).softmax(-1)
-        read = self.norm(torch.einsum("bcn,bnd->bcd", attention, tokens))  # (B, C, d)
+        read = torch.einsum("bcn,bnd->bcd", attention, tokens)  # (B, C, d)
+        read = self.norm(read) if isinstance(self.norm, nn.LayerNorm) else self.norm(read.transpose(1, 2)).transpose(1, 2)
         return (read * self.linear.weight).sum(-1) + self.linear.bias
 
     def classify(self, encoding) -> torch.Tensor:
@@ -257,8 +279,12 @@ def build_head(spec: dict, config, vocab_size: int) -> nn.Module:
         if pooling not in CLASSIFIER_POOLINGS:
             raise ValueError(f"classifier head with pooling {pooling!r} in bundle; this napari-mg3d knows "
                              f"{', '.join(CLASSIFIER_POOLINGS)}")
+        norm = spec.get("norm", "layer")
+        if norm not in CLASSIFIER_NORMS:
+            raise ValueError(f"classifier head with norm {norm!r} in bundle; this napari-mg3d knows "
+                             f"{', '.join(CLASSIFIER_NORMS)}")
         cls = AttentionClassifier if pooling == "attention" else LinearClassifier
-        return cls(config.fusion_dim, int(spec["n_classes"]), bool(spec.get("multilabel", True)))
+        return cls(config.fusion_dim, int(spec["n_classes"]), bool(spec.get("multilabel", True)), norm)
     if kind == "segmentation":
         return SegmentationDecoder(config.feature_size, int(spec["n_classes"]))
     if kind == "report":
