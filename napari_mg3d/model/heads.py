@@ -25,15 +25,17 @@ CLASSIFIER_NORMS = ("layer", "batch")
 
 
 class _Standardise(nn.BatchNorm1d):
-    """BatchNorm without affine that uses its running statistics for a batch of one (which has no spread)."""
+    """BatchNorm without affine over the last dimension of (B, ..., d); a batch of one volume (which has no
+    spread) uses the running statistics."""
 
     def __init__(self, dim: int) -> None:
         super().__init__(dim, affine=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
         if self.training and x.shape[0] > 1:
-            return super().forward(x)
-        return F.batch_norm(x, self.running_mean, self.running_var, training=False, eps=self.eps)
+            return super().forward(rows).reshape(x.shape)
+        return F.batch_norm(rows, self.running_mean, self.running_var, training=False, eps=self.eps).reshape(x.shape)
 
 
 class LinearClassifier(nn.Module):
@@ -76,8 +78,7 @@ class AttentionClassifier(LinearClassifier):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         attention = torch.einsum("cd,bnd->bcn", self.queries, self.key(tokens)).mul(tokens.shape[-1] ** -0.5).softmax(-1)
-        read = torch.einsum("bcn,bnd->bcd", attention, tokens)  # (B, C, d)
-        read = self.norm(read) if isinstance(self.norm, nn.LayerNorm) else self.norm(read.transpose(1, 2)).transpose(1, 2)
+        read = self.norm(torch.einsum("bcn,bnd->bcd", attention, tokens))  # (B, C, d)
         return (read * self.linear.weight).sum(-1) + self.linear.bias
 
     def classify(self, encoding) -> torch.Tensor:
@@ -279,12 +280,9 @@ def build_head(spec: dict, config, vocab_size: int) -> nn.Module:
         if pooling not in CLASSIFIER_POOLINGS:
             raise ValueError(f"classifier head with pooling {pooling!r} in bundle; this napari-mg3d knows "
                              f"{', '.join(CLASSIFIER_POOLINGS)}")
-        norm = spec.get("norm", "layer")
-        if norm not in CLASSIFIER_NORMS:
-            raise ValueError(f"classifier head with norm {norm!r} in bundle; this napari-mg3d knows "
-                             f"{', '.join(CLASSIFIER_NORMS)}")
         cls = AttentionClassifier if pooling == "attention" else LinearClassifier
-        return cls(config.fusion_dim, int(spec["n_classes"]), bool(spec.get("multilabel", True)), norm)
+        return cls(config.fusion_dim, int(spec["n_classes"]), bool(spec.get("multilabel", True)),
+                   spec.get("norm", "layer"))
     if kind == "segmentation":
         return SegmentationDecoder(config.feature_size, int(spec["n_classes"]))
     if kind == "report":
