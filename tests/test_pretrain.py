@@ -15,7 +15,7 @@ pytest.importorskip("lightning")
 
 from napari_mg3d.checkpoint import load_bundle  # noqa: E402
 from training.data import StepIndexedSampler  # noqa: E402
-from training.module import lr_lambda  # noqa: E402
+from training.module import concat_ranks, lr_lambda  # noqa: E402
 from training.params import PretrainParams, build_parser  # noqa: E402
 from training.pretrain import run  # noqa: E402
 
@@ -107,6 +107,87 @@ def test_ddp_with_two_cpu_processes(tmp_path, tiny_text_encoder_dir):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "finished at step 2" in result.stdout
     assert load_bundle(tmp_path / "bundle").meta["provenance"]["steps"] == 2
+
+
+@pytest.mark.slow
+def test_ddp_ablation_leaves_parameters_unused_and_shares_the_sentence_memory(tmp_path, tiny_text_encoder_dir):
+    # Without MIM and MLM their heads get no gradient (DDP must be told); the sentence memory of the two
+    # processes must hold both processes' sentences, the same set one process with the whole batch keeps.
+    objectives = ["sfr", "cml", "ssm", "dfa", "sva"]
+    cmd = [sys.executable, "-m", "training.pretrain", "--data", "synthetic:8", "--max-steps", "2", "--batch-size", "2",
+           "--input-size", "32", "32", "32", "--num-workers", "0", "--synthetic-shape", "40", "48", "56",
+           "--no-progress", "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", "--objectives",
+           *objectives, "--sva-memory", "256", "--checkpoint-every", "1", "--text-encoder", str(tiny_text_encoder_dir),
+           "--out-dir", str(tmp_path / "ddp")]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ})
+    assert result.returncode == 0, result.stderr[-3000:]
+    run(_params(tmp_path / "one", tiny_text_encoder_dir, data="synthetic:8", max_steps=2, batch_size=4,
+                objectives=objectives, sva_memory=256))
+
+    def memory(out: Path) -> int:
+        state = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+        return int(state["state_dict"]["pretrainer.sva_memory.written"])
+
+    assert memory(tmp_path / "ddp") == memory(tmp_path / "one") > 0
+
+
+@pytest.mark.slow
+def test_ddp_step_where_one_device_has_no_readable_sample_is_skipped_not_hung(tmp_path, tiny_text_encoder_dir):
+    # Two processes, one sample each per step. The second step's sample of rank 1 is unreadable: rank 1 must
+    # still join rank 0's feature gathers and gradient all-reduce (it replays its last batch with weight 0).
+    import json
+
+    from napari_mg3d.synthetic import write_dataset
+
+    write_dataset(tmp_path / "data", 4, seed=0, shape=(40, 48, 56), progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "data" / "manifest.jsonl").read_text().splitlines()]
+    seed = 5
+    order = torch.randperm(4, generator=torch.Generator().manual_seed(seed * 100003)).tolist()
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(b"\x1f\x8b not really gzip")
+    for i, row in enumerate(rows):
+        row["volume"] = str(broken if i == order[1::2][1] else tmp_path / "data" / row["volume"])
+        row["mask"] = None
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join(json.dumps(r) for r in rows))
+    cmd = [sys.executable, "-m", "training.pretrain", "--data", f"manifest:{manifest}", "--max-steps", "2",
+           "--batch-size", "1", "--input-size", "32", "32", "32", "--num-workers", "0", "--no-progress",
+           "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", "--seed", str(seed),
+           "--text-encoder", str(tiny_text_encoder_dir), "--out-dir", str(tmp_path / "out")]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "finished at step 2" in result.stdout
+    assert "broken.nii.gz" in result.stderr + result.stdout
+
+
+def test_rows_of_every_rank_are_concatenated_in_rank_order():
+    rows = [torch.tensor([[1.0, 1.0]]), torch.tensor([[2.0, 2.0], [3.0, 3.0], [4.0, 4.0]]), torch.zeros(0, 2)]
+
+    def all_gather_on(rank):  # a stand-in for Lightning's all_gather as seen from `rank`
+        def gather(t):
+            if t.ndim == 0:
+                return torch.tensor([len(r) for r in rows])
+            stacked = torch.full((len(rows), *t.shape), -1.0)
+            for r, x in enumerate(rows):
+                stacked[r, : len(x)] = t[: len(x)] if r == rank else x
+            return stacked
+
+        return gather
+
+    for rank in range(3):
+        out = concat_ranks(rows[rank], all_gather_on(rank))
+        assert out.tolist() == [[1.0, 1.0], [2.0, 2.0], [3.0, 3.0], [4.0, 4.0]]
+
+
+def test_ddp_strategies_are_built_to_find_unused_parameters():
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from training.pretrain import resolve_strategy
+
+    for name in ("ddp", "ddp_spawn"):
+        strategy = resolve_strategy(name)
+        assert isinstance(strategy, DDPStrategy) and strategy._ddp_kwargs["find_unused_parameters"] is True
+    assert resolve_strategy("auto") == "auto"
 
 
 def test_help_explains_every_option():

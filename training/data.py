@@ -187,6 +187,14 @@ def collate(items: list[dict | None]) -> dict | None:
     return out
 
 
+def collate_keeping_empty(items: list[dict | None]) -> dict:
+    """:func:`collate`, but a batch whose every example failed to load is ``{}`` rather than None. Lightning
+    skips a None batch without calling ``training_step``, and under DDP the other devices would then wait
+    in a collective that this device never joins."""
+    batch = collate(items)
+    return {} if batch is None else batch
+
+
 # ----- layouts --------------------------------------------------------------------------------------
 def _resolve(base: Path, value: str) -> str:
     p = Path(value).expanduser()

@@ -25,6 +25,17 @@ def lr_lambda(warmup: int, total: int):
     return f
 
 
+def concat_ranks(rows: torch.Tensor, all_gather) -> torch.Tensor:
+    """Concatenate every rank's ``rows`` (K_r, H), rank 0 first. ``all_gather(t)`` returns (world, *t.shape);
+    rows are padded to the largest K_r for the gather and the padding is dropped again."""
+    counts = all_gather(torch.tensor(rows.shape[0], device=rows.device)).reshape(-1)
+    most = int(counts.max())
+    padded = rows.new_zeros((most, *rows.shape[1:]))
+    padded[: rows.shape[0]] = rows.detach()
+    gathered = all_gather(padded)  # (world, most, H)
+    return torch.cat([gathered[r, : int(counts[r])] for r in range(gathered.shape[0])])
+
+
 class PretrainModule(L.LightningModule):
     """Wraps MG3DPretrainer. ``training_step`` tokenises the batch's sentences, seeds the MIM/MLM masks from
     (seed, global step, micro-batch, rank) so that a resumed run draws the same masks, and logs every loss."""
@@ -33,7 +44,8 @@ class PretrainModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters({"model": config.to_dict(), "params": params.to_dict()})
         self.params = params
-        self.pretrainer = MG3DPretrainer(MG3DModel(config), gather=self._gather_keys)
+        self.pretrainer = MG3DPretrainer(MG3DModel(config), gather=self._gather_keys, gather_rows=self._gather_rows)
+        self._last_batch: dict | None = None
 
     @property
     def model(self) -> MG3DModel:
@@ -41,16 +53,24 @@ class PretrainModule(L.LightningModule):
 
     def _gather_keys(self, keys: torch.Tensor) -> torch.Tensor:
         """Keys from every device for InfoNCE, local rows first (gradients flow back to each device)."""
-        if self.trainer is None or self.trainer.world_size <= 1:
+        if self._world_size() <= 1:
             return keys
         gathered = self.all_gather(keys, sync_grads=True)  # (world, B, d)
         rank = self.trainer.global_rank
         others = [gathered[i] for i in range(gathered.shape[0]) if i != rank]
         return torch.cat([keys, *others], dim=0)
 
+    def _gather_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows (K, H) from every device, a different K on each, concatenated in rank order (no gradients):
+        every device then writes the same rows to the sentence memory, which DDP keeps in step by
+        broadcasting rank 0's buffers."""
+        if self._world_size() <= 1:
+            return rows
+        return concat_ranks(rows, self.all_gather)
+
     def _mask_generator(self, batch_idx: int) -> torch.Generator:
         micro = batch_idx % max(1, self.params.accumulate)
-        rank = self.trainer.global_rank if self.trainer is not None else 0
+        rank = self._trainer.global_rank if self._trainer is not None else 0
         seed = ((self.params.seed * 1_000_003 + self.global_step) * 101 + micro) * 1009 + rank
         return torch.Generator().manual_seed(seed % (2**63 - 1))
 
@@ -65,9 +85,10 @@ class PretrainModule(L.LightningModule):
         keep = set(self.pretrainer.config.objectives) | {"total"}
         return {k: v for k, v in losses.items() if k in keep}
 
-    def training_step(self, batch: dict | None, batch_idx: int):
-        if batch is None:  # every example of the batch failed to load (already logged and counted)
-            return None
+    def training_step(self, batch: dict, batch_idx: int):
+        if not batch:  # every example of the batch failed to load (already logged and counted)
+            return self._empty_step_loss(batch_idx)
+        self._last_batch = batch
         losses = self._losses(batch, self._mask_generator(batch_idx))
         bs = batch["volume"].shape[0]
         for name, value in self._on(losses).items():
@@ -75,8 +96,24 @@ class PretrainModule(L.LightningModule):
                      prog_bar=name == "total", sync_dist=False)
         return losses["total"]
 
-    def validation_step(self, batch: dict | None, batch_idx: int):
-        if batch is None:
+    def _empty_step_loss(self, batch_idx: int) -> torch.Tensor | None:
+        """A step without data. On one device it is skipped. Under DDP every device must make the same
+        collective calls (the feature gathers inside the losses, then the gradient all-reduce), so this
+        device replays its last good batch with weight zero: it adds nothing to the gradients."""
+        if self._world_size() <= 1:
+            return None
+        if self._last_batch is None:
+            raise RuntimeError(
+                f"rank {self.trainer.global_rank}: every sample of its first batch failed to load (see the "
+                "warnings above). Under DDP a step cannot be skipped on one device alone; remove or fix the "
+                "unreadable samples, or use a larger --batch-size.")
+        return self._losses(self._last_batch, self._mask_generator(batch_idx))["total"] * 0.0
+
+    def _world_size(self) -> int:
+        return self._trainer.world_size if self._trainer is not None else 1
+
+    def validation_step(self, batch: dict, batch_idx: int):
+        if not batch:
             return None
         losses = self._losses(batch, torch.Generator().manual_seed(self.params.seed + batch_idx))
         for name, value in self._on(losses).items():

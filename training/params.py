@@ -37,8 +37,8 @@ class PretrainParams:
     sva_memory: int = field(default=0, metadata={"help": (
         "sva: also let each volume choose its own sentences against other reports' affirmed sentences, those "
         "of the batch and up to this many distinct ones remembered from earlier batches (frozen features, "
-        "re-projected every step, kept in checkpoints; under DDP all ranks use rank 0's, as buffers are broadcast; "
-        "not in the paper; default 0: off)")})
+        "re-projected every step, kept in checkpoints; under DDP every device writes the sentences of all "
+        "devices, so the memories stay equal; not in the paper; default 0: off)")})
 
     max_steps: int = field(default=1000, metadata={"help": "optimizer steps to train"})
     batch_size: int = field(default=4, metadata={"help": "volumes per device per step (paper: 4)"})

@@ -25,7 +25,7 @@ from napari_mg3d.checkpoint import Bundle, load_bundle, save_bundle
 from napari_mg3d.model import MG3DConfig, preset_config
 from napari_mg3d.preprocess import PreprocessConfig
 
-from .data import StepIndexedSampler, build_dataset, collate
+from .data import StepIndexedSampler, build_dataset, collate_keeping_empty
 from .module import PretrainModule
 from .params import PretrainParams, parse_devices, parse_params
 
@@ -113,6 +113,20 @@ class _Progress:
         return step * per_step, p.max_steps * per_step, rank, world
 
 
+DDP_STRATEGIES = {"ddp": "popen", "ddp_spawn": "spawn", "ddp_fork": "fork", "ddp_notebook": "fork"}
+
+
+def resolve_strategy(name: str):
+    """--strategy as Lightning takes it. The DDP ones are built with ``find_unused_parameters``: an objective
+    set without some objectives (the ablations), or a batch without a negated sentence under
+    ``negation_flag``, leaves parameters without a gradient, and DDP would otherwise stop at the next step."""
+    if name not in DDP_STRATEGIES:
+        return name
+    from lightning.pytorch.strategies import DDPStrategy
+
+    return DDPStrategy(start_method=DDP_STRATEGIES[name], find_unused_parameters=True)
+
+
 def make_trainer(p: PretrainParams, out: Path, val: bool) -> L.Trainer:
     monitor = "val/total" if val else "train/total"
     last = ModelCheckpoint(dirpath=out / "checkpoints", filename="last", every_n_train_steps=p.checkpoint_every,
@@ -128,7 +142,7 @@ def make_trainer(p: PretrainParams, out: Path, val: bool) -> L.Trainer:
     devices = parse_devices(p.devices)
     return L.Trainer(
         max_steps=p.max_steps, accelerator=p.accelerator, devices=devices, num_nodes=p.num_nodes,
-        strategy=p.strategy, precision=p.precision, accumulate_grad_batches=p.accumulate,
+        strategy=resolve_strategy(p.strategy), precision=p.precision, accumulate_grad_batches=p.accumulate,
         gradient_clip_val=p.grad_clip or None, log_every_n_steps=p.log_every, callbacks=callbacks,
         logger=[CSVLogger(out, name="logs"), TensorBoardLogger(out, name="tb")],
         use_distributed_sampler=False, enable_progress_bar=p.progress, default_root_dir=out,
@@ -156,7 +170,7 @@ def run(p: PretrainParams) -> Path:
 
     progress = _Progress(p)
     sampler = StepIndexedSampler(len(train_set), p.seed, progress)
-    loader_kw = dict(num_workers=p.num_workers, collate_fn=collate, pin_memory=torch.cuda.is_available(),
+    loader_kw = dict(num_workers=p.num_workers, collate_fn=collate_keeping_empty, pin_memory=torch.cuda.is_available(),
                      persistent_workers=p.num_workers > 0)
     train_loader = DataLoader(train_set, batch_size=p.batch_size, sampler=sampler, drop_last=False, **loader_kw)
     val_loader = DataLoader(val_set, batch_size=p.batch_size, shuffle=False, **loader_kw) if val_set else None

@@ -306,16 +306,20 @@ class MG3DPretrainer(nn.Module):
     """MG-3D pre-training: the model plus the MIM decoder and MLM head; forward returns every loss.
 
     ``gather`` (optional) collects features from all devices for the contrastive losses; it must return
-    the local rows first. Objectives not in ``config.objectives`` are skipped (and not computed).
+    the local rows first. ``gather_rows`` (optional) collects the sentences every device adds to the sva
+    sentence memory, in the same order on every device, so that the devices' memories stay equal.
+    Objectives not in ``config.objectives`` are skipped (and not computed).
     """
 
-    def __init__(self, model: MG3DModel, gather: LossGather | None = None) -> None:
+    def __init__(self, model: MG3DModel, gather: LossGather | None = None,
+                 gather_rows: LossGather | None = None) -> None:
         super().__init__()
         self.model = model
         self.config = model.config
         self.mim_decoder = MIMDecoder(self.config.fusion_dim)
         self.mlm_head = MLMHead(self.config.fusion_dim, model.text.vocab_size)
         self.gather = gather
+        self.gather_rows = gather_rows
         self.sva_memory: SentenceMemory | None = None
         if self.config.sva_memory > 0:
             self.sva_memory = SentenceMemory(self.config.sva_memory, model.text.hidden_size)
@@ -405,7 +409,8 @@ class MG3DPretrainer(nn.Module):
         loss = loss + self._sva_sentences(tokens, raw_n, valid, similarity, owner, raw_n[queries],
                                           ~negated[queries])
         if self.training:
-            self.sva_memory.write(raw[valid & ~negated])
+            new = raw[valid & ~negated]
+            self.sva_memory.write(self.gather_rows(new) if self.gather_rows is not None else new)
         return loss
 
     def _sva_sentences(self, tokens: torch.Tensor, raw_n: torch.Tensor, valid: torch.Tensor,
