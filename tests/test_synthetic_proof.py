@@ -115,3 +115,39 @@ def test_segmentation_comparison_gives_both_arms_the_same_target_and_seeds(tmp_p
     assert seen[2].input_size == [128, 96, 128]  # the scratch arm has the pre-trained model's architecture
     assert res["pretrained"]["mean_dice"] == pytest.approx(0.3) and res["scratch"]["mean_dice"] == pytest.approx(0.3)
     assert res["pretrained"]["mean_dice_per_seed"] == {"7": 0.4, "8": 0.2}
+
+
+def test_workers_and_precision_reach_every_pre_training_and_fine_tuning_run(tmp_path, monkeypatch):
+    # A GPU run needs many workers to make synthetic volumes fast enough, and bf16; every run must get them.
+    from types import SimpleNamespace
+
+    from training import pretrain
+
+    pre, fine = [], []
+
+    def fake_pretrain(params):
+        pre.append(params)
+        if params.stop_after_steps:  # a snapshot: the checkpoint is exported by bundle_from_checkpoint
+            return tmp_path / "last.ckpt"
+        (tmp_path / params.out_dir / "bundle").mkdir(parents=True, exist_ok=True)
+        return tmp_path / params.out_dir / "bundle"
+
+    def fake_finetune(params):
+        fine.append(params)
+        return tmp_path / params.out_dir / "bundle"
+
+    bundle = SimpleNamespace(config=SimpleNamespace(input_size=(64, 64, 64), preset="tiny"),
+                             meta={"provenance": {"metrics": {"mean_dice": 0.5, "dice_per_class": {}}}})
+    monkeypatch.setattr(pretrain, "run", fake_pretrain)
+    monkeypatch.setattr(pretrain, "bundle_from_checkpoint", lambda last, out: out.mkdir(parents=True))
+    monkeypatch.setattr(finetune, "run", fake_finetune)
+    monkeypatch.setattr(synthetic_proof, "load_bundle", lambda path: bundle)
+    monkeypatch.setattr(synthetic_proof, "random_init_bundle", lambda out, like: out)
+    monkeypatch.setattr(synthetic_proof, "probe", lambda b, n, shape: {
+        "recall@10_global": 0.1, "recall@10_chance": 0.1, "pointing_hit_rate": 0.1, "pointing_random_baseline": 0.1})
+    synthetic_proof.main(["--out", str(tmp_path / "proof"), "--steps", "8", "--cycles", "2", "--num-workers", "12",
+                          "--precision", "bf16-mixed"])
+    # full run (snapshot at 4, then to 8), cycle 2, three ablations; then both segmentation arms
+    assert len(pre) == 6 and len(fine) == 2
+    assert {(p.num_workers, p.precision) for p in pre + fine} == {(12, "bf16-mixed")}
+    assert synthetic_proof.pretrain_params(tmp_path, 10, 8, ["mim"], (8, 8, 8), 2).num_workers == 1  # the CPU default

@@ -162,10 +162,20 @@ def report_volume_alignment(model, tokens: list[torch.Tensor], sentences: list[t
 
 
 def pretrain_params(out: Path, pairs: int, steps: int, objectives, shape, batch: int, **kw) -> PretrainParams:
-    return PretrainParams(
-        data=f"synthetic:{pairs}", max_steps=steps, batch_size=batch, out_dir=str(out), synthetic_shape=list(shape),
-        objectives=list(objectives), warmup_steps=max(1, steps // 10), lr_vision=2e-4, lr_fusion=5e-4,
-        checkpoint_every=max(1, steps // 4), log_every=5, progress=False, num_workers=1, **kw)
+    """The benchmark's pre-training recipe; ``kw`` adds or overrides PretrainParams fields (e.g. the
+    ``num_workers`` and ``precision`` of :func:`runtime`)."""
+    recipe = dict(data=f"synthetic:{pairs}", max_steps=steps, batch_size=batch, out_dir=str(out),
+                  synthetic_shape=list(shape), objectives=list(objectives), warmup_steps=max(1, steps // 10),
+                  lr_vision=2e-4, lr_fusion=5e-4, checkpoint_every=max(1, steps // 4), log_every=5, progress=False,
+                  num_workers=1)
+    return PretrainParams(**{**recipe, **kw})
+
+
+def runtime(num_workers: int = 1, precision: str = "32-true") -> dict:
+    """How the benchmark's runs execute, not what they compute: data-loading workers (synthetic volumes are
+    made on the fly, ~13 per second per core, so a GPU needs many) and the numeric precision of every
+    pre-training and fine-tuning run."""
+    return {"num_workers": num_workers, "precision": precision}
 
 
 def run_pretrain(out: Path, pairs: int, steps: int, objectives, shape, batch: int, snapshot: int = 0,
@@ -182,7 +192,7 @@ def run_pretrain(out: Path, pairs: int, steps: int, objectives, shape, batch: in
 
 
 def continue_cycles(out: Path, first: Path, cycles: int, pairs: int, steps: int, objectives, shape,
-                    batch: int) -> list[tuple[Path, int]]:
+                    batch: int, **kw) -> list[tuple[Path, int]]:
     """Cycles 2..``cycles``: each a new schedule of ``steps`` steps starting from the previous cycle's bundle."""
     done, previous = [], first
     for c in range(2, cycles + 1):
@@ -191,7 +201,7 @@ def continue_cycles(out: Path, first: Path, cycles: int, pairs: int, steps: int,
         if not bundle.exists():
             resume = "last" if (folder / "checkpoints" / "last.ckpt").exists() else ""
             pretrain.run(pretrain_params(folder, pairs, steps, objectives, shape, batch, resume=resume,
-                                         init_from=str(previous), seed=c - 1))
+                                         init_from=str(previous), seed=c - 1, **kw))
         done.append((bundle, c * steps))
         previous = bundle
     return done
@@ -218,11 +228,13 @@ def random_init_bundle(out: Path, like: Path) -> Path:
 
 
 def seg_compare(pretrained: Path, out: Path, steps: int, shape, preset_size, seeds=(7,), warmup: int = 0,
-                schedule: str = "constant", freeze_steps: int = 0, target: str = "all", preset: str = "tiny") -> dict:
-    """Both arms once per seed (initialisation of the decoder, data order); Dice means over the seeds."""
+                schedule: str = "constant", freeze_steps: int = 0, target: str = "all", preset: str = "tiny",
+                run_with: dict | None = None) -> dict:
+    """Both arms once per seed (initialisation of the decoder, data order); Dice means over the seeds.
+    ``run_with``: :func:`runtime` settings for both arms."""
     common = dict(task="segment", data="synthetic:20", val_data="synthetic:10", steps=steps, batch_size=2,
                   seg_target=target, synthetic_shape=list(shape), lr=1e-3, lr_encoder=1e-4, log_every=20,
-                  warmup_steps=warmup, lr_schedule=schedule, freeze_encoder_steps=freeze_steps)
+                  warmup_steps=warmup, lr_schedule=schedule, freeze_encoder_steps=freeze_steps, **(run_with or {}))
     res = {}
     for name, extra in (("pretrained", {"bundle": str(pretrained)}),
                         ("scratch", {"preset": preset, "input_size": list(preset_size)})):
@@ -304,6 +316,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seg-warmup", type=int, default=0, help="segmentation: learning-rate warm-up steps (both arms)")
     ap.add_argument("--seg-schedule", default="constant", help="segmentation: constant | cosine after the warm-up (both arms)")
     ap.add_argument("--held-out", type=int, default=100)
+    ap.add_argument("--num-workers", type=int, default=1,
+                    help="data-loading workers of every run (synthetic volumes are made on the fly: ~13 per second "
+                         "per core; a GPU needs ~10 to keep up)")
+    ap.add_argument("--precision", default="32-true",
+                    help="precision of every pre-training and fine-tuning run: 32-true | bf16-mixed (a GPU, or a CPU "
+                         "with AVX512-BF16/AMX)")
     ap.add_argument("--shape", type=int, nargs=3, default=[80, 112, 144])
     ap.add_argument("--negation-flag", action="store_true", help="pre-train with the negation flag (MG3DConfig.negation_flag)")
     ap.add_argument("--sva-affirmed-only", action="store_true",
@@ -316,6 +334,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--skip-ablation", action="store_true")
     ap.add_argument("--skip-segmentation", action="store_true")
     a = ap.parse_args(argv)
+    run_with = runtime(a.num_workers, a.precision)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -334,10 +353,11 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         bundles = run_pretrain(out / "full", a.pairs, a.steps, full, a.shape, a.batch_size,
                                snapshot=0 if a.skip_ablation else half, negation_flag=a.negation_flag or None,
-                               sva_affirmed_only=a.sva_affirmed_only, sva_memory=a.sva_memory, preset=a.preset)
+                               sva_affirmed_only=a.sva_affirmed_only, sva_memory=a.sva_memory, preset=a.preset,
+                               **run_with)
         runs = {"random init": (None, 0), "full (six + sva)": (bundles[a.steps], a.steps)}
         for bundle, steps in continue_cycles(out / "full", bundles[a.steps], a.cycles, a.pairs, a.steps, full,
-                                             a.shape, a.batch_size):
+                                             a.shape, a.batch_size, **run_with):
             runs[f"full (six + sva), {steps // a.steps} cycles"] = (bundle, steps)
         snapshot = out / "full" / "bundle_step" / f"{half}"
         if a.skip_ablation and snapshot.exists():  # left by an earlier run with ablations
@@ -349,7 +369,7 @@ def main(argv: list[str] | None = None) -> dict:
                                      ("no MIM+MLM", ("sfr", "cml", "ssm", "dfa", "sva"))):
                 folder = out / name.split(" (")[0].replace("'", "").replace(" ", "_").replace("+", "_")
                 runs[name] = (snapshot_run(folder, a.pairs, a.steps, half, objectives, a.shape, a.batch_size,
-                                           preset=a.preset), half)
+                                           preset=a.preset, **run_with), half)
         runs["random init"] = (random_init_bundle(out / "random_init", bundles[a.steps]), 0)
     results: dict = {"runs": {}}
     for name, (bundle, steps) in runs.items():
@@ -361,7 +381,7 @@ def main(argv: list[str] | None = None) -> dict:
         size = main_config.input_size
         results["segmentation"] = seg_compare(main_bundle, out, a.seg_steps, a.shape, size, tuple(a.seg_seeds),
                                               a.seg_warmup, a.seg_schedule, a.seg_freeze_steps, a.seg_target,
-                                              main_config.preset)
+                                              main_config.preset, run_with)
     results["settings"] = vars(a)
     results["wall_clock_s"] = time.perf_counter() - t0
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
