@@ -528,12 +528,21 @@ def reorient(array: np.ndarray, affine: np.ndarray, axcodes: tuple[str, str, str
     return np.ascontiguousarray(out), affine @ inv
 
 
+DEFAULT_N_FINDINGS = (1, 4)  # a sample shows this many of the 18 findings (inclusive range, uniform)
+
+
+def finding_prevalence(n_findings: tuple[int, int] = DEFAULT_N_FINDINGS) -> float:
+    """Probability that a given finding is in a sample: the findings are drawn uniformly, so it is the mean
+    number of findings per sample over the 18 labels."""
+    return (n_findings[0] + n_findings[1]) / 2 / len(LABELS)
+
+
 def generate_sample(
     seed: int,
     shape: tuple[int, int, int] = (96, 128, 160),
     spacing: tuple[float, float, float] | None = None,
     findings: list[str] | None = None,
-    n_findings: tuple[int, int] = (1, 4),
+    n_findings: tuple[int, int] = DEFAULT_N_FINDINGS,
     report: str | None = None,
     noise_hu: float | None = None,
     axcodes: tuple[str, str, str] = CANONICAL_AXCODES,

@@ -145,3 +145,22 @@ def test_synthetic_dataset_is_deterministic():
     a, b = ds[1], ds[1]
     assert torch.equal(a["volume"], b["volume"]) and a["report"] == b["report"]
     assert a["volume"].shape == (1, 32, 32, 32) and a["labels"].sum() >= 1
+
+
+def test_label_prevalence_comes_from_the_records_or_the_generator_without_loading(synthetic_dir, monkeypatch):
+    from napari_mg3d.synthetic import finding_prevalence, generate_sample
+
+    records = D.manifest_records(synthetic_dir / "manifest.jsonl")
+    ds = D.VolumeReportDataset(records, CFG)
+    monkeypatch.setattr(D.VolumeReportDataset, "__getitem__", lambda self, i: pytest.fail("a volume was loaded"))
+    y = np.array([r.labels for r in records])
+    assert np.allclose(D.label_prevalence(ds), y.mean(0))
+    assert np.allclose(D.label_prevalence(torch.utils.data.Subset(ds, [0, 2])), y[[0, 2]].mean(0))
+    one_class = D.label_prevalence(ds, multiclass=True)  # the class the loss takes: the first label set
+    assert one_class.sum() == pytest.approx(1) and np.allclose(one_class, np.bincount(y.argmax(1), minlength=18) / 3)
+    synthetic = D.SyntheticDataset(10, CFG)
+    assert np.allclose(D.label_prevalence(synthetic), finding_prevalence()) and D.label_prevalence(synthetic, True) is None
+    monkeypatch.undo()
+    # the generator's design: 1-4 of the 18 findings, uniformly, so 2.5 per sample (60 samples: sd 0.14)
+    counts = [sum(generate_sample(seed, shape=(24, 32, 40)).labels.values()) for seed in range(60)]
+    assert finding_prevalence() == pytest.approx(2.5 / 18) and abs(np.mean(counts) - 2.5) < 0.45

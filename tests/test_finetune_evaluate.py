@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("lightning")
 pytest.importorskip("torchmetrics")
@@ -68,6 +69,20 @@ def test_frozen_encoder_linear_probe_leaves_the_encoder_untouched(tmp_path, gui_
     assert probe.build_heads()[0]["prognosis"].norm.running_mean.abs().sum() > 0
     with pytest.raises(SystemExit, match="--head-norm 'group': choose one of layer, batch"):
         _ft(tmp_path / "bad", gui_bundle, "classify", head_norm="group")
+
+
+def test_classifier_starts_from_the_training_prevalence_unless_told_otherwise(tmp_path, gui_bundle):
+    from napari_mg3d.synthetic import finding_prevalence
+
+    def bias(**kw):  # two steps at a negligible rate: the bias is where it started
+        b = load_bundle(_ft(tmp_path / str(len(kw)), gui_bundle, "classify", lr=1e-12, **kw))
+        return b.build_heads()[0]["classifier"].linear.bias
+
+    p = finding_prevalence()
+    assert torch.allclose(bias(), torch.full((18,), float(np.log(p / (1 - p)))), atol=1e-4)
+    assert bias(bias_init="default").abs().max() < 0.2  # PyTorch's init, far from the prior's log-odds -1.8
+    with pytest.raises(SystemExit, match="--bias-init 'prior': choose one of prevalence, default"):
+        _ft(tmp_path / "bad", gui_bundle, "classify", bias_init="prior")
 
 
 def test_encoder_frozen_for_the_first_steps_then_fine_tuned(tmp_path, gui_bundle):

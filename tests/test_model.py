@@ -569,3 +569,21 @@ def test_fused_attention_inference_matches_the_explicit_path(tiny_config):
     encoder.use_fused_attention(True)
     encoder(x)[-1].sum().backward()
     assert encoder.swin.layers1[0].blocks[0].attn.relative_position_bias_table.grad.abs().sum() > 0
+
+
+def test_classifier_prior_gives_each_label_its_prevalence_when_features_say_nothing():
+    from napari_mg3d.model.heads import LinearClassifier
+
+    prevalence = [0.02, 0.5, 0.9, 0.0]
+    multilabel = LinearClassifier(8, 4, multilabel=True)
+    multilabel.init_prior(prevalence)
+    with torch.no_grad():
+        multilabel.linear.weight.zero_()  # features carry no information
+        p = multilabel.probabilities(multilabel(torch.randn(3, 8)))
+    assert torch.allclose(p[:, :3], torch.tensor([0.02, 0.5, 0.9]).expand(3, 3), atol=1e-6)
+    assert 0 < float(p[0, 3]) <= 1.001e-3  # an absent label: clipped, a finite bias
+    one_class = LinearClassifier(8, 3, multilabel=False)
+    one_class.init_prior([0.2, 0.2, 0.6])
+    assert torch.allclose(one_class.linear.bias.softmax(-1), torch.tensor([0.2, 0.2, 0.6]), atol=1e-6)
+    with pytest.raises(ValueError, match="prevalence has \\(2,\\) values; the head has 3 classes"):
+        one_class.init_prior([0.5, 0.5])

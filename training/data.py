@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 from napari_mg3d.io import VolumeReadError, read_volume
 from napari_mg3d.preprocess import PreprocessConfig, labels_to_model, preprocess
 from napari_mg3d.reports import sentence_texts
-from napari_mg3d.synthetic import LABELS, ORGANS, generate_sample
+from napari_mg3d.synthetic import LABELS, ORGANS, finding_prevalence, generate_sample
 from napari_mg3d.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -321,6 +321,28 @@ class SyntheticDataset(Dataset):
         return {"id": f"synthetic_{self.seed + index}", "volume": x, "report": s.report, "sentences": s.sentences,
                 "labels": torch.tensor([s.labels[n] for n in LABELS], dtype=torch.float32),
                 "mask": torch.from_numpy(mask.astype(np.int64)) if mask is not None else None}
+
+
+def label_prevalence(dataset: Dataset, multiclass: bool = False) -> np.ndarray | None:
+    """Fraction of the training examples with each label, known without loading a volume: from the records'
+    labels, or from the synthetic generator's design. Multi-label: the mean of each label column;
+    ``multiclass``: how often each class is the example's class (the first label that is set, as the loss
+    takes it). None where it is not known without loading (no labels in the records, synthetic multi-class)."""
+    indices = None
+    if isinstance(dataset, torch.utils.data.Subset):
+        dataset, indices = dataset.dataset, list(dataset.indices)
+    if isinstance(dataset, SyntheticDataset):
+        return None if multiclass else np.full(len(LABELS), finding_prevalence())
+    records = getattr(dataset, "records", None)
+    if not records:
+        return None
+    rows = [records[i].labels for i in (indices if indices is not None else range(len(records)))]
+    if any(r is None for r in rows) or len({len(r) for r in rows}) != 1:
+        return None
+    y = np.asarray(rows, dtype=np.float64)
+    if not multiclass:
+        return y.mean(0)
+    return np.bincount(y.argmax(1), minlength=y.shape[1]) / len(y)
 
 
 ALL_CLASSES = ["background", *ORGANS, *LABELS]

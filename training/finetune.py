@@ -31,7 +31,7 @@ from napari_mg3d.model.heads import CLASSIFIER_NORMS, CLASSIFIER_POOLINGS, PROMP
 from napari_mg3d.preprocess import PreprocessConfig
 from napari_mg3d.synthetic import LABELS, ORGANS
 
-from .data import ALL_CLASSES, build_dataset, collate
+from .data import ALL_CLASSES, build_dataset, collate, label_prevalence
 from .module import lr_lambda
 from .params import parse_devices, parse_params
 
@@ -57,6 +57,10 @@ class FinetuneParams:
         "classify / prognosis: normalisation before the linear layer: layer (LayerNorm per volume, as in the "
         "paper's head) | batch (each dimension standardised across volumes; keeps a new head from predicting "
         "the prior for every volume when the encoder's features are nearly the same for all of them)")})
+    bias_init: str = field(default="prevalence", metadata={"help": (
+        "classify / prognosis: the classifier's starting bias: prevalence (each label's log-odds in the training "
+        "data, read from the records' labels or the synthetic generator's design; PyTorch's where unknown) | "
+        "default (PyTorch's small random bias, p near 0.5 for every label)")})
     freeze_encoder: bool = field(default=False, metadata={"help": "train only the head (linear probing)"})
     freeze_encoder_steps: int = field(default=0, metadata={"help": (
         "train only the head for the first N steps, then the volume encoder too (linear probing, then "
@@ -103,6 +107,20 @@ def load_start(p: FinetuneParams):
     if p.text_encoder:
         overrides["text_encoder"] = p.text_encoder
     return MG3DModel(preset_config(p.preset, **overrides)), {}, {}, {}
+
+
+BIAS_INITS = ("prevalence", "default")
+
+
+def init_bias_from_prevalence(head: nn.Module, train_set, multiclass: bool) -> None:
+    """Start a classifier at the training data's label prior, where that is known without loading volumes."""
+    prior = label_prevalence(train_set, multiclass)
+    if prior is None or len(prior) != head.linear.bias.numel():
+        log.info("label prevalence unknown without loading the data (or not one value per class): the "
+                 "classifier's bias keeps PyTorch's initialisation")
+        return
+    head.init_prior(prior)
+    log.info("classifier bias set to the training prevalence (%s)", ", ".join(f"{v:.3f}" for v in prior))
 
 
 def lr_factor(warmup: int, steps: int, schedule: str):
@@ -211,6 +229,8 @@ def run(p: FinetuneParams) -> Path:
         raise SystemExit(f"--pooling {p.pooling!r}: choose one of {', '.join(CLASSIFIER_POOLINGS)}")
     if p.head_norm not in CLASSIFIER_NORMS:
         raise SystemExit(f"--head-norm {p.head_norm!r}: choose one of {', '.join(CLASSIFIER_NORMS)}")
+    if p.bias_init not in BIAS_INITS:
+        raise SystemExit(f"--bias-init {p.bias_init!r}: choose one of {', '.join(BIAS_INITS)}")
     fabric = make_fabric(p)
     fabric.launch()
     torch.manual_seed(p.seed)
@@ -247,6 +267,8 @@ def run(p: FinetuneParams) -> Path:
         raise SystemExit(f"--task segment needs an input of at least 64 voxels per axis (got {cfg.input_size}): "
                          "the decoder's 1/32 bottleneck must have more than one voxel")
     head = build_head(spec, cfg, model.text.vocab_size)
+    if p.task in ("classify", "prognosis") and p.bias_init == "prevalence":
+        init_bias_from_prevalence(head, train_set, p.multiclass)
 
     stale = sorted(set(heads) - {head_name, "mim_decoder", "mlm_head"})
     if stale and not p.freeze_encoder:

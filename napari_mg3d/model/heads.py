@@ -58,6 +58,18 @@ class LinearClassifier(nn.Module):
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.linear(self.norm(pooled))
 
+    @torch.no_grad()
+    def init_prior(self, prevalence) -> None:
+        """Set the bias so that a volume the features say nothing about gets each label's prevalence (the
+        fraction of training volumes with it): log-odds for multi-label, log-probability for one class per
+        volume. A zero bias (p = 0.5) makes a head on rare labels spend its first hundreds of steps learning
+        the prior. Prevalences are clipped to [1e-3, 1 - 1e-3], so an absent label gets a finite bias."""
+        p = torch.as_tensor(prevalence, dtype=torch.float64).clamp(1e-3, 1 - 1e-3)
+        if p.shape != self.linear.bias.shape:
+            raise ValueError(f"prevalence has {tuple(p.shape)} values; the head has {self.linear.bias.numel()} classes")
+        prior = torch.log(p / (1 - p)) if self.multilabel else torch.log(p / p.sum())
+        self.linear.bias.copy_(prior.to(self.linear.bias.dtype))
+
     def classify(self, encoding) -> torch.Tensor:
         """Logits (B, n_classes) from a ``VolumeEncoding``."""
         return self(encoding.global_feature)
