@@ -66,7 +66,15 @@ def test_frozen_encoder_linear_probe_leaves_the_encoder_untouched(tmp_path, gui_
         assert np.array_equal(before[key].numpy(), after[key].numpy())
     # --head-norm batch: the bundle says so and carries the running statistics of the training volumes
     assert probe.meta["head_specs"]["prognosis"]["norm"] == "batch"
-    assert probe.build_heads()[0]["prognosis"].norm.running_mean.abs().sum() > 0
+    # ... re-estimated after training with the final encoder on the training volumes
+    from napari_mg3d.preprocess import PreprocessConfig
+    from training.data import build_dataset, collate
+
+    assert probe.meta["provenance"]["metrics"]["head_statistics_volumes"] == 4
+    train = build_dataset("synthetic:4", PreprocessConfig(target_size=probe.config.input_size), None, 0, tuple(SHAPE))
+    with torch.no_grad():
+        pooled = probe.model.eval().encode_volume(collate([train[i] for i in range(4)])["volume"]).global_feature
+    torch.testing.assert_close(probe.build_heads()[0]["prognosis"].norm.running_mean, pooled.mean(0), atol=1e-5, rtol=1e-4)
     with pytest.raises(SystemExit, match="--head-norm 'group': choose one of layer, batch"):
         _ft(tmp_path / "bad", gui_bundle, "classify", head_norm="group")
 

@@ -587,3 +587,35 @@ def test_classifier_prior_gives_each_label_its_prevalence_when_features_say_noth
     assert torch.allclose(one_class.linear.bias.softmax(-1), torch.tensor([0.2, 0.2, 0.6]), atol=1e-6)
     with pytest.raises(ValueError, match="prevalence has \\(2,\\) values; the head has 3 classes"):
         one_class.init_prior([0.5, 0.5])
+
+
+def test_batch_norm_head_statistics_are_re_estimated_from_the_final_features():
+    # Features spread 3e-3 between volumes around a common vector that has moved since the statistics were kept:
+    # the stale statistics push every logit far out; re-estimated ones standardise the features again.
+    from types import SimpleNamespace
+
+    from napari_mg3d.model.heads import AttentionClassifier, LinearClassifier
+
+    torch.manual_seed(0)
+    d = 16
+    head = LinearClassifier(d, 2, norm="batch")
+    with torch.no_grad():
+        head.norm.running_mean.fill_(0.5)
+        head.norm.running_var.fill_(1e-5)
+    features = 1.0 + 3e-3 * torch.randn(12, d)
+    batches = [SimpleNamespace(global_feature=f, tokens=f[:, None]) for f in features.split(4)]
+    one = SimpleNamespace(global_feature=features[:1], tokens=features[:1, None])
+    head.eval()
+    assert head.norm(features).mean(0).abs().min() > 50  # stale: every feature far out
+    assert head.recalibrate_statistics(batches + [one]) == 12  # a batch of one has no spread and is skipped
+    torch.testing.assert_close(head.norm.running_mean, features.mean(0))
+    z = head.norm(features)  # (the spread is below 1 only because BatchNorm's eps, 1e-5, is near the variance)
+    assert z.mean(0).abs().max() < 0.1 and z.std(0).min() > 0.4
+    assert not head.training and head.norm.momentum == 0.1
+    kept = head.norm.running_mean.clone()
+    assert head.recalibrate_statistics([one]) == 0  # nothing usable: the statistics are left as they were
+    torch.testing.assert_close(head.norm.running_mean, kept)
+    assert LinearClassifier(d, 2).recalibrate_statistics(batches) == 0  # a LayerNorm head has no statistics
+    attention = AttentionClassifier(d, 2, norm="batch")  # reads tokens: (B, N, d) with one class read-out each
+    tokens = [SimpleNamespace(tokens=1.0 + 3e-3 * torch.randn(4, 5, d)) for _ in range(2)]
+    assert attention.recalibrate_statistics(tokens) == 8 and attention.norm.num_batches_tracked == 2

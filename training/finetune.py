@@ -306,6 +306,11 @@ def run(p: FinetuneParams) -> Path:
     if not fabric.is_global_zero:
         return out / "bundle"
     metrics = {"final_loss": float(np.mean(history[-max(1, p.log_every):]))}
+    if p.task in ("classify", "prognosis"):
+        with fabric.autocast():
+            used = recalibrate_head(model, head, train_set, p, fabric.device)
+        if used:
+            metrics["head_statistics_volumes"] = used
     if p.val_data:
         with fabric.autocast():
             metrics.update(validate(p, model, head, spec, names, pre_cfg, fabric.device))
@@ -329,6 +334,35 @@ def run(p: FinetuneParams) -> Path:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(f"fine-tuning ({p.task}) finished; bundle: {bundle.resolve()}", flush=True)
     return bundle
+
+
+RECALIBRATION_VOLUMES = 256
+
+
+@torch.no_grad()
+def recalibrate_head(model: MG3DModel, head: nn.Module, train_set, p: FinetuneParams, device,
+                     max_volumes: int = RECALIBRATION_VOLUMES) -> int:
+    """A --head-norm batch classifier's standardisation, re-estimated with the final encoder on up to
+    ``max_volumes`` training volumes (as batch norm is after weight averaging): the statistics kept during
+    training trail an encoder that moved. Returns the volumes used (0 for a LayerNorm head)."""
+    if p.head_norm != "batch":
+        return 0
+    model.eval()
+    loader = DataLoader(train_set, batch_size=max(2, p.batch_size), collate_fn=collate, num_workers=p.num_workers)
+
+    def encodings():
+        seen = 0
+        for batch in loader:
+            if batch is None:
+                continue
+            yield model.encode_volume(batch["volume"].to(device))
+            seen += batch["volume"].shape[0]
+            if seen >= max_volumes:
+                return
+
+    used = head.recalibrate_statistics(encodings())
+    log.info("classifier standardisation re-estimated on %d training volumes with the final encoder", used)
+    return used
 
 
 @torch.no_grad()

@@ -59,6 +59,31 @@ class LinearClassifier(nn.Module):
         return self.linear(self.norm(pooled))
 
     @torch.no_grad()
+    def recalibrate_statistics(self, encodings) -> int:
+        """Re-estimate a "batch" norm's running statistics from ``encodings`` (``VolumeEncoding`` batches of
+        at least two volumes, made by the final encoder); returns the volumes used (0: nothing changed).
+        While the encoder trains, the running statistics average the last ~10 batches, each from a slightly
+        different encoder. When the pooled features vary little between volumes, that drift is many times
+        their spread, and standardising with the stale statistics sends every logit far out."""
+        if not isinstance(self.norm, _Standardise):
+            return 0
+        norm, saved = self.norm, {k: v.clone() for k, v in self.norm.state_dict().items()}
+        norm.reset_running_stats()
+        norm.momentum, was_training = None, self.training  # None: a plain average over the batches
+        self.eval()
+        norm.train()
+        seen = 0
+        for encoding in encodings:
+            if encoding.tokens.shape[0] > 1:
+                self.classify(encoding)
+                seen += encoding.tokens.shape[0]
+        norm.momentum = 0.1
+        self.train(was_training)
+        if not seen:
+            norm.load_state_dict(saved)
+        return seen
+
+    @torch.no_grad()
     def init_prior(self, prevalence) -> None:
         """Set the bias so that a volume the features say nothing about gets each label's prevalence (the
         fraction of training volumes with it): log-odds for multi-label, log-probability for one class per
