@@ -69,7 +69,8 @@ class LinearClassifier(nn.Module):
             return 0
         norm, saved = self.norm, {k: v.clone() for k, v in self.norm.state_dict().items()}
         norm.reset_running_stats()
-        norm.momentum, was_training = None, self.training  # None: a plain average over the batches
+        momentum, was_training = norm.momentum, self.training
+        norm.momentum = None  # a plain average over the batches
         self.eval()
         norm.train()
         seen = 0
@@ -77,7 +78,7 @@ class LinearClassifier(nn.Module):
             if encoding.tokens.shape[0] > 1:
                 self.classify(encoding)
                 seen += encoding.tokens.shape[0]
-        norm.momentum = 0.1
+        norm.momentum = momentum
         self.train(was_training)
         if not seen:
             norm.load_state_dict(saved)
