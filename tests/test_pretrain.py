@@ -180,14 +180,17 @@ def test_rows_of_every_rank_are_concatenated_in_rank_order():
 
 
 def test_ddp_strategies_are_built_to_find_unused_parameters():
-    from lightning.pytorch.strategies import DDPStrategy
+    # one resolution for both entry points: pretrain (Trainer) and finetune (Fabric)
+    from lightning.fabric.strategies import DDPStrategy as FabricDDP
+    from lightning.pytorch.strategies import DDPStrategy as TrainerDDP
 
-    from training.pretrain import resolve_strategy
+    from training.params import resolve_strategy
 
-    for name in ("ddp", "ddp_spawn"):
-        strategy = resolve_strategy(name)
-        assert isinstance(strategy, DDPStrategy) and strategy._ddp_kwargs["find_unused_parameters"] is True
-    assert resolve_strategy("auto") == "auto"
+    for cls in (TrainerDDP, FabricDDP):
+        for name in ("ddp", "ddp_spawn"):
+            strategy = resolve_strategy(name, cls)
+            assert isinstance(strategy, cls) and strategy._ddp_kwargs["find_unused_parameters"] is True
+        assert resolve_strategy("auto", cls) == "auto"
 
 
 def test_help_explains_every_option():

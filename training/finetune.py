@@ -33,7 +33,7 @@ from napari_mg3d.synthetic import LABELS, ORGANS
 
 from .data import ALL_CLASSES, build_dataset, collate, label_prevalence
 from .module import lr_lambda
-from .params import parse_devices, parse_params
+from .params import parse_devices, parse_params, resolve_strategy
 
 log = logging.getLogger("training.finetune")
 TASKS = ("classify", "prognosis", "segment", "report", "vocabfine")
@@ -213,9 +213,8 @@ def make_fabric(p: FinetuneParams):
     if accelerator is None:
         raise SystemExit(f"--device {p.device!r}: choose cuda, mps, cpu or auto")
     devices = parse_devices(p.devices)
-    strategy = DDPStrategy(find_unused_parameters=True) if p.strategy == "ddp" else p.strategy
-    return Fabric(accelerator=accelerator, devices=devices, num_nodes=p.num_nodes, strategy=strategy,
-                  precision=p.precision)
+    return Fabric(accelerator=accelerator, devices=devices, num_nodes=p.num_nodes,
+                  strategy=resolve_strategy(p.strategy, DDPStrategy), precision=p.precision)
 
 
 def run(p: FinetuneParams) -> Path:

@@ -75,6 +75,19 @@ class PretrainParams:
         return dataclasses.asdict(self)
 
 
+DDP_STRATEGIES = {"ddp": "popen", "ddp_spawn": "spawn", "ddp_fork": "fork", "ddp_notebook": "fork"}
+
+
+def resolve_strategy(name: str, ddp_strategy_class):
+    """--strategy for Lightning (``ddp_strategy_class``: the Trainer's or Fabric's DDPStrategy). The DDP ones
+    are built with ``find_unused_parameters``: an objective set without some objectives (the ablations), a
+    batch without a negated sentence under ``negation_flag``, or a fine-tuning task that leaves the fusion
+    layers out, has parameters without a gradient, and DDP would otherwise stop at the next step."""
+    if name not in DDP_STRATEGIES:
+        return name
+    return ddp_strategy_class(start_method=DDP_STRATEGIES[name], find_unused_parameters=True)
+
+
 def parse_devices(text: str) -> str | int | list[int]:
     """--devices as Lightning takes it: 'auto', a count ('4') or a list of indices ('0,1')."""
     if text == "auto":

@@ -19,6 +19,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import DataLoader
 
 from napari_mg3d.checkpoint import Bundle, load_bundle, save_bundle
@@ -27,7 +28,7 @@ from napari_mg3d.preprocess import PreprocessConfig
 
 from .data import StepIndexedSampler, build_dataset, collate_keeping_empty
 from .module import PretrainModule
-from .params import PretrainParams, parse_devices, parse_params
+from .params import PretrainParams, parse_devices, parse_params, resolve_strategy
 
 log = logging.getLogger("training.pretrain")
 
@@ -113,20 +114,6 @@ class _Progress:
         return step * per_step, p.max_steps * per_step, rank, world
 
 
-DDP_STRATEGIES = {"ddp": "popen", "ddp_spawn": "spawn", "ddp_fork": "fork", "ddp_notebook": "fork"}
-
-
-def resolve_strategy(name: str):
-    """--strategy as Lightning takes it. The DDP ones are built with ``find_unused_parameters``: an objective
-    set without some objectives (the ablations), or a batch without a negated sentence under
-    ``negation_flag``, leaves parameters without a gradient, and DDP would otherwise stop at the next step."""
-    if name not in DDP_STRATEGIES:
-        return name
-    from lightning.pytorch.strategies import DDPStrategy
-
-    return DDPStrategy(start_method=DDP_STRATEGIES[name], find_unused_parameters=True)
-
-
 def make_trainer(p: PretrainParams, out: Path, val: bool) -> L.Trainer:
     monitor = "val/total" if val else "train/total"
     last = ModelCheckpoint(dirpath=out / "checkpoints", filename="last", every_n_train_steps=p.checkpoint_every,
@@ -142,7 +129,7 @@ def make_trainer(p: PretrainParams, out: Path, val: bool) -> L.Trainer:
     devices = parse_devices(p.devices)
     return L.Trainer(
         max_steps=p.max_steps, accelerator=p.accelerator, devices=devices, num_nodes=p.num_nodes,
-        strategy=resolve_strategy(p.strategy), precision=p.precision, accumulate_grad_batches=p.accumulate,
+        strategy=resolve_strategy(p.strategy, DDPStrategy), precision=p.precision, accumulate_grad_batches=p.accumulate,
         gradient_clip_val=p.grad_clip or None, log_every_n_steps=p.log_every, callbacks=callbacks,
         logger=[CSVLogger(out, name="logs"), TensorBoardLogger(out, name="tb")],
         use_distributed_sampler=False, enable_progress_bar=p.progress, default_root_dir=out,
