@@ -217,6 +217,11 @@ def read_bundle_config(path: str | Path) -> dict[str, Any]:
     return meta
 
 
+def from_pretrained(name_or_path: str | Path, device: str | torch.device = "cpu") -> MG3DModel:
+    """The MG-3D model of a bundle directory or .zip (written by :func:`save_bundle` or by training)."""
+    return load_bundle(name_or_path, device=device).model
+
+
 def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
     """Load a bundle written by :func:`save_bundle`; missing/unexpected keys are logged, not fatal."""
     path = Path(path).expanduser()

@@ -22,7 +22,8 @@ import numpy as np
 from .export import write_result
 from .inference import Predictor, default_bundle_path
 from .io import read_volume
-from .synthetic import LABELS, generate_sample, save_sample
+from .labels import LABELS
+from .synthetic import generate_sample, save_sample
 
 
 def _say(msg: str) -> None:

@@ -20,17 +20,12 @@ import torch.nn.functional as F
 
 from .checkpoint import Bundle, load_bundle
 from .cuda_graphs import GraphedCall
-from .model.heads import (
-    GenerationSettings,
-    alignment_zero_shot_scores,
-    prompt_batch,
-    use_channels_last,
-    zero_shot_scores,
-)
+from .model.heads import GenerationSettings, use_channels_last
 from .model.mg3d import VolumeEncoding
+from .model.scoring import SOURCE_TITLES, choose_score_source, finding_scores
 from .model.text import tokenize_reports
-from .preprocess import PreprocessConfig, PreprocessRecord, preprocess, to_original, to_source_axes
-from .synthetic import LABELS
+from .preprocess import PreprocessRecord, preprocess, preprocess_config_of, to_original, to_source_axes
+from .labels import LABELS
 from .volume import Volume
 
 log = logging.getLogger(__name__)
@@ -183,8 +178,7 @@ class Predictor:
         self.bundle = bundle
         self.model = bundle.model.to(self.device).eval()
         self.config = bundle.config
-        self.preprocess_config = PreprocessConfig.from_dict(bundle.meta.get("preprocessing", {})) \
-            if bundle.meta.get("preprocessing") else PreprocessConfig(target_size=self.config.input_size)
+        self.preprocess_config = preprocess_config_of(bundle.meta, self.config)
         self.memory_limit = memory_limit_bytes
         heads, _ = bundle.build_heads()
         self.heads = {name: head.to(self.device).eval() for name, head in heads.items()}
@@ -206,7 +200,7 @@ class Predictor:
         h = self.heads
         return {
             "segmentation": "" if "segmentation" in h else "the bundle has no segmentation head (fine-tune with --task segment)",
-            "scores": "" if ({"classifier", "prompt", "mlm_head"} & set(h)) or "sva" in self.config.objectives else
+            "scores": "" if choose_score_source(h, self.config) else
                       "the bundle has neither a classifier, a prompt head, the MLM head nor sentence-volume "
                       "alignment pre-training for zero-shot scores",
             "report": "" if "report" in h else "the bundle has no report head (fine-tune with --task report)",
@@ -314,22 +308,10 @@ class Predictor:
 
     def _scores(self) -> tuple[dict[str, float], str]:
         names = self.label_names
-        enc = self._encoding
+        source = choose_score_source(self.heads, self.config)
         with torch.inference_mode(), self._autocast():
-            if "classifier" in self.heads:
-                head = self.heads["classifier"]
-                probs = head.probabilities(head.classify(enc))[0]
-                return dict(zip(names, probs.float().cpu().tolist())), "classifier"
-            if "prompt" in self.heads:
-                _, prompts = self.model.encode_sentences_separately(
-                    prompt_batch(self.model.text.tokenizer, names).to(self.device))
-                probs = self.heads["prompt"](enc.global_feature, prompts)[0].softmax(-1)[:, 0]
-                return dict(zip(names, probs.float().cpu().tolist())), "prompt (CT-VocabFine)"
-            if "sva" in self.config.objectives:
-                probs = alignment_zero_shot_scores(self.model, enc.tokens, names)
-                return dict(zip(names, probs.float().cpu().tolist())), "zero-shot (sentence-volume alignment)"
-            probs = zero_shot_scores(self.model, self.heads["mlm_head"], enc.tokens, names)
-            return dict(zip(names, probs.float().cpu().tolist())), "zero-shot (MLM pseudo-likelihood)"
+            probs = finding_scores(source, self.model, self.heads, self._encoding, names)[0]
+        return dict(zip(names, probs.float().cpu().tolist())), SOURCE_TITLES[source]
 
     def _segment_logits(self) -> torch.Tensor:
         """(C, Z, Y, X) float32 class logits on the model grid (CPU)."""

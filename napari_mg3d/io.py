@@ -358,11 +358,14 @@ def _jsonable(value):
 
 
 # ----- writers --------------------------------------------------------------------------------------
-def write_nifti(path: str | Path, data: np.ndarray, reference: Volume | np.ndarray, *, label: bool | None = None) -> Path:
+def write_nifti(path: str | Path, data: np.ndarray, reference: Volume | np.ndarray, *, label: bool | None = None,
+                dtype: np.dtype | type | None = None, description: str = "") -> Path:
     """Write ``data`` (a0, a1, a2), on the grid of ``reference`` (a Volume or its 4x4 affine), as NIfTI.
 
-    Integer/bool data is written as a label map (uint8/uint16, NIfTI intent 'label'); float data as float32.
-    The file overlays the source image exactly in any viewer (same affine, sform and qform).
+    Integer/bool data is written as a label map (uint8/uint16, NIfTI intent 'label'); other data (or
+    ``label=False``) as ``dtype`` intensities (default float32). ``description`` goes into the header's
+    ``descrip`` (at most 80 characters). The file overlays the source image exactly in any viewer (same
+    affine, sform and qform).
     """
     import nibabel as nib
 
@@ -377,8 +380,10 @@ def write_nifti(path: str | Path, data: np.ndarray, reference: Volume | np.ndarr
             raise ValueError(f"label maps must be >= 0; got minimum {int(data.min())}")
         out = data.astype(np.uint8 if top < 256 else np.uint16)
     else:
-        out = data.astype(np.float32)
+        out = data.astype(dtype or np.float32)
     img = nib.Nifti1Image(np.transpose(out, (2, 1, 0)), affine[:, [2, 1, 0, 3]])
+    if description:
+        img.header["descrip"] = description[:80].encode("latin-1", "replace")
     img.set_sform(img.affine, code=1)
     img.set_qform(img.affine, code=1)
     img.header.set_xyzt_units("mm")

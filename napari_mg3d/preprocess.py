@@ -45,6 +45,16 @@ class PreprocessConfig:
         return hashlib.sha1(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
 
 
+def preprocess_config_of(meta: dict | None, config) -> PreprocessConfig:
+    """The one source of a model's preprocessing: what its bundle's ``config.json`` records under
+    "preprocessing" (``meta``), else the contract's defaults at the model's input size (``config``: an
+    MG3DConfig). Training, evaluation and the Predictor all call this."""
+    recorded = (meta or {}).get("preprocessing")
+    if recorded:
+        return PreprocessConfig.from_dict(recorded)
+    return PreprocessConfig(target_size=tuple(config.input_size))
+
+
 @dataclass
 class PreprocessRecord:
     """What preprocessing did, enough to invert it exactly.

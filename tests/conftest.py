@@ -67,7 +67,7 @@ def gui_bundle(tmp_path_factory, tiny_text_encoder_dir):
     from napari_mg3d.checkpoint import save_bundle
     from napari_mg3d.model import MG3DModel, preset_config
     from napari_mg3d.model.heads import build_head
-    from napari_mg3d.synthetic import LABELS, ORGANS
+    from napari_mg3d.labels import LABELS, ORGANS
 
     torch.manual_seed(0)
     cfg = preset_config("tiny", text_encoder=str(tiny_text_encoder_dir), fusion_dim=32, fusion_heads=4)

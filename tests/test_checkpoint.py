@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from napari_mg3d.checkpoint import BundleError, load_bundle, save_bundle
 from napari_mg3d.model import MG3DModel, tokenize_reports
-from napari_mg3d.model.mg3d import MIMDecoder
+from napari_mg3d.model.pretraining import MIMDecoder
 
 SENTENCES = [["Small nodule in the left lower lobe.", "No pleural effusion."]]
 
@@ -41,8 +41,8 @@ def test_bundle_written_here_loads_in_another_process_bit_identical(tiny_model, 
         sys.path.insert(0, {os.path.dirname(__file__)!r})
         from safetensors.torch import save_file
         from test_checkpoint import _outputs
-        from napari_mg3d.model import MG3DModel
-        model = MG3DModel.from_pretrained({str(bundle)!r})
+        from napari_mg3d.checkpoint import from_pretrained
+        model = from_pretrained({str(bundle)!r})
         save_file({{k: v.contiguous() for k, v in _outputs(model).items()}}, {str(tmp_path / 'there.safetensors')!r})
     """)
     subprocess.run([sys.executable, "-c", script], check=True, env={**os.environ})

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from napari_mg3d.preprocess import PreprocessConfig
-from napari_mg3d.synthetic import LABELS, write_dataset
+from napari_mg3d.labels import LABELS
+from napari_mg3d.synthetic import write_dataset
 from training import data as D
 
 CFG = PreprocessConfig(target_size=(32, 32, 32))

@@ -1,11 +1,11 @@
-"""training.finding_sizes: lesion size and contrast at the model's input resolution."""
+"""experiments.finding_sizes: lesion size and contrast at the model's input resolution."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from training import finding_sizes
+from experiments import finding_sizes
 
 
 def test_contrast_is_inside_minus_shell():

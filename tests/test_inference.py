@@ -9,7 +9,8 @@ import pytest
 
 from napari_mg3d.checkpoint import load_bundle, save_bundle
 from napari_mg3d.inference import Cancelled, Predictor, PredictorError, estimate_memory_bytes
-from napari_mg3d.synthetic import LABELS, generate_sample
+from napari_mg3d.labels import LABELS
+from napari_mg3d.synthetic import generate_sample
 from napari_mg3d.volume import Volume
 
 

@@ -1,4 +1,4 @@
-"""training.linear_probe: the logistic regression it fits, and the probe of a bundle's tokens."""
+"""experiments.linear_probe: the logistic regression it fits, and the probe of a bundle's tokens."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import torch
 
 pytest.importorskip("torchmetrics")
 
-from napari_mg3d.synthetic import LABELS  # noqa: E402
-from training import linear_probe  # noqa: E402
+from napari_mg3d.labels import LABELS  # noqa: E402
+from experiments import linear_probe  # noqa: E402
 
 
 def _data(n: int, seed: int):

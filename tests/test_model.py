@@ -51,7 +51,7 @@ def test_presets_match_the_paper():
         ({"input_size": (64, 60, 64)}, "multiple of 32"),
         ({"feature_size": 20}, "multiple of 12"),
         ({"objectives": ("mim", "clip")}, "unknown objectives"),
-        ({"sva_memory": -4}, "sva_memory must be >= 0"),
+        ({"temperature": 0.0}, "temperature must be > 0"),
     ],
 )
 def test_config_rejects_bad_values_with_a_clear_message(overrides, message):
@@ -113,7 +113,6 @@ def test_padding_with_an_extra_sentence_and_word_changes_no_loss(tiny_model):
         sentence_ids=pad(text.sentence_ids, 1, pad_id),
         sentence_attention=pad(text.sentence_attention, 1, 0),
         sentence_valid=pad(text.sentence_valid, 1, False),
-        sentence_negated=pad(text.sentence_negated, 1, False),
     )
     a, b = _losses(pre, volume, text), _losses(pre, volume, padded)
     for name in a:
@@ -170,82 +169,6 @@ def test_sentence_volume_alignment_contrasts_volumes_but_not_shared_template_sen
     assert same["sva"].item() == 0.0
     sim = model.sentence_volume_similarity(model.encode_volume(volume).tokens, torch.randn(5, 32))
     assert sim.shape == (5, 2) and bool((sim.abs() <= 1 + 1e-5).all())
-
-
-def test_sva_affirmed_only_ignores_denials_as_queries(tiny_config):
-    from napari_mg3d.model import MG3DModel
-
-    torch.manual_seed(0)
-    model = MG3DModel(tiny_config.replace(objectives=("sva",), sva_affirmed_only=True))
-    pre = MG3DPretrainer(model)
-    volume = torch.rand(2, 1, 32, 32, 32)
-    with_denials = [["No pleural effusion.", "A 12 mm solid nodule in the right upper lobe."],
-                    ["The heart is not enlarged.", "Small hiatal hernia."]]
-    affirmed = [["A 12 mm solid nodule in the right upper lobe."], ["Small hiatal hernia."]]
-    out = _losses(pre, volume, _tokens(model, with_denials))["sva"]
-    torch.testing.assert_close(out, _losses(pre, volume, _tokens(model, affirmed))["sva"])
-    assert out > 0.1
-    # Reports of denials only: no query, so no loss (and no NaN).
-    assert _losses(pre, volume, _tokens(model, [["No pleural effusion."], ["Normal study."]]))["sva"].item() == 0.0
-    # The default keeps the denials as queries, so the same batch scores differently.
-    pre.config = model.config = tiny_config.replace(objectives=("sva",))
-    assert not torch.isclose(_losses(pre, volume, _tokens(model, with_denials))["sva"], out)
-
-
-def test_sva_memory_makes_a_volume_choose_its_sentence_over_remembered_ones(tiny_config):
-    from napari_mg3d.model import MG3DModel
-
-    torch.manual_seed(0)
-    model = MG3DModel(tiny_config.replace(objectives=("sva",), sva_memory=8))
-    pre = MG3DPretrainer(model)
-    volume = torch.rand(1, 1, 32, 32, 32)
-    own = "A 12 mm solid nodule in the right upper lobe."
-    text = _tokens(model, [[own, "No pleural effusion."]])
-
-    def remember(sentence):
-        with torch.no_grad():
-            raw, _ = model.encode_sentences_separately(_tokens(model, [[sentence]]))
-        pre.sva_memory.write(raw[0])
-
-    # One volume, nothing remembered: no candidate sentence, no loss (sva alone needs two volumes).
-    assert _losses(pre, volume, text)["sva"].item() == 0.0
-    remember(own)  # the volume's own sentence is never its negative
-    assert pre.sva_memory.filled == 1 and _losses(pre, volume, text)["sva"].item() == 0.0
-    remember(own)  # already remembered: not written twice
-    assert pre.sva_memory.filled == 1
-    remember("Small hiatal hernia.")
-    got = _losses(pre, volume, text)["sva"]
-    with torch.no_grad():
-        tokens = model.encode_volume(volume).tokens
-        raw, sent = model.encode_sentences_separately(_tokens(model, [[own, "No pleural effusion.", "Small hiatal hernia."]]))
-        s = model.sentence_volume_similarity(tokens, sent[0], torch.tensor([False, True, False]))[:, 0]
-    tau = model.config.temperature
-    expected = torch.stack([torch.log1p(torch.exp((s[2] - s[i]) / tau)) for i in (0, 1)]).mean()
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
-    pre.train()  # training remembers the batch's affirmed sentences only, and only new ones
-    remember("Cardiomegaly is present.")
-    pre(volume, _tokens(model, [["Small hiatal hernia.", "Mild emphysema.", "No pleural effusion."]]))
-    assert int(pre.sva_memory.written) == 4
-    assert {"sva_memory.raw", "sva_memory.written"} <= set(pre.state_dict())
-
-
-def test_sva_memory_is_first_in_first_out():
-    from napari_mg3d.model.mg3d import SentenceMemory
-
-    memory = SentenceMemory(size=3, hidden=2)
-    for batch in ([[1.0, 0.0], [0.0, 1.0]], [[1.0, 1.0], [1.0, -1.0]]):
-        memory.write(torch.tensor(batch))
-    assert memory.read().tolist() == [[0.0, 1.0], [1.0, 1.0], [1.0, -1.0]]  # oldest first; [1, 0] pushed out
-    with pytest.raises(ValueError, match="text encoder must not change"):
-        memory.write(torch.zeros(1, 5))
-
-
-def test_sentence_choice_loss_hand_built_case():
-    tau = 0.5
-    positive, candidates = torch.tensor([1.0, 0.0]), torch.tensor([[0.0, 1.0], [0.0, 0.0]])
-    allowed = torch.tensor([[True, False], [False, False]])  # query 1 has no negative
-    expected = (math.log(1 + math.exp(-2)) + 0.0) / 2
-    assert L.sentence_choice_loss(positive, candidates, allowed, tau).item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_sva_loss_hand_built_case():
@@ -417,7 +340,7 @@ def test_segmentation_decoder_group_norm_equals_instance_norm_and_channels_last_
     torch.testing.assert_close(fast, plain, atol=1e-3, rtol=1e-3)  # summation order differs
 
 
-def test_alignment_zero_shot_scores_are_the_pair_softmax_and_centring_removes_the_volume_offset(tiny_model):
+def test_alignment_zero_shot_scores_are_the_pair_softmax(tiny_model):
     from napari_mg3d.model.heads import alignment_zero_shot_scores, prompt_batch
 
     findings = ["Pleural effusion", "Cardiomegaly", "Lung nodule"]
@@ -427,102 +350,59 @@ def test_alignment_zero_shot_scores_are_the_pair_softmax_and_centring_removes_th
         cosine = tiny_model.sentence_volume_similarity(tokens, prompts.reshape(-1, prompts.shape[-1]))[:, 0]
     pair = (cosine.view(3, 2) / tiny_model.config.temperature).softmax(-1)[:, 0]
     plain = alignment_zero_shot_scores(tiny_model, tokens, findings)
-    centred = alignment_zero_shot_scores(tiny_model, tokens, findings, centre=True)
     assert torch.allclose(plain, pair, atol=1e-6)
-    logit = torch.logit(centred.double())
-    assert abs(float(logit.mean())) < 1e-5  # the volume's common offset is gone
-    assert torch.allclose(logit - logit[0], torch.logit(plain.double()) - torch.logit(plain.double())[0], atol=1e-4)
 
 
-# ----- negation flag --------------------------------------------------------------------------------
-@pytest.fixture
-def flagged_model(tiny_config):
-    from napari_mg3d.model import MG3DModel
-
-    torch.manual_seed(0)
-    return MG3DModel(tiny_config.replace(negation_flag=True))
-
-
-def test_tokenizer_marks_negated_sentences(tiny_model):
-    text = _tokens(tiny_model, REPORTS)
-    assert text.sentence_negated.tolist() == [[True, False, False], [False, False, False], [True, False, False]]
-    assert not (text.sentence_negated & ~text.sentence_valid).any()
-
-
-def test_negation_vector_moves_only_negated_sentences_and_starts_as_a_no_op(flagged_model):
-    assert flagged_model.config.negation_flag and torch.count_nonzero(flagged_model.negation_embedding) == 0
-    pair = _tokens(flagged_model, [["Pleural effusion is present.", "Pleural effusion is not present."]])
-    raw, before = flagged_model.encode_sentences_separately(pair)
-    torch.testing.assert_close(before, flagged_model.text_proj(raw))  # zero vector: same as without the flag
-    with torch.no_grad():
-        flagged_model.negation_embedding.normal_(0, 1.0)
-    raw_after, after = flagged_model.encode_sentences_separately(pair)
-    torch.testing.assert_close(raw_after, raw)  # the frozen features (SSM's target) never change
-    torch.testing.assert_close(after[0, 0], before[0, 0])
-    assert (after[0, 1] - before[0, 1]).norm() > 0.1 * before[0, 1].norm()
-
-
-def test_sentence_objectives_train_the_negation_vector(tiny_config):
-    from napari_mg3d.model import MG3DModel
-
-    torch.manual_seed(0)
-    model = MG3DModel(tiny_config.replace(objectives=("sva", "ssm", "dfa"), negation_flag=True))
-    out = MG3DPretrainer(model)(torch.rand(3, 1, 32, 32, 32), _tokens(model, REPORTS), torch.Generator().manual_seed(0))
-    out["total"].backward()
-    assert model.negation_embedding.grad is not None and model.negation_embedding.grad.abs().sum() > 0
-
-
-def test_configs_saved_before_the_negation_flag_load_without_it(tiny_config):
+# ----- options removed after experiments, and the one scoring policy ---------------------------------
+def test_configs_with_removed_options_still_load_and_warn_when_one_was_on(tiny_config, caplog):
     from napari_mg3d.model import MG3DConfig, MG3DModel
 
-    legacy = {k: v for k, v in tiny_config.to_dict().items() if k != "negation_flag"}
-    config = MG3DConfig.from_dict(legacy)
-    assert config.negation_flag is False and "negation_flag" not in config.extra
-    assert MG3DConfig.from_dict(tiny_config.replace(negation_flag=True).to_dict()).negation_flag is True
-    model = MG3DModel(config)
-    assert model.negation_embedding is None and "negation_embedding" not in model.state_dict()
+    old = {**tiny_config.to_dict(), "negation_flag": False, "sva_memory": 0, "sva_affirmed_only": False}
+    config = MG3DConfig.from_dict(old)
+    assert config.to_dict() == tiny_config.to_dict() and config.extra == {}
+    with caplog.at_level("WARNING"):
+        config = MG3DConfig.from_dict({**old, "negation_flag": True, "sva_memory": 64})
+    assert "negation_flag=True is no longer supported" in caplog.text and "sva_memory=64" in caplog.text
+    assert "negation_flag" not in config.extra and not hasattr(config, "negation_flag")
+    assert "negation_embedding" not in MG3DModel(config).state_dict()
+    assert MG3DConfig.from_dict({**old, "future_key": 3}).extra == {"future_key": 3}  # unknown keys are kept
 
 
-def test_a_negated_sentence_scores_minus_its_cosine_and_unflagged_models_do_not(flagged_model, tiny_config):
-    from napari_mg3d.model import MG3DModel
+def test_attention_pooling_in_a_bundle_is_refused_with_the_reason(tiny_config):
+    from napari_mg3d.model.heads import LinearClassifier, build_head
 
-    tokens = flagged_model.encode_volume(torch.rand(2, 1, *flagged_model.config.input_size)).tokens
-    sentences = torch.randn(3, flagged_model.config.fusion_dim)
-    negated = torch.tensor([False, True, False])
-    plain = flagged_model.sentence_volume_similarity(tokens, sentences)
-    flagged = flagged_model.sentence_volume_similarity(tokens, sentences, negated)
-    torch.testing.assert_close(flagged, plain * torch.tensor([1.0, -1.0, 1.0])[:, None])
-    legacy = MG3DModel(tiny_config.replace(negation_flag=False))
-    legacy.load_state_dict({k: v for k, v in flagged_model.state_dict().items() if k != "negation_embedding"})
-    torch.testing.assert_close(legacy.sentence_volume_similarity(tokens, sentences, negated), plain)
+    assert type(build_head({"type": "classifier", "n_classes": 3}, tiny_config, 10)) is LinearClassifier
+    with pytest.raises(ValueError, match="pooling 'attention'.*mean-pooled classifiers only"):
+        build_head({"type": "classifier", "n_classes": 3, "pooling": "attention"}, tiny_config, 10)
 
 
-def test_attention_classifier_reads_where_the_finding_is_and_round_trips(tiny_config):
-    from napari_mg3d.model.heads import AttentionClassifier, LinearClassifier, build_head
-    from napari_mg3d.model.mg3d import VolumeEncoding
+def test_one_policy_chooses_the_score_source(tiny_config):
+    from napari_mg3d.model.scoring import available_score_sources, choose_score_source
 
-    torch.manual_seed(0)
-    d = tiny_config.fusion_dim
-    head = build_head({"type": "classifier", "n_classes": 3, "pooling": "attention"}, tiny_config, 10)
-    assert isinstance(head, AttentionClassifier)
-    assert type(build_head({"type": "classifier", "n_classes": 3}, tiny_config, 10)) is LinearClassifier  # old bundles
-    tokens = torch.randn(2, 64, d)
-    enc = VolumeEncoding([], tokens, (4, 4, 4))
-    logits = head.classify(enc)
-    assert logits.shape == (2, 3)
-    # Each class's logit depends only on its own read-out: the per-class query sees every token.
-    probe = tokens.clone().requires_grad_(True)
-    head(probe)[0, 1].backward()
-    assert probe.grad[0].abs().sum(-1).min() > 0 and probe.grad[1].abs().sum() == 0
-    # A class query aimed at one token reads that token alone: the logit is the linear layer on it.
-    with torch.no_grad():
-        head.key.weight.copy_(torch.eye(d))
-        head.key.bias.zero_()
-        head.queries[0] = tokens[0, 5] * 50
-        expected = (head.norm(tokens[0, 5]) * head.linear.weight[0]).sum() + head.linear.bias[0]
-        torch.testing.assert_close(head(tokens)[0, 0], expected, rtol=1e-4, atol=1e-4)
-    with pytest.raises(ValueError, match="pooling 'max'"):
-        build_head({"type": "classifier", "n_classes": 3, "pooling": "max"}, tiny_config, 10)
+    six, seven = tiny_config, tiny_config.replace(objectives=(*tiny_config.objectives, "sva"))
+    h = {"classifier": object(), "prompt": object(), "mlm_head": object()}
+    assert available_score_sources(h, seven) == ["classifier", "prompt", "sva", "mlm"]
+    assert choose_score_source(h, seven) == "classifier"
+    assert choose_score_source(h, seven, zero_shot=True) == "prompt"
+    assert choose_score_source({"mlm_head": object()}, seven, zero_shot=True) == "sva"
+    assert choose_score_source({"mlm_head": object()}, six) == "mlm"
+    assert choose_score_source({}, six) is None
+
+
+def test_finding_scores_of_every_source_are_probabilities_per_volume(tiny_model):
+    from napari_mg3d.model.heads import LinearClassifier, PromptScorer
+    from napari_mg3d.model.pretraining import MLMHead
+    from napari_mg3d.model.scoring import SCORE_SOURCES, finding_scores
+
+    d = tiny_model.config.fusion_dim
+    heads = {"classifier": LinearClassifier(d, 2), "prompt": PromptScorer(d),
+             "mlm_head": MLMHead(d, tiny_model.text.vocab_size)}
+    enc = tiny_model.encode_volume(torch.rand(2, 1, *tiny_model.config.input_size))
+    for source in SCORE_SOURCES:
+        p = finding_scores(source, tiny_model, heads, enc, ["Pleural effusion", "Cardiomegaly"])
+        assert p.shape == (2, 2) and bool(((p >= 0) & (p <= 1)).all()), source
+    with pytest.raises(ValueError, match="unknown score source 'pixels'"):
+        finding_scores("pixels", tiny_model, heads, enc, ["Cardiomegaly"])
 
 
 def test_batch_norm_head_separates_volumes_that_layer_norm_leaves_at_the_prior(tiny_config):
@@ -594,7 +474,7 @@ def test_batch_norm_head_statistics_are_re_estimated_from_the_final_features():
     # the stale statistics push every logit far out; re-estimated ones standardise the features again.
     from types import SimpleNamespace
 
-    from napari_mg3d.model.heads import AttentionClassifier, LinearClassifier
+    from napari_mg3d.model.heads import LinearClassifier
 
     torch.manual_seed(0)
     d = 16
@@ -616,6 +496,3 @@ def test_batch_norm_head_statistics_are_re_estimated_from_the_final_features():
     assert head.recalibrate_statistics([one]) == 0  # nothing usable: the statistics are left as they were
     torch.testing.assert_close(head.norm.running_mean, kept)
     assert LinearClassifier(d, 2).recalibrate_statistics(batches) == 0  # a LayerNorm head has no statistics
-    attention = AttentionClassifier(d, 2, norm="batch")  # reads tokens: (B, N, d) with one class read-out each
-    tokens = [SimpleNamespace(tokens=1.0 + 3e-3 * torch.randn(4, 5, d)) for _ in range(2)]
-    assert attention.recalibrate_statistics(tokens) == 8 and attention.norm.num_batches_tracked == 2

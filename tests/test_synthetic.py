@@ -8,15 +8,9 @@ import numpy as np
 import pytest
 
 from napari_mg3d.io import read_volume
-from napari_mg3d.synthetic import (
-    KEYWORDS,
-    LABELS,
-    ORGANS,
-    generate_sample,
-    link_sentence,
-    real_report_sample,
-    write_dataset,
-)
+from napari_mg3d.labels import LABELS, ORGANS
+from napari_mg3d.synthetic import generate_sample, link_sentence, real_report_sample, write_dataset
+from napari_mg3d.synthetic.vocabulary import KEYWORDS
 from napari_mg3d.volume import Volume
 
 SHAPE = (48, 64, 80)

@@ -8,7 +8,8 @@ import pytest
 
 pytest.importorskip("lightning")
 
-from training import finetune, synthetic_proof  # noqa: E402
+from experiments import synthetic_proof  # noqa: E402
+from training import finetune  # noqa: E402
 
 
 def _params(tmp, **kw) -> finetune.FinetuneParams:
@@ -50,11 +51,12 @@ def test_probe_scores_every_route_on_held_out_volumes(tmp_path, tiny_config):
 
     import torch
 
+    from napari_mg3d.checkpoint import save_bundle
     from napari_mg3d.model import MG3DModel
 
     torch.manual_seed(0)
     bundle = tmp_path / "bundle"
-    MG3DModel(tiny_config.replace(objectives=("mim", "sva"))).save_pretrained(str(bundle))
+    save_bundle(bundle, MG3DModel(tiny_config.replace(objectives=("mim", "sva"))))
     out = synthetic_proof.probe(bundle, n=3, shape=(40, 48, 56))
     assert out["n"] == 3 and out["objectives"] == ["mim", "sva"]
     assert "zero_shot_mlm_auc_mean" not in out  # no MLM head in this bundle: that route is skipped, not faked
@@ -71,11 +73,12 @@ def test_scoring_rules_pair_matches_the_probe_and_needs_a_bundle(tmp_path, tiny_
     import pytest
     import torch
 
+    from napari_mg3d.checkpoint import save_bundle
     from napari_mg3d.model import MG3DModel
 
     torch.manual_seed(0)
     bundle = tmp_path / "bundle"
-    MG3DModel(tiny_config.replace(objectives=("sva",))).save_pretrained(str(bundle))
+    save_bundle(bundle, MG3DModel(tiny_config.replace(objectives=("sva",))))
     shape = (40, 48, 56)
     rules = synthetic_proof.scoring_rules(bundle, n=4, shape=shape, seed=synthetic_proof.HELD_OUT_SEED)
     probe = synthetic_proof.probe(bundle, n=4, shape=shape)

@@ -13,7 +13,8 @@ pytestmark = pytest.mark.gui
 
 from napari_mg3d._widget import HEATMAP_LAYER, LABELS_LAYER, MG3DWidget  # noqa: E402
 from napari_mg3d.io import read_volume  # noqa: E402
-from napari_mg3d.synthetic import LABELS, generate_sample  # noqa: E402
+from napari_mg3d.labels import LABELS  # noqa: E402
+from napari_mg3d.synthetic import generate_sample  # noqa: E402
 from napari_mg3d.volume import Volume  # noqa: E402
 
 

@@ -29,8 +29,9 @@ from torch.utils.data import Dataset
 
 from napari_mg3d.io import VolumeReadError, read_volume
 from napari_mg3d.preprocess import PreprocessConfig, labels_to_model, preprocess
+from napari_mg3d.labels import LABELS, ORGANS
 from napari_mg3d.reports import sentence_texts
-from napari_mg3d.synthetic import LABELS, ORGANS, finding_prevalence, generate_sample
+from napari_mg3d.synthetic import finding_prevalence, generate_sample
 from napari_mg3d.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -343,9 +344,6 @@ def label_prevalence(dataset: Dataset, multiclass: bool = False) -> np.ndarray |
     if not multiclass:
         return y.mean(0)
     return np.bincount(y.argmax(1), minlength=y.shape[1]) / len(y)
-
-
-ALL_CLASSES = ["background", *ORGANS, *LABELS]
 
 
 def combined_label_map(sample) -> np.ndarray:

@@ -3,8 +3,9 @@
     python -m training.evaluate --bundle runs/finetune/bundle --data synthetic:128 --out results.json
 
 Computed where the bundle and the data allow it:
-* zero-shot prompt anomaly AUC per label and mean ("{finding} is present." vs "... is not present."; the
-  pre-trained MLM head's volume-conditioned pseudo-likelihood, or the CT-VocabFine prompt head if present);
+* zero-shot prompt anomaly AUC per label and mean ("{finding} is present." vs "... is not present."), read
+  out as ``napari_mg3d.model.scoring`` chooses among the label-free sources: the CT-VocabFine prompt head,
+  else sentence-volume alignment, else the MLM pseudo-likelihood; the result names the source it used;
 * classification AUC (classifier head) and accuracy at 0.5;
 * report -> volume retrieval Recall@5/10/50/100 (cosine of global volume and global report features, as in
   the paper);
@@ -26,9 +27,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from napari_mg3d.inference import Predictor
-from napari_mg3d.model.heads import zero_shot_scores
+from napari_mg3d.model.scoring import SOURCE_TITLES, choose_score_source, finding_scores
 from napari_mg3d.model.text import tokenize_reports
-from napari_mg3d.preprocess import PreprocessConfig
 
 from . import metrics as M
 from .data import build_dataset, collate
@@ -36,25 +36,20 @@ from .data import build_dataset, collate
 log = logging.getLogger("training.evaluate")
 
 
-def mean_auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    vals = [M.auc(labels[:, i], scores[:, i]) for i in range(labels.shape[1])]
-    vals = [v for v in vals if v == v]
-    return float(np.mean(vals)) if vals else float("nan")
-
-
 @torch.no_grad()
 def collect(predictor: Predictor, data: str, seed: int, synthetic_shape, limit: int = 0) -> dict:
     """Run the model over the data once; keep what every metric needs."""
     model, heads, cfg = predictor.model, predictor.heads, predictor.config
-    pre_cfg = PreprocessConfig(target_size=cfg.input_size)
-    ds = build_dataset(data, pre_cfg, None, seed, tuple(synthetic_shape))
+    ds = build_dataset(data, predictor.preprocess_config, None, seed, tuple(synthetic_shape))
     if getattr(ds, "target", None) is not None and "segmentation" in heads:
         classes = predictor.class_names
         ds.target = "all" if len(classes) > 19 else ("organs" if "lung_right" in classes else "lesions")
     loader = DataLoader(ds, batch_size=1, collate_fn=collate)
     names = predictor.label_names
+    zero_shot = choose_score_source(heads, cfg, zero_shot=True)
     out: dict[str, list] = {k: [] for k in ("labels", "zero_shot", "classifier", "global_v", "global_t",
                                             "dice", "generated", "reference")}
+    out["zero_shot_source"] = [zero_shot]
     dev = predictor.device
     for i, batch in enumerate(loader):
         if batch is None:
@@ -69,16 +64,16 @@ def collect(predictor: Predictor, data: str, seed: int, synthetic_shape, limit: 
         out["global_t"].append(model.global_text(model.encode_text(text))[0].cpu())
         if batch["labels"] is not None:
             out["labels"].append(batch["labels"][0].numpy())
-            if "mlm_head" in heads:
-                out["zero_shot"].append(zero_shot_scores(model, heads["mlm_head"], enc.tokens, names).cpu().numpy())
+            if zero_shot is not None:
+                out["zero_shot"].append(finding_scores(zero_shot, model, heads, enc, names)[0].float().cpu().numpy())
             if "classifier" in heads:
-                head = heads["classifier"]
-                out["classifier"].append(head.probabilities(head.classify(enc))[0].cpu().numpy())
+                out["classifier"].append(finding_scores("classifier", model, heads, enc, names)[0].float().cpu().numpy())
         if "segmentation" in heads and batch["mask"] is not None:
             pred = heads["segmentation"](x, enc.features).argmax(1)[0].cpu()
-            gold = batch["mask"][0]
-            present = [c for c in range(1, int(max(pred.max(), gold.max())) + 1) if (gold == c).any()]
-            out["dice"].append(float(np.mean([M.dice(pred == c, gold == c) for c in present])) if present else 1.0)
+            per_class = M.dice_per_class(pred, batch["mask"][0], len(predictor.class_names) or int(pred.max()) + 1)
+            volume_dice = M.mean_defined(per_class)
+            if volume_dice == volume_dice:  # a volume with no class in prediction or target has no Dice
+                out["dice"].append(volume_dice)
         if "report" in heads:
             ids = heads["report"].generate(enc.tokens)[0]
             out["generated"].append(model.text.tokenizer.decode(ids, skip_special_tokens=True))
@@ -97,9 +92,10 @@ def evaluate(bundle: str, data: str, n_boot: int = 1000, seed: int = 0, syntheti
         for key, title in (("zero_shot", "zero_shot_auc"), ("classifier", "classifier_auc")):
             if c[key]:
                 P = np.stack(c[key])
-                res[title] = M.bootstrap(mean_auc, Y, P, n=n_boot, seed=seed)
-                res[title + "_per_label"] = {n: M.auc(Y[:, i], P[:, i]) for i, n in enumerate(names)
-                                             if 0 < Y[:, i].sum() < len(Y)}
+                res[title] = M.bootstrap(M.mean_auc, Y, P, n=n_boot, seed=seed)
+                res[title + "_per_label"] = M.auc_per_label(Y, P, names)
+                if key == "zero_shot":
+                    res["zero_shot_source"] = SOURCE_TITLES[c["zero_shot_source"][0]]
                 if key == "classifier":
                     res["classifier_accuracy"] = M.bootstrap(
                         lambda y, p: float(((p > 0.5) == (y > 0.5)).mean()), Y, P, n=n_boot, seed=seed)
@@ -137,7 +133,8 @@ def format_table(res: dict) -> str:
     head = "| " + " | ".join(c for c, _ in cols) + " |"
     sep = "|" + "|".join("---" for _ in cols) + "|"
     row = "| " + " | ".join(cell(k) for _, k in cols) + " |"
-    return f"{head}\n{sep}\n{row}\n\n(n = {res['n_volumes']} volumes; 95% bootstrap intervals in brackets)"
+    source = f"; zero-shot scores from {res['zero_shot_source']}" if res.get("zero_shot_source") else ""
+    return f"{head}\n{sep}\n{row}\n\n(n = {res['n_volumes']} volumes; 95% bootstrap intervals in brackets{source})"
 
 
 def main(argv: list[str] | None = None) -> dict:

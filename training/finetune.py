@@ -26,14 +26,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from napari_mg3d.checkpoint import load_bundle, save_bundle
-from napari_mg3d.model import MG3DModel, preset_config
-from napari_mg3d.model.heads import CLASSIFIER_NORMS, CLASSIFIER_POOLINGS, PROMPT_PAIR, build_head, prompt_batch
-from napari_mg3d.preprocess import PreprocessConfig
-from napari_mg3d.synthetic import LABELS, ORGANS
+from napari_mg3d.model import ConfigError, MG3DModel, build_model_config
+from napari_mg3d.model.heads import CLASSIFIER_NORMS, PROMPT_PAIR, build_head, prompt_batch
+from napari_mg3d.preprocess import preprocess_config_of
+from napari_mg3d.labels import ALL_CLASSES, LABELS, LESION_CLASSES, ORGANS
 
-from .data import ALL_CLASSES, build_dataset, collate, label_prevalence
-from .module import lr_lambda
-from .params import parse_devices, parse_params, resolve_strategy
+from . import metrics as M
+from .data import build_dataset, collate, label_prevalence
+from .params import model_overrides, option_name, parse_devices, parse_params, resolve_strategy
 
 log = logging.getLogger("training.finetune")
 TASKS = ("classify", "prognosis", "segment", "report", "vocabfine")
@@ -44,23 +44,16 @@ class FinetuneParams:
     task: str = field(default="classify", metadata={"help": f"one of {', '.join(TASKS)}"})
     bundle: str = field(default="", metadata={"help": "pre-trained bundle to start from (empty: --preset from scratch)"})
     preset: str = field(default="tiny", metadata={"help": "preset when training from scratch"})
-    input_size: list[int] | None = field(default=None, metadata={"help": "input size when training from scratch"})
-    text_encoder: str = field(default="", metadata={"help": "text encoder when training from scratch"})
+    input_size: list[int] | None = field(default=None, metadata={"model": "input_size", "help": "input size (z y x) when training from scratch (default: the preset's)"})
+    text_encoder: str = field(default="", metadata={"model": "text_encoder", "help": "text encoder when training from scratch (default: the preset's)"})
     data: str = field(default="synthetic:64", metadata={"help": "training data (same syntax as pretrain)"})
     val_data: str = field(default="", metadata={"help": "validation data"})
     label_names: list[str] | None = field(default=None, metadata={"help": "class/label names (default: the 18 CT-RATE names, or the lesion classes for segment)"})
     multiclass: bool = field(default=False, metadata={"help": "classify: one class per volume (softmax) instead of multi-label"})
-    pooling: str = field(default="mean", metadata={"help": (
-        "classify / prognosis: mean (linear classifier on the mean-pooled feature, as in the paper) | attention "
-        "(one attention read-out of the volume tokens per class)")})
     head_norm: str = field(default="layer", metadata={"help": (
         "classify / prognosis: normalisation before the linear layer: layer (LayerNorm per volume, as in the "
         "paper's head) | batch (each dimension standardised across volumes; keeps a new head from predicting "
         "the prior for every volume when the encoder's features are nearly the same for all of them)")})
-    bias_init: str = field(default="prevalence", metadata={"help": (
-        "classify / prognosis: the classifier's starting bias: prevalence (each label's log-odds in the training "
-        "data, read from the records' labels or the synthetic generator's design; PyTorch's where unknown) | "
-        "default (PyTorch's small random bias, p near 0.5 for every label)")})
     freeze_encoder: bool = field(default=False, metadata={"help": "train only the head (linear probing)"})
     freeze_encoder_steps: int = field(default=0, metadata={"help": (
         "train only the head for the first N steps, then the volume encoder too (linear probing, then "
@@ -71,10 +64,6 @@ class FinetuneParams:
     lr: float = field(default=1e-4, metadata={"help": "learning rate of the head"})
     lr_encoder: float = field(default=2e-5, metadata={"help": "learning rate of the encoder when not frozen"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
-    warmup_steps: int = field(default=0, metadata={"help": (
-        "linear learning-rate warm-up over the first N steps (lets a new head settle before its gradients reach a "
-        "pre-trained encoder)")})
-    lr_schedule: str = field(default="constant", metadata={"help": "after the warm-up: constant | cosine (decay to 0 at the last step)"})
     shots: int = field(default=0, metadata={"help": "vocabfine: use only this many training volumes (0: all)"})
     device: str = field(default="auto", metadata={"help": "accelerator: cuda | mps | cpu | auto"})
     devices: str = field(default="1", metadata={"help": "devices per node: a count, a list like 0,1, or auto (several: DDP)"})
@@ -97,19 +86,17 @@ class FinetuneParams:
 
 def load_start(p: FinetuneParams):
     """(model, existing heads {name: module}, head specs, meta) from --bundle or from scratch."""
+    overrides = model_overrides(p)
     if p.bundle:
         b = load_bundle(p.bundle)
+        try:  # a from-scratch option given with --bundle must agree with the bundle's architecture
+            build_model_config(p.preset, overrides, base=b.config, base_name=f"--bundle {p.bundle}",
+                               spell=option_name)
+        except ConfigError as err:
+            raise SystemExit(str(err)) from None
         heads, specs = b.build_heads()
         return b.model, heads, specs, b.meta
-    overrides = {}
-    if p.input_size:
-        overrides["input_size"] = tuple(p.input_size)
-    if p.text_encoder:
-        overrides["text_encoder"] = p.text_encoder
-    return MG3DModel(preset_config(p.preset, **overrides)), {}, {}, {}
-
-
-BIAS_INITS = ("prevalence", "default")
+    return MG3DModel(build_model_config(p.preset, overrides)), {}, {}, {}
 
 
 def init_bias_from_prevalence(head: nn.Module, train_set, multiclass: bool) -> None:
@@ -123,15 +110,6 @@ def init_bias_from_prevalence(head: nn.Module, train_set, multiclass: bool) -> N
     log.info("classifier bias set to the training prevalence (%s)", ", ".join(f"{v:.3f}" for v in prior))
 
 
-def lr_factor(warmup: int, steps: int, schedule: str):
-    """Learning-rate multiplier per step: linear warm-up over ``warmup`` steps, then constant or cosine to 0."""
-    if schedule not in ("constant", "cosine"):
-        raise SystemExit(f"--lr-schedule {schedule!r}: choose constant or cosine")
-    if schedule == "cosine":
-        return lr_lambda(warmup, steps)
-    return lambda step: (step + 1) / warmup if step < warmup else 1.0
-
-
 def _infinite(loader):
     while True:
         got = False
@@ -141,16 +119,6 @@ def _infinite(loader):
                 yield batch
         if not got:
             raise RuntimeError("the training data produced no loadable batch")
-
-
-def dice_per_class(pred: torch.Tensor, target: torch.Tensor, n_classes: int) -> list[float]:
-    """Dice of each foreground class (NaN where the class is absent from both)."""
-    out = []
-    for c in range(1, n_classes):
-        a, b = pred == c, target == c
-        denom = a.sum() + b.sum()
-        out.append(float(2 * (a & b).sum() / denom) if denom > 0 else float("nan"))
-    return out
 
 
 class TaskStep(nn.Module):
@@ -163,7 +131,6 @@ class TaskStep(nn.Module):
         self.task, self.model, self.head, self.spec = task, model, head, spec
         self.names, self.multiclass, self.data = names, multiclass, data
         self._prompt_raw: torch.Tensor | None = None
-        self._prompt_negated: torch.Tensor | None = None
         self.encoder_frozen = False  # set by the training loop during --freeze-encoder-steps
         if task == "segment":
             from monai.losses import DiceCELoss
@@ -175,8 +142,7 @@ class TaskStep(nn.Module):
             with torch.no_grad():
                 batch = prompt_batch(self.model.text.tokenizer, self.names).to(device)
                 self._prompt_raw = self.model.text.separate_sentence_features(batch)
-                self._prompt_negated = batch.sentence_negated
-        return self.model.project_sentences(self._prompt_raw, self._prompt_negated)  # (F, 2, d)
+        return self.model.text_proj(self._prompt_raw)  # (F, 2, d)
 
     def forward(self, batch: dict) -> torch.Tensor:
         x = batch["volume"]
@@ -221,21 +187,16 @@ def run(p: FinetuneParams) -> Path:
     """Fine-tune; returns the bundle directory (written by the first process only)."""
     if p.task not in TASKS:
         raise SystemExit(f"--task {p.task!r}: choose one of {TASKS}")
-    lr_factor(p.warmup_steps, p.steps, p.lr_schedule)  # a bad --lr-schedule fails before any data is read
     if not 0 <= p.freeze_encoder_steps <= p.steps:
         raise SystemExit(f"--freeze-encoder-steps {p.freeze_encoder_steps}: choose 0 to --steps ({p.steps})")
-    if p.pooling not in CLASSIFIER_POOLINGS:
-        raise SystemExit(f"--pooling {p.pooling!r}: choose one of {', '.join(CLASSIFIER_POOLINGS)}")
     if p.head_norm not in CLASSIFIER_NORMS:
         raise SystemExit(f"--head-norm {p.head_norm!r}: choose one of {', '.join(CLASSIFIER_NORMS)}")
-    if p.bias_init not in BIAS_INITS:
-        raise SystemExit(f"--bias-init {p.bias_init!r}: choose one of {', '.join(BIAS_INITS)}")
     fabric = make_fabric(p)
     fabric.launch()
     torch.manual_seed(p.seed)
     model, heads, specs, meta = load_start(p)
     cfg = model.config
-    pre_cfg = PreprocessConfig(target_size=cfg.input_size)
+    pre_cfg = preprocess_config_of(meta, cfg)
     train_set = build_dataset(p.data, pre_cfg, p.cache_dir or None, p.seed, tuple(p.synthetic_shape))
     if p.task == "segment" and p.data.startswith("synthetic"):
         train_set.target = p.seg_target  # type: ignore[attr-defined]
@@ -251,9 +212,9 @@ def run(p: FinetuneParams) -> Path:
         names = names or LABELS
         head_name = "classifier" if p.task == "classify" else "prognosis"
         spec = {"type": "classifier", "n_classes": len(names), "multilabel": not p.multiclass, "labels": names,
-                "pooling": p.pooling, "norm": p.head_norm}
+                "norm": p.head_norm}
     elif p.task == "segment":
-        names = names or {"organs": ["background", *ORGANS], "all": ALL_CLASSES}.get(p.seg_target, ["background", *LABELS])
+        names = names or {"organs": ["background", *ORGANS], "all": ALL_CLASSES}.get(p.seg_target, LESION_CLASSES)
         head_name, spec = "segmentation", {"type": "segmentation", "n_classes": len(names), "classes": names}
     elif p.task == "report":
         head_name = "report"
@@ -266,7 +227,7 @@ def run(p: FinetuneParams) -> Path:
         raise SystemExit(f"--task segment needs an input of at least 64 voxels per axis (got {cfg.input_size}): "
                          "the decoder's 1/32 bottleneck must have more than one voxel")
     head = build_head(spec, cfg, model.text.vocab_size)
-    if p.task in ("classify", "prognosis") and p.bias_init == "prevalence":
+    if p.task in ("classify", "prognosis"):
         init_bias_from_prevalence(head, train_set, p.multiclass)
 
     stale = sorted(set(heads) - {head_name, "mim_decoder", "mlm_head"})
@@ -281,7 +242,6 @@ def run(p: FinetuneParams) -> Path:
         groups.append({"params": encoder_params, "lr": p.lr_encoder})
     step_module = TaskStep(p.task, model, head, spec, names, multiclass=p.multiclass, data=p.data)
     task_step, opt = fabric.setup(step_module, torch.optim.AdamW(groups, weight_decay=p.weight_decay))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(p.warmup_steps, p.steps, p.lr_schedule))
     loader = fabric.setup_dataloaders(loader)
     task_step.train()
     model.text.eval()  # frozen, and without dropout
@@ -294,7 +254,6 @@ def run(p: FinetuneParams) -> Path:
         opt.zero_grad(set_to_none=True)
         fabric.backward(loss)
         opt.step()
-        scheduler.step()
         history.append(float(loss.detach()))
         if step % p.log_every == 0 or step == p.steps:
             fabric.print(f"step {step}/{p.steps} loss {np.mean(history[-p.log_every:]):.4f} "
@@ -385,13 +344,12 @@ def validate(p: FinetuneParams, model, head, spec, names, pre_cfg, device) -> di
                 continue
             x = batch["volume"].to(device)
             logits = sliding_window_inference(x, model.config.input_size, 1, predictor, overlap=0.25)
-            scores.append(dice_per_class(logits.argmax(1).cpu(), batch["mask"], spec["n_classes"]))
-        per_class = np.nanmean(np.array(scores, dtype=float), axis=0) if scores else []
-        return {"dice_per_class": {n: (None if np.isnan(v) else float(v)) for n, v in zip(names[1:], per_class)},
-                "mean_dice": float(np.nanmean(per_class)) if len(per_class) else None}
+            scores.append(M.dice_per_class(logits.argmax(1).cpu(), batch["mask"], spec["n_classes"]))
+        per_class = [M.mean_defined(column) for column in zip(*scores)]
+        mean = M.mean_defined(per_class)
+        return {"dice_per_class": {n: (None if v != v else v) for n, v in zip(names[1:], per_class)},
+                "mean_dice": None if mean != mean else mean}
     if p.task in ("classify", "prognosis"):
-        from .metrics import auc
-
         probs, labels = [], []
         for batch in loader:
             if batch is None:
@@ -400,8 +358,8 @@ def validate(p: FinetuneParams, model, head, spec, names, pre_cfg, device) -> di
             probs.append(head.probabilities(logits).cpu())
             labels.append(batch["labels"])
         P, Y = torch.cat(probs).numpy(), torch.cat(labels).numpy()
-        per = {n: auc(Y[:, i], P[:, i]) for i, n in enumerate(names) if 0 < Y[:, i].sum() < len(Y)}
-        return {"auc_per_label": per, "mean_auc": float(np.mean(list(per.values()))) if per else None}
+        per = M.auc_per_label(Y, P, names)
+        return {"auc_per_label": per, "mean_auc": M.mean_defined(per.values()) if per else None}
     return {}
 
 

@@ -1,7 +1,13 @@
 """Evaluation metrics with bootstrap confidence intervals, on well-kept implementations (torchmetrics).
 
+The one implementation of each metric in the project (training, evaluation and the experiments call these).
 All functions take plain arrays; ``bootstrap`` wraps any of them: 95% interval over patients resampled
 with replacement.
+
+Conventions: an AUC needs both classes among the rows, else it is undefined (NaN) and a per-label table
+leaves that label out. A Dice is undefined (NaN) when a class is absent from both the prediction and the
+target, and means over classes or volumes skip undefined values (:func:`mean_defined`); a class that is
+predicted but absent from the target has Dice 0.
 """
 
 from __future__ import annotations
@@ -29,16 +35,34 @@ def auc_per_label(labels: np.ndarray, scores: np.ndarray, names: Sequence[str]) 
     return {name: auc(labels[:, j], scores[:, j]) for j, name in enumerate(names) if 0 < labels[:, j].sum() < n}
 
 
+def mean_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Mean of :func:`auc_per_label` over the labels with both classes present (NaN if there is none)."""
+    per = auc_per_label(np.asarray(labels), np.asarray(scores), [str(j) for j in range(np.asarray(labels).shape[1])])
+    return float(np.mean(list(per.values()))) if per else float("nan")
+
+
 def accuracy(labels: Sequence[int], predictions: Sequence[int]) -> float:
     y, p = np.asarray(labels), np.asarray(predictions)
     return float((y == p).mean()) if len(y) else float("nan")
 
 
-def dice(pred: np.ndarray, target: np.ndarray) -> float:
-    """Dice of two binary masks; 1.0 when both are empty."""
+def dice(pred, target) -> float:
+    """Dice of two binary masks (numpy arrays or tensors); NaN when both are empty (undefined)."""
     a, b = np.asarray(pred, bool), np.asarray(target, bool)
     denom = a.sum() + b.sum()
-    return float(2 * (a & b).sum() / denom) if denom else 1.0
+    return float(2 * (a & b).sum() / denom) if denom else float("nan")
+
+
+def dice_per_class(pred, target, n_classes: int) -> list[float]:
+    """Dice of each foreground class 1..n_classes-1 of two label maps (NaN where a class is in neither)."""
+    p, t = np.asarray(pred), np.asarray(target)
+    return [dice(p == c, t == c) for c in range(1, n_classes)]
+
+
+def mean_defined(values) -> float:
+    """Mean over the defined (non-NaN, non-None) values; NaN when none is."""
+    kept = [float(v) for v in values if v is not None and v == v]
+    return float(np.mean(kept)) if kept else float("nan")
 
 
 def bleu(candidates: list[str], references: list[str], n: int = 4) -> float:

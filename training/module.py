@@ -25,26 +25,21 @@ def lr_lambda(warmup: int, total: int):
     return f
 
 
-def concat_ranks(rows: torch.Tensor, all_gather) -> torch.Tensor:
-    """Concatenate every rank's ``rows`` (K_r, H), rank 0 first. ``all_gather(t)`` returns (world, *t.shape);
-    rows are padded to the largest K_r for the gather and the padding is dropped again."""
-    counts = all_gather(torch.tensor(rows.shape[0], device=rows.device)).reshape(-1)
-    most = int(counts.max())
-    padded = rows.new_zeros((most, *rows.shape[1:]))
-    padded[: rows.shape[0]] = rows.detach()
-    gathered = all_gather(padded)  # (world, most, H)
-    return torch.cat([gathered[r, : int(counts[r])] for r in range(gathered.shape[0])])
-
-
 class PretrainModule(L.LightningModule):
     """Wraps MG3DPretrainer. ``training_step`` tokenises the batch's sentences, seeds the MIM/MLM masks from
     (seed, global step, micro-batch, rank) so that a resumed run draws the same masks, and logs every loss."""
 
-    def __init__(self, config: MG3DConfig, params: PretrainParams) -> None:
+    def __init__(self, config: MG3DConfig, params: PretrainParams, model: MG3DModel | None = None) -> None:
+        """``model``: start from this model (e.g. an --init-from bundle's, its config replaced by ``config``)
+        instead of building a new one."""
         super().__init__()
-        self.save_hyperparameters({"model": config.to_dict(), "params": params.to_dict()})
+        self.save_hyperparameters({"model": config.to_dict(), "params": params.to_dict()}, ignore=["model"])
         self.params = params
-        self.pretrainer = MG3DPretrainer(MG3DModel(config), gather=self._gather_keys, gather_rows=self._gather_rows)
+        if model is None:
+            model = MG3DModel(config)
+        else:
+            model.config = config
+        self.pretrainer = MG3DPretrainer(model, gather=self._gather_keys)
         self._last_batch: dict | None = None
 
     @property
@@ -59,14 +54,6 @@ class PretrainModule(L.LightningModule):
         rank = self.trainer.global_rank
         others = [gathered[i] for i in range(gathered.shape[0]) if i != rank]
         return torch.cat([keys, *others], dim=0)
-
-    def _gather_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        """Rows (K, H) from every device, a different K on each, concatenated in rank order (no gradients):
-        every device then writes the same rows to the sentence memory, which DDP keeps in step by
-        broadcasting rank 0's buffers."""
-        if self._world_size() <= 1:
-            return rows
-        return concat_ranks(rows, self.all_gather)
 
     def _mask_generator(self, batch_idx: int) -> torch.Generator:
         micro = batch_idx % max(1, self.params.accumulate)

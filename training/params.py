@@ -20,26 +20,13 @@ class PretrainParams:
         "| ctrg:REPORTS_JSON,VOLUMES_DIR | msd:DATASET_JSON")})
     val_data: str = field(default="", metadata={"help": "optional validation data, same syntax as --data"})
     preset: str = field(default="tiny", metadata={"help": "model preset: tiny | base | large"})
-    input_size: list[int] | None = field(default=None, metadata={"help": "override the preset input size (z y x), multiples of 32"})
-    text_encoder: str = field(default="", metadata={"help": "Hugging Face name or local path of the frozen text encoder (default: preset's)"})
-    objectives: list[str] | None = field(default=None, metadata={"help": "objectives to train (default: the paper's six, mim mlm sfr cml ssm dfa); add sva for sentence-volume alignment (not in the paper; see docs/synthetic_benchmark.md)"})
-    lambdas: list[float] | None = field(default=None, metadata={"help": "loss weights alpha beta gamma (default 1.0 0.1 0.1)"})
-    temperature: float = field(default=0.07, metadata={"help": "InfoNCE temperature"})
-    window_size: int = field(default=0, metadata={"help": "Swin window size (0: preset's)"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute Swin activations in backward (saves memory)"})
-    negation_flag: bool | None = field(default=None, metadata={"help": (
-        "learn a vector added to the frozen feature of sentences with a negation cue (\"No effusion.\"), so that a "
-        "finding and its denial differ, and score them as the complement of their finding (not in the paper; default: off, the bundle's with --init-from)")})
-
-    sva_affirmed_only: bool = field(default=False, metadata={"help": (
-        "sva: use only sentences without a negation cue as queries; a denial (\"No effusion.\") fits most other "
-        "patients' volumes too, which then count as false negatives (not in the paper; default: off)")})
-    sva_memory: int = field(default=0, metadata={"help": (
-        "sva: also let each volume choose its own sentences against other reports' affirmed sentences, those "
-        "of the batch and up to this many distinct ones remembered from earlier batches (frozen features, "
-        "re-projected every step, kept in checkpoints; under DDP every device writes the sentences of all "
-        "devices, so the memories stay equal; not in the paper; default 0: off)")})
-
+    input_size: list[int] | None = field(default=None, metadata={"model": "input_size", "help": "override the preset input size (z y x), multiples of 32"})
+    text_encoder: str = field(default="", metadata={"model": "text_encoder", "help": "Hugging Face name or local path of the frozen text encoder (default: the preset's)"})
+    objectives: list[str] | None = field(default=None, metadata={"model": "objectives", "help": "objectives to train (default: the paper's six, mim mlm sfr cml ssm dfa); add sva for sentence-volume alignment, which gives zero-shot scores and retrieval (not in the paper)"})
+    lambdas: list[float] | None = field(default=None, metadata={"model": ("lambda_alpha", "lambda_beta", "lambda_gamma"), "help": "loss weights alpha beta gamma (default: 1.0 0.1 0.1)"})
+    temperature: float | None = field(default=None, metadata={"model": "temperature", "help": "InfoNCE temperature (default: 0.07)"})
+    window_size: int | None = field(default=None, metadata={"model": "window_size", "help": "Swin window size (default: the preset's)"})
+    gradient_checkpointing: bool | None = field(default=None, metadata={"model": "gradient_checkpointing", "help": "recompute Swin activations in backward (saves memory; default: off)"})
     max_steps: int = field(default=1000, metadata={"help": "optimizer steps to train"})
     batch_size: int = field(default=4, metadata={"help": "volumes per device per step (paper: 4)"})
     accumulate: int = field(default=1, metadata={"help": "gradient accumulation steps"})
@@ -74,15 +61,45 @@ class PretrainParams:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PretrainParams:
+        """Parameters saved by a run (a checkpoint's hyper-parameters), leaving out removed options."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def option_name(field_name: str) -> str:
+    """The command-line spelling of a parameter or model-config field: input_size -> --input-size."""
+    return "--" + field_name.replace("_", "-")
+
+
+def model_overrides(params) -> dict[str, Any]:
+    """The model-config values a run sets: every field of ``params`` whose metadata names the MG3DConfig
+    field(s) it sets ("model"), left out when not given (None or empty: the preset's, or the bundle's)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(params):
+        target = f.metadata.get("model")
+        value = getattr(params, f.name)
+        if target is None or value is None or value == "" or value == []:
+            continue
+        if isinstance(target, tuple):
+            if len(value) != len(target):
+                raise SystemExit(f"--{f.name.replace('_', '-')} needs {len(target)} values "
+                                 f"({' '.join(target)}), got {value}")
+            out.update(zip(target, value))
+        else:
+            out[target] = tuple(value) if isinstance(value, list) else value
+    return out
+
 
 DDP_STRATEGIES = {"ddp": "popen", "ddp_spawn": "spawn", "ddp_fork": "fork", "ddp_notebook": "fork"}
 
 
 def resolve_strategy(name: str, ddp_strategy_class):
     """--strategy for Lightning (``ddp_strategy_class``: the Trainer's or Fabric's DDPStrategy). The DDP ones
-    are built with ``find_unused_parameters``: an objective set without some objectives (the ablations), a
-    batch without a negated sentence under ``negation_flag``, or a fine-tuning task that leaves the fusion
-    layers out, has parameters without a gradient, and DDP would otherwise stop at the next step."""
+    are built with ``find_unused_parameters``: an objective set without some objectives (the ablations) or
+    a fine-tuning task that leaves the fusion layers out has parameters without a gradient, and DDP would
+    otherwise stop at the next step."""
     if name not in DDP_STRATEGIES:
         return name
     return ddp_strategy_class(start_method=DDP_STRATEGIES[name], find_unused_parameters=True)
@@ -109,17 +126,22 @@ def _arg_type(f: dataclasses.Field):
         return {"type": float, "nargs": "+"}
     if "list[str]" in hint:
         return {"type": str, "nargs": "+"}
+    for name, kind in (("float", float), ("int", int)):
+        if hint.startswith(name):
+            return {"type": kind}
     return {"type": type(default) if default is not None else str}
 
 
 def build_parser(prog: str, description: str, params_cls=PretrainParams) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=str, default="", help="YAML file with any of the options below")
     for f in dataclasses.fields(params_cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None,
-                            help=f"{f.metadata.get('help', '')} (default: {default})", **_arg_type(f))
+        text = f.metadata.get("help", "")
+        if default is not None and "default:" not in text:
+            text = f"{text} (default: {default})"
+        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None, help=text, **_arg_type(f))
     return parser
 
 

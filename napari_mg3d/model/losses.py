@@ -81,15 +81,3 @@ def sva_loss(similarity: torch.Tensor, owner: torch.Tensor, shared: torch.Tensor
     cols = torch.arange(similarity.shape[1], device=similarity.device)
     not_negative = shared & (cols[None, :] != owner[:, None])
     return F.cross_entropy(logits.masked_fill(not_negative, float("-inf")), owner)
-
-
-def sentence_choice_loss(positive: torch.Tensor, candidates: torch.Tensor, allowed: torch.Tensor,
-                         temperature: float) -> torch.Tensor:
-    """InfoNCE of a volume choosing its own sentence: positive (Q,) is the score of query sentence q on its
-    own volume, candidates (Q, C) that volume's scores of C other sentences, allowed (Q, C) which of those
-    count as negatives. A query with no allowed candidate adds 0 (its only choice is itself)."""
-    if positive.shape[0] == 0:
-        return positive.sum() * 0.0
-    logits = torch.cat([positive[:, None], candidates.masked_fill(~allowed, float("-inf"))], dim=1)
-    target = torch.zeros(positive.shape[0], dtype=torch.long, device=positive.device)
-    return F.cross_entropy(logits.float() / temperature, target)

@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from .config import DEFAULT_TEXT_ENCODER
-from ..reports import is_negated
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +82,6 @@ class TextBatch:
     (-1 for special tokens) so that MLM masks all sub-word pieces of a word together.
     sentence_ids, sentence_attention: (B, S, L) for the sentence-by-sentence pass.
     sentence_valid: (B, S) bool, False for padding sentences.
-    sentence_negated: (B, S) bool, True for sentences with a negation cue (``reports.is_negated``).
     """
 
     input_ids: torch.Tensor
@@ -93,7 +91,6 @@ class TextBatch:
     sentence_ids: torch.Tensor
     sentence_attention: torch.Tensor
     sentence_valid: torch.Tensor
-    sentence_negated: torch.Tensor
 
     def to(self, device: torch.device | str) -> TextBatch:
         return TextBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
@@ -169,14 +166,12 @@ def tokenize_reports(
     sentence_ids = torch.full((len(reports), n_sent, L), tokenizer.pad_token_id or 0, dtype=torch.long)
     sentence_attention = torch.zeros((len(reports), n_sent, L), dtype=torch.long)
     sentence_valid = torch.zeros((len(reports), n_sent), dtype=torch.bool)
-    sentence_negated = torch.zeros((len(reports), n_sent), dtype=torch.bool)
     k = 0
     for b, sentences in enumerate(kept_sentences):
         for s in range(len(sentences)):
             sentence_ids[b, s] = sent_enc["input_ids"][k]
             sentence_attention[b, s] = sent_enc["attention_mask"][k]
             sentence_valid[b, s] = True
-            sentence_negated[b, s] = is_negated(sentences[s])
             k += 1
     return TextBatch(
         input_ids=enc["input_ids"],
@@ -186,7 +181,6 @@ def tokenize_reports(
         sentence_ids=sentence_ids,
         sentence_attention=sentence_attention,
         sentence_valid=sentence_valid,
-        sentence_negated=sentence_negated,
     )
 
 

@@ -1,6 +1,6 @@
 """How much does an encoder's volume representation say about each finding? A supervised linear probe.
 
-    python -m training.linear_probe --bundle runs/proof/full/bundle --out runs/probe.json
+    python -m experiments.linear_probe --bundle runs/proof/full/bundle --out runs/probe.json
 
 The tokens F_I (B, N, d) of synthetic volumes are pooled over N (mean, max, or both), standardised with the
 training set's statistics, and an L2-regularised logistic regression per finding is fitted on training
@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from napari_mg3d.checkpoint import load_bundle
-from napari_mg3d.synthetic import LABELS
+from napari_mg3d.labels import LABELS
 
-from . import metrics
+from training import metrics
 from .synthetic_proof import HELD_OUT_SEED, VALIDATION_SEED, token_features
 
 POOLINGS = {
@@ -88,7 +88,7 @@ def probe(bundle: str | Path, n_train: int = 200, n_val: int = 100, n_test: int 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m training.linear_probe", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m experiments.linear_probe", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", required=True, help="model bundle (directory or .zip) whose encoder is probed")
     ap.add_argument("--train", type=int, default=200, help="training volumes (seeds 0..)")

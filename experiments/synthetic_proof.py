@@ -1,7 +1,7 @@
 """Does MG-3D pre-training work? The synthetic benchmark (rerunnable; results as JSON + markdown).
 
-    python -m training.synthetic_proof --out runs/proof                  # everything, from scratch
-    python -m training.synthetic_proof --pretrained runs/x/bundle --skip-ablation   # evaluate a bundle
+    python -m experiments.synthetic_proof --out runs/proof                  # everything, from scratch
+    python -m experiments.synthetic_proof --pretrained runs/x/bundle --skip-ablation   # evaluate a bundle
 
 On held-out report-conditioned synthetic chest CTs (ground truth known):
  (a) zero-shot anomaly AUC per finding and mean ("{finding} is present." vs "is not present.", no
@@ -33,15 +33,16 @@ import torch
 import torch.nn.functional as F
 
 from napari_mg3d.checkpoint import load_bundle
-from napari_mg3d.model.heads import (alignment_prompt_logits, alignment_zero_shot_margins, margins_to_scores,
-                                     zero_shot_scores)
+from napari_mg3d.model.heads import alignment_prompt_logits, alignment_zero_shot_margins, margins_to_scores
+from napari_mg3d.model.scoring import available_score_sources, finding_scores
 from napari_mg3d.model.text import tokenize_reports
-from napari_mg3d.preprocess import PreprocessConfig, labels_to_model, preprocess
-from napari_mg3d.synthetic import LABELS, generate_sample
+from napari_mg3d.preprocess import labels_to_model, preprocess, preprocess_config_of
+from napari_mg3d.labels import LABELS
+from napari_mg3d.synthetic import generate_sample
 from napari_mg3d.volume import Volume
 
-from . import finetune, metrics, pretrain
-from .params import PretrainParams
+from training import finetune, metrics, pretrain
+from training.params import PretrainParams
 
 HELD_OUT_SEED = 900_000
 VALIDATION_SEED = 800_000  # for choices such as the zero-shot scoring rule; disjoint from the held-out volumes
@@ -53,16 +54,14 @@ def probe(bundle: str | Path, n: int, shape, seed: int = HELD_OUT_SEED) -> dict:
     b = load_bundle(bundle)
     model = b.model.eval()
     cfg = model.config
-    pre_cfg = PreprocessConfig(target_size=cfg.input_size)
-    mlm = None
-    if "mlm_head" in b.head_state and "mlm" in cfg.objectives:
-        from napari_mg3d.model.mg3d import MLMHead
-
-        mlm = MLMHead(cfg.fusion_dim, model.text.vocab_size)
-        mlm.load_state_dict(b.head_state["mlm_head"])
-        mlm.eval()
-    aligned = "sva" in cfg.objectives
-    labels, zs, za, zc, gv, gt, tokens, sentences, negated, owners, hits, chance = ([] for _ in range(12))
+    pre_cfg = preprocess_config_of(b.meta, cfg)
+    heads, _ = b.build_heads()
+    sources = [s for s in available_score_sources(heads, cfg) if s in ("sva", "mlm")]
+    if "mlm" not in cfg.objectives and "mlm" in sources:
+        sources.remove("mlm")
+    aligned = "sva" in sources
+    scores: dict[str, list] = {"zero_shot_mlm": [], "zero_shot_sva": [], "zero_shot_sva_centred": []}
+    labels, gv, gt, tokens, sentences, owners, hits, chance = ([] for _ in range(8))
     for i in range(n):
         s = generate_sample(seed + i, shape=tuple(shape))
         x, rec = preprocess(Volume(s.volume, s.affine), pre_cfg)
@@ -72,16 +71,15 @@ def probe(bundle: str | Path, n: int, shape, seed: int = HELD_OUT_SEED) -> dict:
         gv.append(enc.global_feature[0])
         gt.append(model.global_text(model.encode_text(text))[0])
         labels.append([s.labels[k] for k in LABELS])
-        if mlm is not None:
-            zs.append(zero_shot_scores(model, mlm, enc.tokens, LABELS).numpy())
+        if "mlm" in sources:
+            scores["zero_shot_mlm"].append(finding_scores("mlm", model, heads, enc, LABELS)[0].numpy())
         if aligned:
             margins = alignment_zero_shot_margins(model, enc.tokens, LABELS)  # one read-out for both scores
-            za.append(margins_to_scores(margins).numpy())
-            zc.append(margins_to_scores(margins, centre=True).numpy())
+            scores["zero_shot_sva"].append(margins_to_scores(margins).numpy())
+            scores["zero_shot_sva_centred"].append(margins_to_scores(margins - margins.mean()).numpy())
         _, sent = model.encode_sentences_separately(text)
         tokens.append(enc.tokens[0])
         sentences.append(sent[0][text.sentence_valid[0]])
-        negated.append(text.sentence_negated[0][text.sentence_valid[0]])
         owners += [i] * int(text.sentence_valid[0].sum())
         heat = model.sentence_heatmaps(enc, sent, text.sentence_valid)[0]  # (S, gz, gy, gx)
         for k, names in enumerate(s.sentence_links):
@@ -99,16 +97,16 @@ def probe(bundle: str | Path, n: int, shape, seed: int = HELD_OUT_SEED) -> dict:
             chance.append(float(cells.float().mean()))
     Y = np.array(labels)
     out: dict = {"n": n, "objectives": list(cfg.objectives)}
-    for key, scores in (("zero_shot_mlm", zs), ("zero_shot_sva", za), ("zero_shot_sva_centred", zc)):
-        if scores:
-            P = np.stack(scores)
+    for key, rows in scores.items():
+        if rows:
+            P = np.stack(rows)
             per = metrics.auc_per_label(Y, P, LABELS)
             out[f"{key}_auc_mean"] = float(np.mean(list(per.values())))
             out[f"{key}_auc_per_finding"] = per
     S = (F.normalize(torch.stack(gt), dim=-1) @ F.normalize(torch.stack(gv), dim=-1).t()).numpy()
     out["recall@10_global"] = metrics.recall_at_k(S, 10)
     if aligned:
-        out["recall@10_sva"] = metrics.recall_at_k(report_volume_alignment(model, tokens, sentences, negated, owners), 10)
+        out["recall@10_sva"] = metrics.recall_at_k(report_volume_alignment(model, tokens, sentences, owners), 10)
     out["recall@10_chance"] = 10 / n
     out["pointing_hit_rate"] = float(np.mean(hits)) if hits else None
     out["pointing_random_baseline"] = float(np.mean(chance)) if chance else None
@@ -120,7 +118,7 @@ def probe(bundle: str | Path, n: int, shape, seed: int = HELD_OUT_SEED) -> dict:
 def token_features(model, first_seed: int, n: int, shape) -> tuple[torch.Tensor, np.ndarray]:
     """Tokens (n, N, d) of synthetic volumes ``first_seed``.. (``shape`` voxels, preprocessed to the model's
     input) and their 0/1 finding labels (n, len(LABELS))."""
-    pre_cfg = PreprocessConfig(target_size=model.config.input_size)
+    pre_cfg = preprocess_config_of(None, model.config)
     tokens, labels = [], []
     for i in range(n):
         s = generate_sample(first_seed + i, shape=tuple(shape))
@@ -140,9 +138,9 @@ def scoring_rules(bundle: str | Path, n: int, shape, seed: int = VALIDATION_SEED
     tokens, Y = token_features(model, seed, n, shape)
     P = torch.stack([alignment_prompt_logits(model, t[None], LABELS) for t in tokens])
     pair, present = P[:, :, 0] - P[:, :, 1], P[:, :, 0]
-    rules = {"pair": pair, "pair centred": torch.stack([margins_to_scores(m, centre=True) for m in pair]),
+    rules = {"pair": pair, "pair centred": torch.stack([margins_to_scores(m - m.mean()) for m in pair]),
              "present only": present,
-             "present only centred": torch.stack([margins_to_scores(m, centre=True) for m in present])}
+             "present only centred": torch.stack([margins_to_scores(m - m.mean()) for m in present])}
     out: dict = {"seeds": [seed, seed + n - 1], "variants": {}}
     for name, scores in rules.items():
         scores = scores.numpy()
@@ -151,12 +149,11 @@ def scoring_rules(bundle: str | Path, n: int, shape, seed: int = VALIDATION_SEED
     return out
 
 
-def report_volume_alignment(model, tokens: list[torch.Tensor], sentences: list[torch.Tensor],
-                            negated: list[torch.Tensor], owners: list[int]):
+def report_volume_alignment(model, tokens: list[torch.Tensor], sentences: list[torch.Tensor], owners: list[int]):
     """(reports, volumes): mean over a report's sentences of its sentence-volume alignment score."""
     flat = torch.cat(sentences)
     owner = torch.tensor(owners)
-    sim = model.sentence_volume_similarity(torch.stack(tokens), flat, torch.cat(negated))  # (Q, V)
+    sim = model.sentence_volume_similarity(torch.stack(tokens), flat)  # (Q, V)
     per_report = torch.zeros(len(tokens), sim.shape[1]).index_add_(0, owner, sim)
     return (per_report / torch.bincount(owner, minlength=len(tokens))[:, None].clamp_min(1)).numpy()
 
@@ -219,22 +216,23 @@ def snapshot_run(out: Path, pairs: int, schedule: int, stop: int, objectives, sh
 
 def random_init_bundle(out: Path, like: Path) -> Path:
     """A bundle with the architecture and objectives of ``like`` at random initialisation (the baseline)."""
+    from napari_mg3d.checkpoint import save_bundle
     from napari_mg3d.model import MG3DModel
 
     if not out.exists():
         torch.manual_seed(0)
-        MG3DModel(load_bundle(like).config).save_pretrained(str(out))
+        save_bundle(out, MG3DModel(load_bundle(like).config))
     return out
 
 
-def seg_compare(pretrained: Path, out: Path, steps: int, shape, preset_size, seeds=(7,), warmup: int = 0,
-                schedule: str = "constant", freeze_steps: int = 0, target: str = "all", preset: str = "tiny",
+def seg_compare(pretrained: Path, out: Path, steps: int, shape, preset_size, seeds=(7,),
+                freeze_steps: int = 0, target: str = "all", preset: str = "tiny",
                 run_with: dict | None = None) -> dict:
     """Both arms once per seed (initialisation of the decoder, data order); Dice means over the seeds.
     ``run_with``: :func:`runtime` settings for both arms."""
     common = dict(task="segment", data="synthetic:20", val_data="synthetic:10", steps=steps, batch_size=2,
                   seg_target=target, synthetic_shape=list(shape), lr=1e-3, lr_encoder=1e-4, log_every=20,
-                  warmup_steps=warmup, lr_schedule=schedule, freeze_encoder_steps=freeze_steps, **(run_with or {}))
+                  freeze_encoder_steps=freeze_steps, **(run_with or {}))
     res = {}
     for name, extra in (("pretrained", {"bundle": str(pretrained)}),
                         ("scratch", {"preset": preset, "input_size": list(preset_size)})):
@@ -297,7 +295,7 @@ def to_markdown(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m training.synthetic_proof", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m experiments.synthetic_proof", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/proof")
     ap.add_argument("--pretrained", default="", help="evaluate this pre-trained bundle instead of training one")
@@ -313,8 +311,6 @@ def main(argv: list[str] | None = None) -> dict:
                     help="segmentation: train only the decoder for the first N steps (both arms)")
     ap.add_argument("--seg-target", default="all", choices=("all", "organs", "lesions"),
                     help="segmentation classes: organs and lesions (28), organs (9) or the 18 findings' lesions")
-    ap.add_argument("--seg-warmup", type=int, default=0, help="segmentation: learning-rate warm-up steps (both arms)")
-    ap.add_argument("--seg-schedule", default="constant", help="segmentation: constant | cosine after the warm-up (both arms)")
     ap.add_argument("--held-out", type=int, default=100)
     ap.add_argument("--num-workers", type=int, default=1,
                     help="data-loading workers of every run (synthetic volumes are made on the fly: ~13 per second "
@@ -323,11 +319,6 @@ def main(argv: list[str] | None = None) -> dict:
                     help="precision of every pre-training and fine-tuning run: 32-true | bf16-mixed (a GPU, or a CPU "
                          "with AVX512-BF16/AMX)")
     ap.add_argument("--shape", type=int, nargs=3, default=[80, 112, 144])
-    ap.add_argument("--negation-flag", action="store_true", help="pre-train with the negation flag (MG3DConfig.negation_flag)")
-    ap.add_argument("--sva-affirmed-only", action="store_true",
-                    help="sva queries only sentences without a negation cue (MG3DConfig.sva_affirmed_only)")
-    ap.add_argument("--sva-memory", type=int, default=0,
-                    help="sva also lets each volume choose its sentences against up to this many remembered ones (MG3DConfig.sva_memory)")
     ap.add_argument("--scoring-rules", action="store_true",
                     help="with --pretrained: only compare zero-shot scoring rules on --held-out validation volumes "
                          "(seeds from 800000) and write OUT/zero_shot_scoring_validation.json")
@@ -352,9 +343,7 @@ def main(argv: list[str] | None = None) -> dict:
         runs = {"given bundle": (Path(a.pretrained), None)}
     else:
         bundles = run_pretrain(out / "full", a.pairs, a.steps, full, a.shape, a.batch_size,
-                               snapshot=0 if a.skip_ablation else half, negation_flag=a.negation_flag or None,
-                               sva_affirmed_only=a.sva_affirmed_only, sva_memory=a.sva_memory, preset=a.preset,
-                               **run_with)
+                               snapshot=0 if a.skip_ablation else half, preset=a.preset, **run_with)
         runs = {"random init": (None, 0), "full (six + sva)": (bundles[a.steps], a.steps)}
         for bundle, steps in continue_cycles(out / "full", bundles[a.steps], a.cycles, a.pairs, a.steps, full,
                                              a.shape, a.batch_size, **run_with):
@@ -380,8 +369,7 @@ def main(argv: list[str] | None = None) -> dict:
         main_config = load_bundle(main_bundle).config
         size = main_config.input_size
         results["segmentation"] = seg_compare(main_bundle, out, a.seg_steps, a.shape, size, tuple(a.seg_seeds),
-                                              a.seg_warmup, a.seg_schedule, a.seg_freeze_steps, a.seg_target,
-                                              main_config.preset, run_with)
+                                              a.seg_freeze_steps, a.seg_target, main_config.preset, run_with)
     results["settings"] = vars(a)
     results["wall_clock_s"] = time.perf_counter() - t0
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))

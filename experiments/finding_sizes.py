@@ -1,6 +1,6 @@
 """How large and how contrasted is each synthetic finding once a volume is resampled to the model's input?
 
-    python -m training.finding_sizes --input-size 64 64 64 --n 40
+    python -m experiments.finding_sizes --input-size 64 64 64 --n 40
 
 A finding that covers no voxel of the model input (after the resampling that preprocessing does) cannot be
 learned or scored by any model at that input size; one that covers hundreds of voxels with a clear
@@ -62,7 +62,7 @@ def finding_sizes(input_size, n: int = 40, shape=(80, 112, 144), seed: int = HEL
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m training.finding_sizes", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m experiments.finding_sizes", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--input-size", type=int, nargs=3, default=[64, 64, 64], help="model input (z, y, x) voxels")
     ap.add_argument("--n", type=int, default=40, help="held-out synthetic volumes (seeds 900000..)")
