@@ -6,6 +6,7 @@ affine so that writers and the widget can rebuild the Volume bit for bit.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -30,11 +31,30 @@ def _window(data: np.ndarray) -> tuple[float, float]:
     return (lo, hi if hi > lo else lo + 1)
 
 
-def layer_affine_ras(metadata: dict | None, data_to_world: np.ndarray | None) -> np.ndarray:
-    """The RAS affine of a layer: exact from our metadata, else derived from napari's data-to-world."""
-    mg3d = (metadata or {}).get("mg3d", {})
+TRANSFORM_KEYS = ("scale", "translate", "rotate", "shear", "affine")
+
+
+def layer_world_matrix(state: Mapping[str, Any]) -> np.ndarray:
+    """A layer's full data -> world matrix (4x4) from its public transform: scale, translate, rotate and
+    shear, then its affine (napari's order). ``state``: a layer's attributes by name, or the ``meta`` dict
+    napari hands a writer; absent entries are the identity."""
+    from napari.utils.transforms import Affine
+
+    physical = Affine(**{k: state[k] for k in TRANSFORM_KEYS[:4] if state.get(k) is not None}, ndim=3)
+    affine = state.get("affine")
+    outer = np.eye(4) if affine is None else np.asarray(getattr(affine, "affine_matrix", affine), float)
+    return outer @ physical.affine_matrix
+
+
+def layer_source_affine(state: Mapping[str, Any]) -> np.ndarray:
+    """The RAS affine (voxel index -> RAS mm) of a layer's data: exact from our metadata where the layer has
+    it (``state["metadata"]["mg3d"]["affine"]``), else its world matrix read as napari's (S, P, L) mm."""
+    mg3d = (state.get("metadata") or {}).get("mg3d", {})
     if "affine" in mg3d:
         return np.asarray(mg3d["affine"], float)
-    if data_to_world is None:
-        return np.linalg.inv(RAS_TO_NAPARI)
-    return np.linalg.inv(RAS_TO_NAPARI) @ np.asarray(data_to_world, float)
+    return np.linalg.inv(RAS_TO_NAPARI) @ layer_world_matrix(state)
+
+
+def layer_state(layer) -> dict[str, Any]:
+    """The public transform and metadata of a napari layer, as :func:`layer_source_affine` takes them."""
+    return {**{k: getattr(layer, k) for k in TRANSFORM_KEYS}, "metadata": layer.metadata}

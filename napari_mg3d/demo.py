@@ -93,8 +93,7 @@ def screenshots(volume, result, sample, out: Path, bundle: Path) -> list[Path]:
         widget = MG3DWidget(viewer)
         widget.bundle_edit.setText(str(bundle))
         viewer.window.add_dock_widget(widget, name="MG-3D")
-        widget.result, widget.source_layer = result, image
-        widget._on_result(result)
+        widget.show_result(result, image)
         settle()
         for layer in viewer.layers:
             layer.visible = layer is image

@@ -190,6 +190,30 @@ def test_writer_contribution_round_trips_a_label_layer(make_napari_viewer, tmp_p
     np.testing.assert_array_equal(back.data.astype(int), labels.data)
 
 
+def test_one_geometry_helper_follows_rotate_and_shear_of_a_layer_without_our_metadata(make_napari_viewer, tmp_path):
+    # A layer made by another plugin: no mg3d metadata, only napari's transform. The writer and the widget
+    # take its geometry from the same helper, which must agree with napari's own data -> world mapping.
+    from napari_mg3d._layers import layer_source_affine, layer_state
+    from napari_mg3d._widget_layers import layer_volume
+    from napari_mg3d.volume import RAS_TO_NAPARI
+
+    viewer = make_napari_viewer()
+    c, s_ = np.cos(0.3), np.sin(0.3)
+    rotate = np.array([[1, 0, 0], [0, c, -s_], [0, s_, c]])
+    layer = viewer.add_labels(np.arange(120).reshape(4, 5, 6) % 3, scale=(2.0, 0.8, 0.7), translate=(3, -4, 5),
+                              rotate=rotate, shear=(0.1, 0.0, 0.2))
+    image = viewer.add_image(np.zeros((4, 5, 6), np.float32), scale=(2.0, 0.8, 0.7), translate=(3, -4, 5),
+                             rotate=rotate, shear=(0.1, 0.0, 0.2))
+    for index in ((0, 0, 0), (3, 4, 5), (1, 2, 3)):
+        world = np.asarray(layer.data_to_world(index), float)  # napari's public mapping, (S, P, L) mm
+        ras = layer_source_affine(layer_state(layer)) @ np.array([*index, 1.0])
+        np.testing.assert_allclose((RAS_TO_NAPARI @ ras)[:3], world, atol=1e-6)
+    path = tmp_path / "lab.nii.gz"
+    napari.save_layers(str(path), [layer], plugin="napari-mg3d")
+    np.testing.assert_allclose(read_volume(path).affine, layer_source_affine(layer_state(layer)), atol=1e-5)
+    np.testing.assert_allclose(layer_volume(image).affine, layer_source_affine(layer_state(layer)), atol=1e-9)
+
+
 def test_sample_data_has_a_report(make_napari_viewer):
     viewer = make_napari_viewer()
     layers = viewer.open_sample("napari-mg3d", "synthetic_chest_ct")

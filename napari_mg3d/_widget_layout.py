@@ -1,0 +1,182 @@
+"""The MG-3D panel's layout: its controls and how results are drawn in them. No model logic, no napari."""
+
+from __future__ import annotations
+
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QLineEdit,
+    QListWidget,
+    QPlainTextEdit,
+    QProgressBar,
+    QPushButton,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
+
+OUTPUT_LABELS = {"segmentation": "Segmentation", "scores": "Abnormality scores", "report": "Draft report",
+                 "heatmaps": "Sentence heat maps"}
+
+
+class MG3DPanel(QWidget):
+    """Image picker, bundle, device, outputs, Run/Cancel, progress, scores, report, sentences, export."""
+
+    def __init__(self, devices: list[str], bundle: str) -> None:
+        super().__init__()
+        root = QVBoxLayout(self)
+        root.addLayout(self._inputs(devices, bundle))
+        root.addLayout(self._outputs())
+        root.addLayout(self._buttons())
+        self.progress = QProgressBar()
+        self.progress.setRange(0, 100)
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+        root.addWidget(self.progress)
+        root.addWidget(self.status)
+        root.addWidget(self._scores_box())
+        root.addWidget(self._report_box())
+        self.export_button = QPushButton("Export…")
+        self.export_button.setEnabled(False)
+        root.addWidget(self.export_button)
+        self.timing_label = QLabel("")
+        self.timing_label.setWordWrap(True)
+        root.addWidget(self.timing_label)
+
+    # ----- building ---------------------------------------------------------------------------------
+    def _inputs(self, devices: list[str], bundle: str) -> QFormLayout:
+        form = QFormLayout()
+        self.image_combo = QComboBox()
+        form.addRow("Image", self.image_combo)
+        row = QHBoxLayout()
+        self.bundle_edit = QLineEdit(bundle)
+        self.bundle_edit.setToolTip("MG-3D model bundle (a folder or .zip written by training)")
+        browse = QPushButton("…")
+        browse.setMaximumWidth(32)
+        browse.clicked.connect(self._browse_bundle)
+        row.addWidget(self.bundle_edit)
+        row.addWidget(browse)
+        form.addRow("Model", row)
+        self.bundle_edit.textChanged.connect(self.offer_every_output)
+        self.device_combo = QComboBox()
+        self.device_combo.addItems(devices)
+        form.addRow("Device", self.device_combo)
+        return form
+
+    def _outputs(self) -> QHBoxLayout:
+        row = QHBoxLayout()
+        self.output_boxes: dict[str, QCheckBox] = {}
+        for key, text in OUTPUT_LABELS.items():
+            box = QCheckBox(text)
+            box.setChecked(True)
+            self.output_boxes[key] = box
+            row.addWidget(box)
+        return row
+
+    def _buttons(self) -> QHBoxLayout:
+        row = QHBoxLayout()
+        self.run_button = QPushButton("Run MG-3D")
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        row.addWidget(self.run_button)
+        row.addWidget(self.cancel_button)
+        return row
+
+    def _scores_box(self) -> QGroupBox:
+        box = QGroupBox("Abnormality scores")
+        layout = QVBoxLayout(box)
+        self.scores_table = QTableWidget(0, 2)
+        self.scores_table.setHorizontalHeaderLabels(["Finding", "Probability"])
+        self.scores_table.horizontalHeader().setSectionResizeMode(0, QHeaderView.Stretch)
+        self.scores_table.verticalHeader().setVisible(False)
+        self.scores_source = QLabel("")
+        layout.addWidget(self.scores_table)
+        layout.addWidget(self.scores_source)
+        return box
+
+    def _report_box(self) -> QGroupBox:
+        box = QGroupBox("Report (editable) and its sentences")
+        layout = QVBoxLayout(box)
+        self.report_edit = QPlainTextEdit()
+        self.report_edit.setPlaceholderText("The drafted report appears here; edit it freely.")
+        self.sentence_list = QListWidget()
+        layout.addWidget(self.report_edit)
+        layout.addWidget(self.sentence_list)
+        query = QHBoxLayout()
+        self.query_edit = QLineEdit()
+        self.query_edit.setPlaceholderText("Type a sentence to see where it looks…")
+        self.query_button = QPushButton("Heat map")
+        query.addWidget(self.query_edit)
+        query.addWidget(self.query_button)
+        layout.addLayout(query)
+        return box
+
+    def _browse_bundle(self) -> None:
+        path = QFileDialog.getExistingDirectory(self, "Choose an MG-3D bundle folder", self.bundle_edit.text())
+        if path:
+            self.bundle_edit.setText(path)
+
+    # ----- state ------------------------------------------------------------------------------------
+    def chosen_outputs(self) -> tuple[str, ...]:
+        return tuple(k for k, box in self.output_boxes.items() if box.isChecked())
+
+    def offer_every_output(self, *_) -> None:
+        """Another bundle may have other heads: offer every output again until a run says otherwise."""
+        for box in self.output_boxes.values():
+            box.setEnabled(True)
+            box.setToolTip("")
+
+    def limit_outputs(self, capabilities: dict[str, str]) -> None:
+        """Outputs the bundle cannot give: unticked, greyed out, with the reason as the tooltip."""
+        for key, why in capabilities.items():
+            box = self.output_boxes[key]
+            box.setEnabled(not why)
+            box.setToolTip(why)
+            if why:
+                box.setChecked(False)
+
+    def set_busy(self, busy: bool) -> None:
+        self.run_button.setEnabled(not busy)
+        self.cancel_button.setEnabled(busy)
+        if busy:
+            self.progress.setValue(0)
+            self.status.setText("starting…")
+
+    def show_progress(self, stage: str, fraction: float) -> None:
+        self.progress.setValue(int(100 * fraction))
+        self.status.setText(f"{stage}…" if stage != "done" else "done")
+
+    def set_image_names(self, names: list[str]) -> None:
+        current = self.image_combo.currentText()
+        self.image_combo.clear()
+        self.image_combo.addItems(names)
+        if current in names:
+            self.image_combo.setCurrentText(current)
+
+    def show_scores(self, scores: dict[str, float], source: str) -> None:
+        ranked = sorted(scores.items(), key=lambda kv: -kv[1])
+        self.scores_table.setRowCount(len(ranked))
+        for row, (name, p) in enumerate(ranked):
+            self.scores_table.setItem(row, 0, QTableWidgetItem(name))
+            bar = QProgressBar()
+            bar.setRange(0, 1000)
+            bar.setValue(int(round(1000 * p)))
+            bar.setFormat(f"{p:.2f}")
+            self.scores_table.setCellWidget(row, 1, bar)
+        self.scores_source.setText(f"source: {source}" if source else "")
+
+    def show_sentences(self, sentences: list[str]) -> None:
+        self.sentence_list.clear()
+        self.sentence_list.addItems(sentences)
+        if sentences:
+            self.sentence_list.setCurrentRow(0)
+
+    def show_timings(self, timings: dict[str, float]) -> None:
+        self.timing_label.setText("timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()))
