@@ -126,13 +126,9 @@ def sentence_texts(report: str) -> list[str]:
     return sentences
 
 
-# Negation cues (in the spirit of NegEx, Chapman et al. 2001). The frozen sentence encoder places "Pleural
-# effusion is present." and "Pleural effusion is not present." almost on top of each other (cosine 0.87 on
-# average over the 18 CT-RATE findings with all-MiniLM-L6-v2), so a model reading frozen features cannot
-# tell a finding from its denial; models configured with ``negation_flag`` add a learned vector to the frozen
-# feature of every sentence marked here and score it as the complement of its finding
-# (MG3DModel.encode_sentences_separately, sentence_volume_similarity). The rule is sentence-level:
-# a negation or normality cue outside a pseudo-negation ("no change", "not only").
+# Negation cues (in the spirit of NegEx, Chapman et al. 2001): the synthetic generator does not link a
+# denied finding's sentence to a lesion. The rule is sentence-level: a negation or normality cue outside a
+# pseudo-negation ("no change", "not only").
 _CUES = (
     r"no", r"not", r"\w*n't", r"cannot", r"without", r"absent", r"absence of", r"negative for", r"free of",
     r"neither", r"nor", r"ruled out", r"rules out", r"excluded", r"unremarkable", r"normal", r"within normal limits",

@@ -47,7 +47,7 @@ class MG3DConfig:
         depths: Swin blocks per stage.
         num_heads: attention heads per Swin stage.
         window_size: Swin window (voxels of the token grid). 7 is the paper's; 4 divides
-            the token grids of all presets and is several times faster on CPU (design.md §4).
+            the token grids of all presets and is several times faster on CPU (docs/method.md).
         fusion_dim: width d of the multi-modal fusion layers.
         fusion_layers: number of fusion layers (self-attn -> cross-attn -> FFN).
         fusion_heads: attention heads in the fusion layers.
