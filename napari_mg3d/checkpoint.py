@@ -255,6 +255,11 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
         for alias, target in (meta.get("tied_weights") or {}).items():
             if target in tensors:
                 tensors[alias] = tensors[target]
+        broken = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if broken:
+            raise BundleError(f"{path}: {len(broken)} weight tensors hold NaN or inf values ({', '.join(broken[:5])}"
+                              f"{', ...' if len(broken) > 5 else ''}); the run that wrote it diverged. Use a "
+                              "checkpoint from before it diverged, or retrain with a lower learning rate")
     finally:
         for tmp in workdir:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -126,3 +126,16 @@ def test_tied_weights_are_stored_once_and_restored(gui_bundle):
     assert "report.lm.weight" not in load_file(str(gui_bundle / "model.safetensors"))
     head = Predictor(gui_bundle, device="cpu").heads["report"]
     assert head.lm.weight is head.embed.weight and head.embed.weight.abs().sum() > 0
+
+
+def test_a_bundle_with_non_finite_weights_is_refused_naming_the_tensors(tiny_model, tmp_path):
+    import pytest
+
+    from napari_mg3d.checkpoint import BundleError
+
+    with torch.no_grad():
+        tiny_model.proj16.weight[0, 0] = float("nan")
+        tiny_model.token_norm.bias[0] = float("inf")
+    bundle = save_bundle(tmp_path / "diverged", tiny_model)
+    with pytest.raises(BundleError, match=r"diverged: 2 weight tensors hold NaN or inf values \(.*model.proj16.weight"):
+        load_bundle(bundle)

@@ -114,6 +114,19 @@ def test_evaluate_reports_every_metric_it_can(chained):
     assert table.startswith("| Dice (%) | AUC (%) | BLEU-1") and "n = 6 volumes" in table
 
 
+def test_evaluate_names_its_zero_shot_source_and_refuses_nan_scores(chained, monkeypatch):
+    res = evaluate(str(chained), "synthetic:4", n_boot=10, synthetic_shape=SHAPE)
+    assert res["zero_shot_source"] == "prompt (CT-VocabFine)"  # the chained bundle has a prompt head
+    assert "zero-shot scores from prompt (CT-VocabFine)" in format_table(res)
+
+    def nan_scores(source, model, heads, encoding, names):
+        return torch.full((encoding.tokens.shape[0], len(names)), float("nan"))
+
+    monkeypatch.setattr("training.evaluate.finding_scores", nan_scores)
+    with pytest.raises(SystemExit, match="4 of 4 volumes got NaN/inf scores.*no AUC is computed"):
+        evaluate(str(chained), "synthetic:4", n_boot=10, synthetic_shape=SHAPE)
+
+
 def test_metrics_match_hand_computed_values():
     assert M.auc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == pytest.approx(0.75)
     assert np.isnan(M.auc([1, 1], [0.2, 0.3]))

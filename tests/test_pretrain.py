@@ -229,3 +229,106 @@ def test_devices_option_takes_auto_a_count_or_a_list_and_names_a_bad_value():
     assert (parse_devices("auto"), parse_devices("4"), parse_devices("0,1")) == ("auto", 4, [0, 1])
     with pytest.raises(SystemExit, match="--devices 'two'"):
         parse_devices("two")
+
+
+# ----- runs that diverge, have nothing to learn from, or would overwrite an earlier run -------------
+def test_a_nan_loss_stops_the_run_naming_step_and_term_and_keeps_the_last_good_checkpoint(
+        tmp_path, tiny_text_encoder_dir, monkeypatch):
+    from napari_mg3d.model import losses
+
+    real, calls = losses.mim_loss, []
+
+    def mim_loss(*args):  # finite for two steps, then NaN
+        calls.append(1)
+        value = real(*args)
+        return value * float("nan") if len(calls) > 2 else value
+
+    monkeypatch.setattr(losses, "mim_loss", mim_loss)
+    with pytest.raises(SystemExit, match=r"diverged at step 2: non-finite loss \(mim = nan\).*last good checkpoint"):
+        run(_params(tmp_path, tiny_text_encoder_dir, max_steps=4))
+    assert not (tmp_path / "bundle").exists()
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert state["global_step"] == 2
+    assert all(bool(torch.isfinite(v).all()) for v in state["state_dict"].values() if v.is_floating_point())
+
+
+def _broken_manifest(tmp: Path, n_broken: int, n_good: int = 0) -> Path:
+    import json
+
+    from napari_mg3d.synthetic import write_dataset
+
+    rows = []
+    if n_good:
+        write_dataset(tmp / "good", n_good, seed=0, shape=(40, 48, 56), progress=False)
+        rows = [json.loads(line) for line in (tmp / "good" / "manifest.jsonl").read_text().splitlines()]
+        for row in rows:
+            row["volume"], row["mask"] = str(tmp / "good" / row["volume"]), None
+    for i in range(n_broken):
+        (tmp / f"broken{i}.nii.gz").write_bytes(b"\x1f\x8b not a volume")
+        rows.append({"volume": str(tmp / f"broken{i}.nii.gz"), "report": "A nodule in the right upper lobe."})
+    manifest = tmp / "m.jsonl"
+    manifest.write_text("\n".join(json.dumps(r) for r in rows))
+    return manifest
+
+
+def test_a_run_without_one_readable_sample_fails_with_the_counts(tmp_path, tiny_text_encoder_dir):
+    data = f"manifest:{_broken_manifest(tmp_path, 2)}"
+    with pytest.raises(SystemExit, match="no usable sample: all 6 samples it drew failed to load"):
+        run(_params(tmp_path / "out", tiny_text_encoder_dir, data=data, max_steps=3))
+    assert not (tmp_path / "out" / "bundle").exists()
+
+
+def test_a_run_that_skipped_many_samples_says_so_and_records_it(tmp_path, tiny_text_encoder_dir, capsys):
+    data = f"manifest:{_broken_manifest(tmp_path, 1, n_good=3)}"
+    bundle = run(_params(tmp_path / "out", tiny_text_encoder_dir, data=data, max_steps=4))
+    metrics = load_bundle(bundle).meta["provenance"]["final_metrics"]
+    assert metrics["samples_used"] + metrics["samples_skipped"] == 8 and metrics["samples_skipped"] >= 1
+    assert "failed to load and were skipped" in capsys.readouterr().out
+
+
+def test_an_earlier_run_is_not_replaced_without_overwrite(tmp_path, tiny_text_encoder_dir):
+    run(_params(tmp_path, tiny_text_encoder_dir, max_steps=1))
+    before = (tmp_path / "bundle" / "model.safetensors").read_bytes()
+    with pytest.raises(SystemExit, match="already holds a run.*--resume last.*--overwrite"):
+        run(_params(tmp_path, tiny_text_encoder_dir, max_steps=1, seed=3))
+    assert (tmp_path / "bundle" / "model.safetensors").read_bytes() == before
+    run(_params(tmp_path, tiny_text_encoder_dir, max_steps=1, seed=3, overwrite=True))
+    assert (tmp_path / "bundle" / "model.safetensors").read_bytes() != before
+
+
+def test_a_corrupt_last_checkpoint_is_named_with_best_as_the_way_out(tmp_path, tiny_text_encoder_dir):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
+    (tmp_path / "checkpoints" / "best.ckpt").write_bytes(b"x")
+    with pytest.raises(SystemExit, match=r"last.ckpt is empty or corrupt.*best.ckpt may be used instead"):
+        run(_params(tmp_path, tiny_text_encoder_dir, resume="last"))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max-steps", "0"], "--max-steps 0: must be at least 1"),
+    (["--lr-vision=-1e-4"], "--lr-vision -0.0001: must be at least 0"),
+    (["--batch-size", "0"], "--batch-size 0: must be at least 1"),
+    (["--precision", "fp8"], "--precision 'fp8': choose one of"),
+])
+def test_impossible_values_are_refused_when_parsed(argv, message):
+    from training.params import parse_params
+
+    with pytest.raises(SystemExit, match=message):
+        parse_params(argv, "pretrain", "")
+
+
+def test_yaml_values_are_read_by_each_option_type(tmp_path):
+    from training.params import parse_params
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("lr_vision: 1e-4\nmax_steps: '20'\ninput_size: [64, 64, 64]\n")  # YAML reads 1e-4 as text
+    p = parse_params(["--config", str(cfg)], "pretrain", "")
+    assert p.lr_vision == pytest.approx(1e-4) and isinstance(p.lr_vision, float) and p.max_steps == 20
+    for text, message in (("lr_vision: fast\n", "lr_vision: 'fast' is not a valid float"),
+                          ("max_steps: 2.5\n", "max_steps: 2.5 is not a valid int"),
+                          ("input_size: 64\n", "input_size: 64 is not a list"),
+                          ("progress: 'no'\n", "progress: 'no' is not a valid bool"),
+                          ("max_steps: -3\n", "--max-steps -3: must be at least 1")):
+        cfg.write_text(text)
+        with pytest.raises(SystemExit, match=message):
+            parse_params(["--config", str(cfg)], "pretrain", "")

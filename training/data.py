@@ -189,11 +189,13 @@ def collate(items: list[dict | None]) -> dict | None:
 
 
 def collate_keeping_empty(items: list[dict | None]) -> dict:
-    """:func:`collate`, but a batch whose every example failed to load is ``{}`` rather than None. Lightning
+    """:func:`collate`, with the number of examples that failed to load under "skipped"; a batch whose every
+    example failed is ``{"skipped": n}`` rather than None. Lightning
     skips a None batch without calling ``training_step``, and under DDP the other devices would then wait
     in a collective that this device never joins."""
-    batch = collate(items)
-    return {} if batch is None else batch
+    batch = collate(items) or {}
+    batch["skipped"] = sum(it is None for it in items)  # counted by pre-training, reported at its end
+    return batch
 
 
 # ----- layouts --------------------------------------------------------------------------------------

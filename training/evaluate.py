@@ -36,6 +36,16 @@ from .data import build_dataset, collate
 log = logging.getLogger("training.evaluate")
 
 
+def refuse_non_finite(scores: np.ndarray, names: list[str], what: str) -> None:
+    """An AUC of NaN scores would rank them arbitrarily and look like a result: refuse, naming what broke."""
+    bad = ~np.isfinite(scores)
+    if bad.any():
+        findings = [n for n, b in zip(names, bad.any(0)) if b]
+        raise SystemExit(f"{what}: {int(bad.any(1).sum())} of {len(scores)} volumes got NaN/inf scores "
+                         f"({', '.join(findings[:4])}{', ...' if len(findings) > 4 else ''}); no AUC is computed "
+                         "from them. The model is probably broken (a diverged run)")
+
+
 @torch.no_grad()
 def collect(predictor: Predictor, data: str, seed: int, synthetic_shape, limit: int = 0) -> dict:
     """Run the model over the data once; keep what every metric needs."""
@@ -92,6 +102,7 @@ def evaluate(bundle: str, data: str, n_boot: int = 1000, seed: int = 0, syntheti
         for key, title in (("zero_shot", "zero_shot_auc"), ("classifier", "classifier_auc")):
             if c[key]:
                 P = np.stack(c[key])
+                refuse_non_finite(P, names, f"{title.replace('_auc', '')} scores of {bundle}")
                 res[title] = M.bootstrap(M.mean_auc, Y, P, n=n_boot, seed=seed)
                 res[title + "_per_label"] = M.auc_per_label(Y, P, names)
                 if key == "zero_shot":

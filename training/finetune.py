@@ -33,7 +33,7 @@ from napari_mg3d.labels import ALL_CLASSES, LABELS, LESION_CLASSES, ORGANS
 
 from . import metrics as M
 from .data import build_dataset, collate, label_prevalence
-from .params import model_overrides, option_name, parse_devices, parse_params, resolve_strategy
+from .params import PRECISIONS, model_overrides, option_name, parse_devices, parse_params, resolve_strategy, validate_params
 
 log = logging.getLogger("training.finetune")
 TASKS = ("classify", "prognosis", "segment", "report", "vocabfine")
@@ -55,28 +55,28 @@ class FinetuneParams:
         "paper's head) | batch (each dimension standardised across volumes; keeps a new head from predicting "
         "the prior for every volume when the encoder's features are nearly the same for all of them)")})
     freeze_encoder: bool = field(default=False, metadata={"help": "train only the head (linear probing)"})
-    freeze_encoder_steps: int = field(default=0, metadata={"help": (
+    freeze_encoder_steps: int = field(default=0, metadata={"min": 0, "help": (
         "train only the head for the first N steps, then the volume encoder too (linear probing, then "
         "fine-tuning): a new head's first, large gradients do not reach the pre-trained encoder; those steps "
         "also skip the encoder's backward pass")})
-    steps: int = field(default=200, metadata={"help": "optimizer steps"})
-    batch_size: int = field(default=2, metadata={"help": "volumes per step"})
-    lr: float = field(default=1e-4, metadata={"help": "learning rate of the head"})
-    lr_encoder: float = field(default=2e-5, metadata={"help": "learning rate of the encoder when not frozen"})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
-    shots: int = field(default=0, metadata={"help": "vocabfine: use only this many training volumes (0: all)"})
+    steps: int = field(default=200, metadata={"min": 1, "help": "optimizer steps"})
+    batch_size: int = field(default=2, metadata={"min": 1, "help": "volumes per step"})
+    lr: float = field(default=1e-4, metadata={"min": 0, "help": "learning rate of the head"})
+    lr_encoder: float = field(default=2e-5, metadata={"min": 0, "help": "learning rate of the encoder when not frozen"})
+    weight_decay: float = field(default=0.01, metadata={"min": 0, "help": "AdamW weight decay"})
+    shots: int = field(default=0, metadata={"min": 0, "help": "vocabfine: use only this many training volumes (0: all)"})
     device: str = field(default="auto", metadata={"help": "accelerator: cuda | mps | cpu | auto"})
     devices: str = field(default="1", metadata={"help": "devices per node: a count, a list like 0,1, or auto (several: DDP)"})
-    num_nodes: int = field(default=1, metadata={"help": "nodes (SLURM or torchrun provides the rendezvous)"})
+    num_nodes: int = field(default=1, metadata={"min": 1, "help": "nodes (SLURM or torchrun provides the rendezvous)"})
     strategy: str = field(default="auto", metadata={"help": "Lightning Fabric strategy: auto | ddp | ddp_spawn | ..."})
-    precision: str = field(default="32-true", metadata={"help": "32-true | bf16-mixed | 16-mixed"})
-    num_workers: int = field(default=0, metadata={"help": "data-loading workers"})
+    precision: str = field(default="32-true", metadata={"choices": PRECISIONS, "help": "32-true | bf16-mixed | 16-mixed"})
+    num_workers: int = field(default=0, metadata={"min": 0, "help": "data-loading workers"})
     cache_dir: str = field(default="", metadata={"help": "preprocessed-volume cache"})
     seed: int = field(default=0, metadata={"help": "random seed"})
     synthetic_shape: list[int] = field(default_factory=lambda: [96, 128, 160], metadata={"help": "voxels of synthetic CTs"})
     seg_target: str = field(default="lesions", metadata={"help": "segment on synthetic data: lesions | organs | all"})
     out_dir: str = field(default="runs/finetune", metadata={"help": "output folder; the bundle goes to OUT_DIR/bundle"})
-    log_every: int = field(default=10, metadata={"help": "print the loss every N steps"})
+    log_every: int = field(default=10, metadata={"min": 1, "help": "print the loss every N steps"})
 
     def to_dict(self) -> dict:
         from dataclasses import asdict
@@ -185,6 +185,7 @@ def make_fabric(p: FinetuneParams):
 
 def run(p: FinetuneParams) -> Path:
     """Fine-tune; returns the bundle directory (written by the first process only)."""
+    validate_params(p)
     if p.task not in TASKS:
         raise SystemExit(f"--task {p.task!r}: choose one of {TASKS}")
     if not 0 <= p.freeze_encoder_steps <= p.steps:

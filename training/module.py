@@ -13,6 +13,14 @@ from napari_mg3d.model import MG3DConfig, MG3DModel, MG3DPretrainer, tokenize_re
 from .params import PretrainParams
 
 
+class NonFiniteLossError(RuntimeError):
+    """A loss term or a gradient became NaN or inf; the message names the step and the term."""
+
+    def __init__(self, step: int, what: str) -> None:
+        super().__init__(f"step {step}: {what}")
+        self.step = step
+
+
 def lr_lambda(warmup: int, total: int):
     """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total``."""
 
@@ -41,6 +49,9 @@ class PretrainModule(L.LightningModule):
             model.config = config
         self.pretrainer = MG3DPretrainer(model, gather=self._gather_keys)
         self._last_batch: dict | None = None
+        self.samples_used = 0  # this device's samples that reached a training step, and those that failed to load
+        self.samples_skipped = 0
+        self.sample_counts: tuple[int, int] | None = None  # over every device, set when training ends
 
     @property
     def model(self) -> MG3DModel:
@@ -73,15 +84,50 @@ class PretrainModule(L.LightningModule):
         return {k: v for k, v in losses.items() if k in keep}
 
     def training_step(self, batch: dict, batch_idx: int):
-        if not batch:  # every example of the batch failed to load (already logged and counted)
+        self.samples_skipped += int(batch.get("skipped", 0))
+        if "volume" not in batch:  # every example of the batch failed to load (already logged and counted)
             return self._empty_step_loss(batch_idx)
         self._last_batch = batch
+        self.samples_used += batch["volume"].shape[0]
         losses = self._losses(batch, self._mask_generator(batch_idx))
+        self._stop_if_not_finite(losses)
         bs = batch["volume"].shape[0]
         for name, value in self._on(losses).items():
             self.log(f"train/{name}", value.detach(), on_step=True, on_epoch=False, batch_size=bs,
                      prog_bar=name == "total", sync_dist=False)
         return losses["total"]
+
+    def _stop_if_not_finite(self, losses: dict[str, torch.Tensor]) -> None:
+        """Raise NonFiniteLossError before a NaN/inf loss reaches the weights (every device decides
+        together, so none is left waiting in a collective)."""
+        bad = {k: float(v.detach()) for k, v in self._on(losses).items() if not bool(torch.isfinite(v).all())}
+        if self._world_size() > 1:
+            if not self.trainer.strategy.reduce_boolean_decision(bool(bad), all=False):
+                return
+        elif not bad:
+            return
+        terms = ", ".join(f"{k} = {v}" for k, v in bad.items() if k != "total") or "on another device"
+        raise NonFiniteLossError(self.global_step, f"non-finite loss ({terms})")
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Non-finite gradients (with finite losses) would make every weight NaN at this step's update."""
+        if self.params.precision.startswith("16"):  # the fp16 grad scaler skips such steps on purpose
+            return
+        bad = [n for n, p in self.pretrainer.named_parameters() if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+        if bad:
+            raise NonFiniteLossError(self.global_step, f"non-finite gradients in {len(bad)} tensors ({', '.join(bad[:3])})")
+
+    def on_train_end(self) -> None:
+        counts = torch.tensor([self.samples_used, self.samples_skipped], dtype=torch.long, device=self.device)
+        if self._world_size() > 1:
+            counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
+        self.sample_counts = (int(counts[0]), int(counts[1]))
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["mg3d_samples"] = [self.samples_used, self.samples_skipped]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.samples_used, self.samples_skipped = checkpoint.get("mg3d_samples", [0, 0])
 
     def _empty_step_loss(self, batch_idx: int) -> torch.Tensor | None:
         """A step without data. On one device it is skipped. Under DDP every device must make the same
@@ -94,13 +140,15 @@ class PretrainModule(L.LightningModule):
                 f"rank {self.trainer.global_rank}: every sample of its first batch failed to load (see the "
                 "warnings above). Under DDP a step cannot be skipped on one device alone; remove or fix the "
                 "unreadable samples, or use a larger --batch-size.")
-        return self._losses(self._last_batch, self._mask_generator(batch_idx))["total"] * 0.0
+        losses = self._losses(self._last_batch, self._mask_generator(batch_idx))
+        self._stop_if_not_finite(losses)  # the other devices take part in the same decision
+        return losses["total"] * 0.0
 
     def _world_size(self) -> int:
         return self._trainer.world_size if self._trainer is not None else 1
 
     def validation_step(self, batch: dict, batch_idx: int):
-        if not batch:
+        if "volume" not in batch:
             return None
         losses = self._losses(batch, torch.Generator().manual_seed(self.params.seed + batch_idx))
         for name, value in self._on(losses).items():

@@ -11,6 +11,9 @@ from typing import Any
 import yaml
 
 
+PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
+
+
 @dataclass
 class PretrainParams:
     """Everything ``python -m training.pretrain`` needs. Units: learning rates per step; sizes in voxels."""
@@ -27,33 +30,34 @@ class PretrainParams:
     temperature: float | None = field(default=None, metadata={"model": "temperature", "help": "InfoNCE temperature (default: 0.07)"})
     window_size: int | None = field(default=None, metadata={"model": "window_size", "help": "Swin window size (default: the preset's)"})
     gradient_checkpointing: bool | None = field(default=None, metadata={"model": "gradient_checkpointing", "help": "recompute Swin activations in backward (saves memory; default: off)"})
-    max_steps: int = field(default=1000, metadata={"help": "optimizer steps to train"})
-    batch_size: int = field(default=4, metadata={"help": "volumes per device per step (paper: 4)"})
-    accumulate: int = field(default=1, metadata={"help": "gradient accumulation steps"})
-    lr_vision: float = field(default=2e-5, metadata={"help": "learning rate of the vision encoder (paper: 2e-5)"})
-    lr_fusion: float = field(default=1e-4, metadata={"help": "learning rate of fusion layers and heads (paper: 1e-4)"})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (paper: 0.01)"})
-    warmup_steps: int = field(default=100, metadata={"help": "linear warm-up steps, then cosine decay to 0"})
-    grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip (0: off)"})
+    max_steps: int = field(default=1000, metadata={"min": 1, "help": "optimizer steps to train"})
+    batch_size: int = field(default=4, metadata={"min": 1, "help": "volumes per device per step (paper: 4)"})
+    accumulate: int = field(default=1, metadata={"min": 1, "help": "gradient accumulation steps"})
+    lr_vision: float = field(default=2e-5, metadata={"min": 0, "help": "learning rate of the vision encoder (paper: 2e-5)"})
+    lr_fusion: float = field(default=1e-4, metadata={"min": 0, "help": "learning rate of fusion layers and heads (paper: 1e-4)"})
+    weight_decay: float = field(default=0.01, metadata={"min": 0, "help": "AdamW weight decay (paper: 0.01)"})
+    warmup_steps: int = field(default=100, metadata={"min": 0, "help": "linear warm-up steps, then cosine decay to 0"})
+    grad_clip: float = field(default=1.0, metadata={"min": 0, "help": "gradient norm clip (0: off)"})
 
-    precision: str = field(default="32-true", metadata={"help": "Lightning precision: 32-true | bf16-mixed | 16-mixed"})
+    precision: str = field(default="32-true", metadata={"choices": PRECISIONS, "help": "Lightning precision: 32-true | bf16-mixed | 16-mixed"})
     accelerator: str = field(default="auto", metadata={"help": "cpu | gpu | auto"})
     devices: str = field(default="auto", metadata={"help": "devices per node: a count, a list like 0,1, or auto"})
-    num_nodes: int = field(default=1, metadata={"help": "nodes (SLURM or torchrun provides the rendezvous)"})
+    num_nodes: int = field(default=1, metadata={"min": 1, "help": "nodes (SLURM or torchrun provides the rendezvous)"})
     strategy: str = field(default="auto", metadata={"help": "Lightning strategy: auto | ddp | ddp_spawn | ..."})
-    num_workers: int = field(default=2, metadata={"help": "data-loading worker processes per device"})
+    num_workers: int = field(default=2, metadata={"min": 0, "help": "data-loading worker processes per device"})
     cache_dir: str = field(default="", metadata={"help": "folder for the preprocessed-volume cache (empty: no cache)"})
 
     out_dir: str = field(default="runs/pretrain", metadata={"help": "where checkpoints, logs and the bundle go"})
     resume: str = field(default="", metadata={"help": "checkpoint to resume from, or 'last' for OUT_DIR/checkpoints/last.ckpt"})
+    overwrite: bool = field(default=False, metadata={"help": "start a new run in an --out-dir that holds an earlier one, deleting its checkpoints and bundle"})
     init_from: str = field(default="", metadata={"help": (
         "continue pre-training from this bundle (its model, MIM decoder and MLM head) with a new optimiser and "
         "schedule, e.g. on new data or for another cycle; the architecture comes from the bundle")})
-    stop_after_steps: int = field(default=0, metadata={"help": (
+    stop_after_steps: int = field(default=0, metadata={"min": 0, "help": (
         "end this run after N more steps with a checkpoint, e.g. before a cluster time limit; continue with --resume last")})
-    checkpoint_every: int = field(default=100, metadata={"help": "save last.ckpt every N steps"})
-    val_every: int = field(default=0, metadata={"help": "validate every N steps (0: only with --val-data, at the end of each epoch)"})
-    log_every: int = field(default=10, metadata={"help": "log losses every N steps"})
+    checkpoint_every: int = field(default=100, metadata={"min": 1, "help": "save last.ckpt every N steps"})
+    val_every: int = field(default=0, metadata={"min": 0, "help": "validate every N steps (0: only with --val-data, at the end of each epoch)"})
+    log_every: int = field(default=10, metadata={"min": 1, "help": "log losses every N steps"})
     seed: int = field(default=0, metadata={"help": "random seed (data order, masks, initialisation)"})
     synthetic_shape: list[int] = field(default_factory=lambda: [96, 128, 160], metadata={"help": "voxels of generated synthetic CTs"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
@@ -66,6 +70,47 @@ class PretrainParams:
         """Parameters saved by a run (a checkpoint's hyper-parameters), leaving out removed options."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def validate_params(params) -> None:
+    """Refuse impossible values (below a field's "min", outside its "choices"), naming the option."""
+    for f in dataclasses.fields(params):
+        value, low, choices = getattr(params, f.name), f.metadata.get("min"), f.metadata.get("choices")
+        if low is not None and value is not None and value < low:
+            raise SystemExit(f"{option_name(f.name)} {value}: must be at least {low}")
+        if choices and value not in choices:
+            raise SystemExit(f"{option_name(f.name)} {value!r}: choose one of {', '.join(choices)}")
+
+
+def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
+    """A YAML value as the option's type (YAML reads 1e-4 as text); a value of another kind names the key."""
+    hint = str(f.type).replace(" | None", "")
+
+    def one(kind: str, v: Any) -> Any:
+        if kind == "bool":
+            if isinstance(v, bool):
+                return v
+        elif kind == "int":
+            if not isinstance(v, bool) and (isinstance(v, int) or (isinstance(v, str) and v.strip().lstrip("-").isdigit())):
+                return int(v)
+        elif kind == "float":
+            if not isinstance(v, bool):
+                try:
+                    return float(v)
+                except (TypeError, ValueError):
+                    pass
+        elif kind == "str":
+            if isinstance(v, (str, int, float)) and not isinstance(v, bool):
+                return str(v)
+        raise SystemExit(f"{source}: {f.name}: {v!r} is not a valid {kind}; see --help for what it takes")
+
+    if value is None:
+        return None
+    if hint.startswith("list["):
+        if not isinstance(value, list):
+            raise SystemExit(f"{source}: {f.name}: {value!r} is not a list; write it as [a, b, ...]")
+        return [one(hint[5:-1], v) for v in value]
+    return one(hint.split("[")[0], value)
 
 
 def option_name(field_name: str) -> str:
@@ -155,6 +200,9 @@ def parse_params(argv: list[str] | None, prog: str, description: str, params_cls
         unknown = set(loaded) - names
         if unknown:
             raise SystemExit(f"{args.config}: unknown options {sorted(unknown)}; see --help")
-        values.update(loaded)
+        fields = {f.name: f for f in dataclasses.fields(params_cls)}
+        values.update({k: _coerce(fields[k], v, args.config) for k, v in loaded.items()})
     values.update({k: v for k, v in vars(args).items() if v is not None and k != "config"})
-    return params_cls(**values)
+    params = params_cls(**values)
+    validate_params(params)
+    return params

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import lightning as L
@@ -27,8 +28,9 @@ from napari_mg3d.model import ConfigError, MG3DConfig, build_model_config
 from napari_mg3d.preprocess import PreprocessConfig, preprocess_config_of
 
 from .data import StepIndexedSampler, build_dataset, collate_keeping_empty
-from .module import PretrainModule
-from .params import PretrainParams, model_overrides, option_name, parse_devices, parse_params, resolve_strategy
+from .module import NonFiniteLossError, PretrainModule
+from .params import (PretrainParams, model_overrides, option_name, parse_devices, parse_params, resolve_strategy,
+                     validate_params)
 
 log = logging.getLogger("training.pretrain")
 
@@ -113,8 +115,10 @@ def run(p: PretrainParams) -> Path:
     warnings.filterwarnings("ignore", message=".*dataloader is not resumable.*")
     # The frozen text encoder stays in eval mode on purpose.
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
-    L.seed_everything(p.seed, workers=True)
+    validate_params(p)
     out = Path(p.out_dir)
+    ckpt = resume_checkpoint(p, out)
+    L.seed_everything(p.seed, workers=True)
     init = load_bundle(p.init_from) if p.init_from else None
     try:
         cfg = model_config(p, init.config if init is not None else None)
@@ -137,13 +141,15 @@ def run(p: PretrainParams) -> Path:
         load_init_heads(module, init)
     trainer = make_trainer(p, out, val_set is not None)
     progress.trainer = trainer
-    ckpt = None
-    if p.resume:
-        ckpt = str(out / "checkpoints" / "last.ckpt") if p.resume == "last" else p.resume
-        if not Path(ckpt).is_file():
-            raise SystemExit(f"--resume {p.resume}: checkpoint {ckpt} does not exist")
-    trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=ckpt)
+    try:
+        trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=ckpt)
+    except NonFiniteLossError as err:
+        raise SystemExit(diverged_message(err, out)) from None
 
+    used, skipped = module.sample_counts or (module.samples_used, module.samples_skipped)
+    if used == 0:
+        raise SystemExit(f"pre-training had no usable sample: all {skipped} samples it drew failed to load (see the "
+                         f"warnings above for the files and reasons); nothing was trained and no bundle was written")
     bundle = out / "bundle"
     if trainer.global_step < p.max_steps:
         if trainer.is_global_zero:
@@ -151,10 +157,51 @@ def run(p: PretrainParams) -> Path:
         return out / "checkpoints" / "last.ckpt"
     if trainer.is_global_zero:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+        metrics.update(samples_used=used, samples_skipped=skipped)
+        share = skipped / max(1, used + skipped)
+        if share > SKIPPED_WARN_SHARE:
+            print(f"warning: {skipped} of {used + skipped} samples ({100 * share:.0f}%) failed to load and were "
+                  "skipped; the bundle's provenance records it", flush=True)
         save_pretrained_bundle(bundle, module, pre_cfg, trainer.global_step, metrics)
         (out / "params.json").write_text(json.dumps(p.to_dict(), indent=2))
         print(f"pre-training finished at step {trainer.global_step}; bundle: {bundle.resolve()}", flush=True)
     return bundle
+
+
+SKIPPED_WARN_SHARE = 0.05  # a run that skipped more than this share of its samples says so at the end
+
+
+def resume_checkpoint(p: PretrainParams, out: Path) -> str | None:
+    """The checkpoint --resume names (checked to exist and to be readable), or None for a new run; a new run
+    into a folder that holds an earlier run is refused unless --overwrite."""
+    if not p.resume:
+        earlier = [f for f in (out / "checkpoints", out / "bundle") if f.exists() and any(f.iterdir())]
+        if earlier and not p.overwrite:
+            raise SystemExit(f"--out-dir {out} already holds a run ({earlier[0]}); continue it with --resume last, "
+                             "choose another --out-dir, or replace it with --overwrite")
+        for folder in earlier:  # --overwrite: nothing of the earlier run may sit beside the new one
+            shutil.rmtree(folder)
+        return None
+    ckpt = out / "checkpoints" / "last.ckpt" if p.resume == "last" else Path(p.resume)
+    if not ckpt.is_file():
+        raise SystemExit(f"--resume {p.resume}: checkpoint {ckpt} does not exist")
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
+        if "state_dict" not in state:
+            raise KeyError("state_dict")
+    except Exception as err:  # noqa: BLE001 - any failure to read it is the same message to the user
+        best = ckpt.parent / "best.ckpt"
+        hint = f"; {best} may be used instead (--resume {best})" if best.is_file() and best != ckpt else ""
+        raise SystemExit(f"--resume {p.resume}: checkpoint {ckpt} is empty or corrupt ({type(err).__name__}: "
+                         f"{err}){hint}") from None
+    return str(ckpt)
+
+
+def diverged_message(err: NonFiniteLossError, out: Path) -> str:
+    last = out / "checkpoints" / "last.ckpt"
+    kept = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written before it"
+    return (f"pre-training diverged at {err}; the run stopped without a bundle and {kept}. Continue from it with "
+            "--resume last and a lower learning rate (--lr-vision, --lr-fusion) or --grad-clip")
 
 
 def save_pretrained_bundle(bundle: Path, module: PretrainModule, pre_cfg: PreprocessConfig, step: int,
