@@ -57,6 +57,17 @@ class Bundle:
         return self.model.config
 
     @property
+    def model_card(self) -> dict[str, Any]:
+        """What the model was trained on, its measured quality and intended use (napari_mg3d.model_card)."""
+        from .model_card import model_card_of
+
+        return model_card_of(self.meta)
+
+    @property
+    def name(self) -> str:
+        return self.path.name if self.path is not None else "bundle"
+
+    @property
     def heads(self) -> list[str]:
         return list(self.meta.get("heads", []))
 
@@ -148,6 +159,10 @@ def save_bundle(
     for key, value in (meta or {}).items():
         if key not in ("heads",):
             config.setdefault(key, value)
+    from .model_card import derive_model_card
+
+    # Derived from the provenance at every save (a fine-tune adds its stage); fields given in meta win.
+    config["model_card"] = {**derive_model_card(config), **((meta or {}).get("model_card") or {})}
 
     parent = path.parent
     parent.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,10 @@
-"""Write a Predictor Result to a folder: NIfTI on the source grid, report text, scores as CSV and JSON.
-Shared by the widget's Export button, the demo and the predict CLI."""
+"""Write a Predictor Result to a folder: NIfTI on the source grid, the report, the scores, and ``result.json``,
+the one record of the run that the other files are written from. Shared by the widget's Export button, the
+demo and the predict CLI.
+
+A folder that already holds files is refused unless ``overwrite``; overwriting first removes what an earlier
+MG-3D export wrote there (and nothing else), so no heat map of another CT stays beside a new index.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +12,75 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
+
+from . import __version__
 from .io import write_nifti
 from .volume import Volume
 
+OWN_FILES = ("result.json", "scores.csv", "scores.json", "report.txt", "heatmaps.json", "segmentation.nii.gz",
+             "segmentation_classes.json", "timings.json", "heatmap_*.nii.gz")
 
-def write_result(result, volume: Volume, folder: str | Path, report_text: str | None = None) -> list[Path]:
-    """Files written: segmentation.nii.gz (+ class names), heatmap_NN.nii.gz (+ heatmaps.json: file ->
-    sentence), report.txt (``report_text`` if given, e.g. as edited, else the draft), scores.csv/json."""
+
+class ExportError(OSError):
+    """The output folder cannot take the export; the message names it and what to do."""
+
+
+def check_output_folder(folder: str | Path, overwrite: bool = False) -> Path:
+    """``folder`` if an export may write there: a folder (or not yet there), empty unless ``overwrite``.
+    Call it before a long run, so a bad --out fails at once."""
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ExportError(f"{folder} is a file, not a folder: choose a folder for the outputs")
+    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
+        raise ExportError(f"{folder} already holds files; choose an empty or new folder, or replace an earlier "
+                          "MG-3D export there with --overwrite")
+    parent = folder if folder.is_dir() else next((p for p in folder.parents if p.exists()), Path("."))
+    if not _writable(parent):
+        raise ExportError(f"{folder}: cannot write in {parent} (permission denied); choose another folder")
+    return folder
+
+
+def _writable(path: Path) -> bool:
+    import os
+
+    return os.access(path, os.W_OK | os.X_OK)
+
+
+def _remove_earlier_export(folder: Path) -> None:
+    for pattern in OWN_FILES:
+        for file in folder.glob(pattern):
+            file.unlink()
+
+
+def result_record(result, volume: Volume, files: dict[str, str], report_text: str) -> dict:
+    """The run as one JSON-able record: what ran, on what, what it found and how far to trust it."""
+    return {
+        "package_version": __version__,
+        "bundle": {"name": result.bundle_name, "model_card": result.model_card},
+        "source": {"path": str(volume.metadata.get("source", "")), "shape": list(volume.shape),
+                   "spacing_mm": [round(s, 6) for s in volume.spacing], "affine_ras": np.asarray(volume.affine).tolist()},
+        "domain_warnings": list(result.domain_warnings),
+        "overrides": list(result.overrides),
+        "messages": list(result.messages),
+        "scores": {"source": result.score_source, "heading": result.score_heading, "values": dict(result.scores)},
+        "report": report_text,
+        "sentences": [{"text": s, "heatmap": files.get(f"heatmap_{i:02d}")} for i, s in enumerate(result.sentences)],
+        "segmentation": {"file": files.get("segmentation"), "classes": list(result.class_names)},
+        "timings_s": dict(result.timings),
+    }
+
+
+def write_result(result, volume: Volume, folder: str | Path, report_text: str | None = None,
+                 overwrite: bool = False) -> list[Path]:
+    """Files written: segmentation.nii.gz (+ class names), heatmap_NN.nii.gz (+ heatmaps.json: file ->
+    sentence), report.txt (``report_text`` if given, e.g. as edited, else the draft), scores.csv/json, and
+    result.json (everything, with the model card and the domain check's warnings)."""
+    folder = check_output_folder(folder, overwrite)
     folder.mkdir(parents=True, exist_ok=True)
+    _remove_earlier_export(folder)
     written: list[Path] = []
+    files: dict[str, str] = {}
 
     def text_file(name: str, content: str) -> None:
         (folder / name).write_text(content)
@@ -24,21 +88,26 @@ def write_result(result, volume: Volume, folder: str | Path, report_text: str | 
 
     if result.labels is not None:
         written.append(write_nifti(folder / "segmentation.nii.gz", result.labels, volume, label=True))
+        files["segmentation"] = "segmentation.nii.gz"
         text_file("segmentation_classes.json", json.dumps(dict(enumerate(result.class_names)), indent=1))
     for i in range(len(result.sentences)):
         written.append(write_nifti(folder / f"heatmap_{i:02d}.nii.gz", result.heatmap(i), volume, label=False))
+        files[f"heatmap_{i:02d}"] = f"heatmap_{i:02d}.nii.gz"
     if result.sentences:
         text_file("heatmaps.json", json.dumps({f"heatmap_{i:02d}.nii.gz": s for i, s in enumerate(result.sentences)},
                                               indent=1))
-    report = report_text if report_text is not None else " ".join(result.report)
-    if report.strip():
-        text_file("report.txt", report.strip() + "\n")
+    report = (report_text if report_text is not None else " ".join(result.report)).strip()
+    if report:
+        text_file("report.txt", report + "\n")
+    record = result_record(result, volume, files, report)
     if result.scores:
         with open(folder / "scores.csv", "w", newline="") as fh:
             w = csv.writer(fh)
-            w.writerow(["finding", "probability"])
+            w.writerow(["finding", result.score_heading])
             for name, p in sorted(result.scores.items(), key=lambda kv: -kv[1]):
                 w.writerow([name, f"{p:.6f}"])
         written.append(folder / "scores.csv")
-        text_file("scores.json", json.dumps({"source": result.score_source, "scores": result.scores}, indent=1))
+        text_file("scores.json", json.dumps({**record["scores"], "scores": record["scores"]["values"],
+                                             "model_card": record["bundle"]["model_card"]}, indent=1))
+    text_file("result.json", json.dumps(record, indent=1, default=float))
     return written

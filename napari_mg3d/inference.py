@@ -22,7 +22,9 @@ from .checkpoint import Bundle, load_bundle
 from .cuda_graphs import GraphedCall
 from .model.heads import GenerationSettings, use_channels_last
 from .model.mg3d import VolumeEncoding
+from .domain import check_domain, refusals
 from .model.scoring import SOURCE_TITLES, choose_score_source, finding_scores
+from .model_card import modality_of, score_heading
 from .model.text import tokenize_reports
 from .preprocess import PreprocessRecord, preprocess, preprocess_config_of, to_original, to_source_axes
 from .labels import LABELS
@@ -124,6 +126,15 @@ class Result:
     record: PreprocessRecord | None = None
     timings: dict[str, float] = field(default_factory=dict)
     messages: list[str] = field(default_factory=list)
+    domain_warnings: list[str] = field(default_factory=list)
+    overrides: list[str] = field(default_factory=list)
+    model_card: dict = field(default_factory=dict)
+    bundle_name: str = ""
+
+    @property
+    def score_heading(self) -> str:
+        """What the scores are, for a column heading: e.g. "score (classifier, synthetic-trained)"."""
+        return score_heading(self.model_card, self.score_source)
 
     def _model_map(self, index: int) -> np.ndarray:
         if self.heatmaps_model is None or self.record is None:
@@ -140,6 +151,17 @@ class Result:
         return to_source_axes(self._model_map(index), self.record)
 
 
+def volume_fingerprint(volume: Volume) -> str:
+    """A key that changes whenever the voxels or the geometry change (not the Python object's identity)."""
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(repr((volume.shape, str(volume.data.dtype))).encode())
+    digest.update(np.ascontiguousarray(volume.affine, np.float64).tobytes())
+    digest.update(np.ascontiguousarray(volume.data).data)
+    return digest.hexdigest()
+
+
 def _encoding_tensors(encoding: VolumeEncoding) -> tuple[list[torch.Tensor], torch.Tensor]:
     return list(encoding.features), encoding.tokens
 
@@ -153,11 +175,15 @@ class Predictor:
     channels-last memory (default: bf16 on the CPU, where oneDNN wants it, ~2x; on an H100 it was slower).
     ``cuda_graphs``: replay the encoder and the segmentation decoder as captured CUDA graphs (default: on a
     CUDA device; at batch 1 the plain path waits on the CPU to launch its kernels). A capture that fails
-    falls back to the plain path with a logged warning."""
+    falls back to the plain path with a logged warning. ``allow_out_of_domain``: run on input the domain
+    check refuses (:mod:`napari_mg3d.domain`: not CT in HU, too few slices, ...); the override is recorded in
+    the result."""
 
     def __init__(self, bundle: str | Path | Bundle | None = None, device: str = "auto",
                  memory_limit_bytes: int | None = None, precision: str = "auto", class_by_class: bool = False,
-                 channels_last: bool | None = None, cuda_graphs: bool | None = None) -> None:
+                 channels_last: bool | None = None, cuda_graphs: bool | None = None,
+                 allow_out_of_domain: bool = False) -> None:
+        self.allow_out_of_domain = allow_out_of_domain
         self.device = pick_device(device)
         if cuda_graphs and self.device.type != "cuda":
             raise PredictorError(f"cuda_graphs=True needs a CUDA device; this Predictor runs on {self.device}")
@@ -176,6 +202,7 @@ class Predictor:
                     "or choose a bundle written by training (python -m training.pretrain / finetune)")
             bundle = load_bundle(path)
         self.bundle = bundle
+        self.model_card = bundle.model_card
         self.model = bundle.model.to(self.device).eval()
         self.config = bundle.config
         self.preprocess_config = preprocess_config_of(bundle.meta, self.config)
@@ -236,13 +263,27 @@ class Predictor:
                 f"a volume of {volume.shape} voxels needs about {need / 2**30:.1f} GiB of memory to process; "
                 f"{limit / 2**30:.1f} GiB are available. Crop or downsample it first.")
 
+    def check_domain(self, volume: Volume, name: str = "the volume") -> tuple[list[str], list[str]]:
+        """(warnings, overrides) of the domain check for this bundle's modality; raises PredictorError with
+        every reason when a check refuses the volume and ``allow_out_of_domain`` is off."""
+        issues = check_domain(volume.data, volume.affine, modality_of(self.model_card), name,
+                              volume.metadata.get("stored_dtype"))
+        refused = refusals(issues)
+        if refused and not self.allow_out_of_domain:
+            reasons = "; ".join(str(i) for i in refused)
+            raise PredictorError(f"{reasons}. If you know better, run anyway with allow_out_of_domain=True "
+                                 "(napari_mg3d.predict --force); the override is recorded with the results")
+        overrides = [f"override: ran although {i}" for i in refused]
+        return [f"warning: {i}" for i in issues if i.severity == "warn"], overrides
+
     # ----- stages -------------------------------------------------------------------------------------
     def encode(self, volume: Volume, progress: ProgressFn | None = None) -> None:
-        """Preprocess and encode ``volume``, cached until another volume comes."""
-        key = (id(volume), volume.shape, float(volume.data.ravel()[:: max(1, volume.data.size // 4096)].sum()))
+        """Preprocess and encode ``volume``, cached until another volume comes (keyed by its content and
+        geometry). The memory check runs before anything reads the voxels."""
+        self.check_volume(volume)
+        key = volume_fingerprint(volume)
         if key == self._cache_key:
             return
-        self.check_volume(volume)
         x, record = preprocess(volume, self.preprocess_config)
         self._input = x[None].to(self.device)
         with torch.inference_mode(), self._autocast():
@@ -346,11 +387,19 @@ class Predictor:
     ) -> Result:
         """Run the chosen outputs. ``sentences`` get heat maps (default: the drafted report's sentences).
         ``cancel``: anything with is_set() (threading.Event), checked between stages."""
+        if isinstance(sentences, str):  # one report as text, not a list of one-letter sentences
+            from .reports import sentence_texts
+
+            sentences = sentence_texts(sentences)
         unknown = set(outputs) - set(OUTPUTS)
         if unknown:
             raise PredictorError(f"unknown outputs {sorted(unknown)}; choose from {OUTPUTS}")
         caps = self.capabilities()
-        result = Result(volume_shape=volume.shape)
+        result = Result(volume_shape=volume.shape, model_card=self.model_card, bundle_name=self.bundle.name)
+        self.check_volume(volume)  # memory and shape, from the header alone
+        result.domain_warnings, result.overrides = self.check_domain(
+            volume, str(volume.metadata.get("source") or "the volume"))
+        result.messages += result.domain_warnings + result.overrides
         stages = ["encode"] + [o for o in ("segmentation", "scores", "report", "heatmaps") if o in outputs]
 
         def step(name: str, i: int) -> float:

@@ -129,7 +129,7 @@ def read_nifti(path: str | Path, nan_policy: str = "raise") -> Volume:
     meta = {
         "source": str(path), "format": "nifti", "qform_code": int(header["qform_code"]),
         "sform_code": int(header["sform_code"]), "descrip": header["descrip"].tobytes().rstrip(b"\0").decode("latin-1"),
-        "units": header.get_xyzt_units()[0],
+        "units": header.get_xyzt_units()[0], "stored_dtype": str(header.get_data_dtype()),
     }
     return Volume(data.astype(np.float32, copy=False), affine, meta)
 
@@ -143,6 +143,7 @@ def read_nrrd(path: str | Path, nan_policy: str = "raise") -> Volume:
         data, header = nrrd.read(str(path))
     except Exception as err:
         raise VolumeReadError(f"{path} could not be read as NRRD: {err}") from err
+    stored = str(np.asarray(data).dtype)
     data = _as_3d(np.asarray(data), path).astype(np.float32)
     data = _check_voxels(data, path, nan_policy)
     dirs = header.get("space directions")
@@ -163,7 +164,8 @@ def read_nrrd(path: str | Path, nan_policy: str = "raise") -> Volume:
     affine[:3, :3] = flip @ lin
     affine[:3, 3] = flip @ origin
     data = np.ascontiguousarray(np.transpose(data, (2, 1, 0)))
-    return Volume(data, affine[:, [2, 1, 0, 3]], {"source": str(path), "format": "nrrd", "space": space})
+    return Volume(data, affine[:, [2, 1, 0, 3]], {"source": str(path), "format": "nrrd", "space": space,
+                                                     "stored_dtype": stored})
 
 
 def read_metaimage(path: str | Path, nan_policy: str = "raise") -> Volume:
@@ -182,13 +184,15 @@ def read_metaimage(path: str | Path, nan_policy: str = "raise") -> Volume:
                               "voxels; MG-3D needs a grey-value CT or MR volume")
     if img.GetDimension() != 3:
         raise VolumeReadError(f"{path} is {img.GetDimension()}D (size {img.GetSize()}); MG-3D needs a 3D volume")
+    stored = sitk.GetArrayViewFromImage(img).dtype
     data = _check_voxels(sitk.GetArrayFromImage(img).astype(np.float32), path, nan_policy)  # (z, y, x)
     data = _as_3d(data, path)
     lps = np.eye(4)
     lps[:3, :3] = np.asarray(img.GetDirection(), float).reshape(3, 3) @ np.diag(img.GetSpacing())
     lps[:3, 3] = img.GetOrigin()
     affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # ITK world is LPS
-    return Volume(np.ascontiguousarray(data), affine[:, [2, 1, 0, 3]], {"source": str(path), "format": "metaimage"})
+    return Volume(np.ascontiguousarray(data), affine[:, [2, 1, 0, 3]], {"source": str(path), "format": "metaimage",
+                                                                     "stored_dtype": str(stored)})
 
 
 # ----- DICOM ----------------------------------------------------------------------------------------
@@ -328,6 +332,7 @@ def read_dicom_series(
         slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
         intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
         pixels[k] = arr.astype(np.float32) * slope + intercept
+        stored = str(arr.dtype)
     pixels = _check_voxels(pixels, Path(label), nan_policy)
 
     spacing = [float(v) for v in slices[0][1].PixelSpacing]  # (row spacing, column spacing)
@@ -338,7 +343,7 @@ def read_dicom_series(
     lps[:3, 3] = positions[0]
     affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # LPS -> RAS
     first = slices[0][1]
-    meta = {"source": label, "format": "dicom", "n_files": n, "skipped": dict(skipped),
+    meta = {"source": label, "format": "dicom", "n_files": n, "skipped": dict(skipped), "stored_dtype": stored,
             "transfer_syntax": str(getattr(getattr(first, "file_meta", None), "TransferSyntaxUID", "")),
             "tags": {t: _jsonable(first.get(t)) for t in DICOM_TAGS if t in first}}
     return Volume(pixels, affine, meta)

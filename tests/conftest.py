@@ -80,7 +80,9 @@ def gui_bundle(tmp_path_factory, tiny_text_encoder_dir):
                         "eos_id": tok.sep_token_id, "pad_id": tok.pad_token_id}}
     heads = {name: build_head(spec, cfg, model.text.vocab_size) for name, spec in specs.items()}
     out = tmp_path_factory.mktemp("gui-bundle") / "bundle"
-    return save_bundle(out, model, heads=heads, meta={"head_specs": specs, "labels": LABELS, "classes": classes})
+    return save_bundle(out, model, heads=heads, meta={"head_specs": specs, "labels": LABELS, "classes": classes,
+                                                      "provenance": {"stage": "random init for tests",
+                                                                     "data": "synthetic:0", "steps": 0}})
 
 
 def pytest_collection_modifyitems(config, items):

@@ -139,3 +139,28 @@ def test_a_bundle_with_non_finite_weights_is_refused_naming_the_tensors(tiny_mod
     bundle = save_bundle(tmp_path / "diverged", tiny_model)
     with pytest.raises(BundleError, match=r"diverged: 2 weight tensors hold NaN or inf values \(.*model.proj16.weight"):
         load_bundle(bundle)
+
+
+def test_every_bundle_has_a_model_card_written_or_derived_from_its_provenance(tiny_model, tmp_path):
+    from napari_mg3d.model_card import score_heading, summary_line
+
+    synthetic = load_bundle(save_bundle(tmp_path / "s", tiny_model, meta={
+        "provenance": {"stage": "pretrain", "data": "synthetic:2000", "steps": 300,
+                       "metrics": {"mean_auc": 0.6}, "params": {"val_data": "synthetic:16"}}}))
+    written = json.loads((tmp_path / "s" / "config.json").read_text())["model_card"]
+    assert written == synthetic.model_card
+    assert written["trained_on"] == {"modality": "CT", "body_region": "chest", "data": ["synthetic:2000"],
+                                     "synthetic": True, "steps": {"pretrain": 300}, "preset": "tiny"}
+    assert written["quality"] == [{"metric": "mean_auc", "value": 0.6, "stage": "pretrain", "on": "synthetic:16"}]
+    assert written["clinical_use"] == "not for clinical use: trained on synthetic phantoms only"
+    assert "tiny CT model, chest, trained 300 steps on synthetic:2000; not for clinical use" in summary_line(written)
+    assert score_heading(written, "classifier") == "score (classifier, synthetic-trained)"
+    assert score_heading({**written, "scores_calibrated": True}, "classifier") == "Probability"
+    real = load_bundle(save_bundle(tmp_path / "r", tiny_model, meta={
+        "provenance": {"stage": "pretrain", "data": "ctrate:/data/vols,reports.csv", "steps": 100000}}))
+    assert real.model_card["clinical_use"] == "not validated for clinical use"
+    legacy = tmp_path / "s" / "config.json"  # a bundle written before model cards: derived on load
+    meta = json.loads(legacy.read_text())
+    del meta["model_card"]
+    legacy.write_text(json.dumps(meta))
+    assert load_bundle(tmp_path / "s").model_card == written

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 
 import numpy as np
@@ -115,7 +116,7 @@ def test_predict_cli_writes_outputs_on_the_input_grid(gui_bundle, tmp_path, shar
     heat = read_volume(out / "heatmap_00.nii.gz")
     assert seg.shape == ct.shape == heat.shape
     np.testing.assert_allclose(seg.affine, ct.affine, atol=1e-5)
-    assert (out / "scores.csv").read_text().startswith("finding,probability")
+    assert (out / "scores.csv").read_text().startswith('finding,"score (classifier, synthetic-trained)"')
     assert not (out / "report.txt").exists()
 
 
@@ -188,3 +189,102 @@ def test_cuda_graph_replay_matches_the_plain_pass(gui_bundle, sample):
     assert graphed_predictor.cuda_graphs and "encode" in graphed_predictor._graphs
     assert (plain.labels == graphed.labels).mean() > 0.999
     assert max(abs(plain.scores[k] - graphed.scores[k]) for k in plain.scores) < 1e-3
+
+
+# ----- what the model was not made for, and what the model is --------------------------------------
+def test_input_that_is_not_ct_in_hu_is_refused_unless_overridden_and_the_override_is_recorded(gui_bundle, sample):
+    s, vol = sample
+    eight_bit = Volume(np.clip((s.volume + 1000) / 8, 0, 255).astype(np.uint8), s.affine, {"source": "lidc.png.nii"})
+    pred = Predictor(gui_bundle, device="cpu")
+    with pytest.raises(PredictorError, match=r"lidc.png.nii has 8-bit voxels.*allow_out_of_domain=True"):
+        pred.run(eight_bit, outputs=("scores",))
+    forced = Predictor(gui_bundle, device="cpu", allow_out_of_domain=True).run(eight_bit, outputs=("scores",))
+    assert forced.scores and forced.overrides and all(o.startswith("override: ran although") for o in forced.overrides)
+    assert set(forced.overrides) <= set(forced.messages)
+
+
+def test_warnings_of_the_domain_check_travel_with_the_result(gui_bundle, sample):
+    s, _ = sample
+    slab = Volume(s.volume[..., :12], s.affine)  # 12 of the 48 axial slices (the sample is R, A, S): a thin slab
+    result = Predictor(gui_bundle, device="cpu").run(slab, outputs=("scores",))
+    assert any("covers only" in w for w in result.domain_warnings)
+    assert set(result.domain_warnings) <= set(result.messages) and result.scores
+
+
+def test_the_result_carries_the_model_card_and_names_its_scores(gui_bundle, sample):
+    _, vol = sample
+    result = Predictor(gui_bundle, device="cpu").run(vol, outputs=("scores",))
+    card = result.model_card
+    assert card["trained_on"]["synthetic"] is True and card["trained_on"]["modality"] == "CT"
+    assert card["clinical_use"].startswith("not for clinical use")
+    assert result.score_heading == "score (classifier, synthetic-trained)"
+
+
+def test_the_encoding_cache_follows_the_content_not_the_object(gui_bundle, sample, monkeypatch):
+    import napari_mg3d.inference as inference
+
+    s, vol = sample
+    pred = Predictor(gui_bundle, device="cpu")
+    calls = []
+    real = inference.preprocess
+    monkeypatch.setattr(inference, "preprocess", lambda *a, **k: calls.append(1) or real(*a, **k))
+    pred.run(vol, outputs=("scores",))
+    pred.run(Volume(s.volume.copy(), s.affine.copy()), outputs=("scores",))  # same image, a new object
+    assert len(calls) == 1
+    changed = s.volume.copy()
+    changed[10, 10, 10] += 100
+    pred.run(Volume(changed, s.affine), outputs=("scores",))
+    assert len(calls) == 2
+
+
+def test_sentences_given_as_one_string_are_one_report_not_letters(gui_bundle, sample):
+    _, vol = sample
+    result = Predictor(gui_bundle, device="cpu").run(vol, sentences="Nodule in the right upper lobe. No effusion.",
+                                                     outputs=("heatmaps",))
+    assert result.sentences == ["Nodule in the right upper lobe.", "No effusion."]
+
+
+def test_predict_cli_checks_out_first_refuses_what_it_should_and_says_so_in_one_line(gui_bundle, tmp_path, capsys):
+    from napari_mg3d.io import write_nifti
+    from napari_mg3d.predict import main
+
+    s = generate_sample(3, shape=(48, 64, 80))
+    ct = write_nifti(tmp_path / "ct.nii.gz", s.volume, s.affine, label=False)
+    eight = write_nifti(tmp_path / "ct8.nii.gz", np.clip((s.volume + 1000) / 8, 0, 255).astype(np.uint8), s.affine,
+                        label=False, dtype=np.uint8)
+    common = ["--bundle", str(gui_bundle), "--device", "cpu", "--outputs", "scores"]
+    not_a_folder = tmp_path / "file.txt"
+    not_a_folder.write_text("mine")
+    cases = [([str(ct), "--out", str(not_a_folder)], "is a file, not a folder"),
+             ([str(ct), "--out", str(tmp_path)], "already holds files"),
+             ([str(tmp_path / "missing.nii.gz"), "--out", str(tmp_path / "o1")], "missing.nii.gz"),
+             ([str(eight), "--out", str(tmp_path / "o2")], "8-bit voxels")]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv + common)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err and "Traceback" not in err, (argv, err)
+    assert not_a_folder.read_text() == "mine"
+    out = main([str(eight), "--out", str(tmp_path / "o3"), "--force"] + common)
+    record = json.loads((out / "result.json").read_text())
+    assert record["overrides"] and "8-bit voxels" in record["overrides"][0]
+    assert record["bundle"]["model_card"]["trained_on"]["modality"] == "CT"
+    assert capsys.readouterr().out.startswith("model: bundle: tiny CT model")
+
+
+def test_an_export_never_overwrites_silently_and_leaves_no_stale_heat_maps(gui_bundle, sample, tmp_path):
+    from napari_mg3d.export import ExportError, write_result
+
+    _, vol = sample
+    pred = Predictor(gui_bundle, device="cpu")
+    three = pred.run(vol, sentences=["One.", "Two.", "Three."], outputs=("heatmaps",))
+    write_result(three, vol, tmp_path / "out")
+    (tmp_path / "out" / "my_notes.txt").write_text("keep")
+    one = pred.run(vol, sentences=["Only one."], outputs=("heatmaps",))
+    with pytest.raises(ExportError, match="already holds files.*--overwrite"):
+        write_result(one, vol, tmp_path / "out")
+    assert len(list((tmp_path / "out").glob("heatmap_*.nii.gz"))) == 3
+    write_result(one, vol, tmp_path / "out", overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "out").glob("heatmap_*.nii.gz")) == ["heatmap_00.nii.gz"]
+    assert (tmp_path / "out" / "my_notes.txt").read_text() == "keep"  # only MG-3D's own files are replaced
+    assert json.loads((tmp_path / "out" / "heatmaps.json").read_text()) == {"heatmap_00.nii.gz": "Only one."}

@@ -281,6 +281,7 @@ def run(p: FinetuneParams) -> Path:
     if meta.get("provenance"):
         provenance.append(meta["provenance"])
     new_meta = dict(meta)  # save_bundle rewrites the keys it owns (format, model, heads, ...)
+    new_meta.pop("model_card", None)  # derived again from the provenance, with this stage in it
     new_meta.update({"head_specs": specs, "preprocessing": pre_cfg.to_dict(), "provenance_chain": provenance,
                      "provenance": {"stage": f"finetune-{p.task}", "steps": p.steps, "data": p.data,
                                     "params": p.to_dict(), "metrics": metrics,

@@ -1,0 +1,84 @@
+"""The model card of a bundle: what it was trained on, how good it measured, what it is for.
+
+Training writes it into ``config.json["model_card"]``; a bundle written before model cards existed gets one
+derived from its provenance. The widget, the CLI, every export and ``summary.json`` show it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+SYNTHETIC_NOTICE = "not for clinical use: trained on synthetic phantoms only"
+UNVALIDATED_NOTICE = "not validated for clinical use"
+
+
+def _stages(meta: dict) -> list[dict]:
+    return [*meta.get("provenance_chain", []), *([meta["provenance"]] if meta.get("provenance") else [])]
+
+
+def _is_synthetic(data: str) -> bool:
+    return str(data).startswith("synthetic")
+
+
+def derive_model_card(meta: dict) -> dict[str, Any]:
+    """A model card from a bundle's provenance (every training stage's data, steps and metrics)."""
+    stages = _stages(meta)
+    data = sorted({str(s.get("data", "")) for s in stages if s.get("data")})
+    synthetic = bool(data) and all(_is_synthetic(d) for d in data)
+    quality = []
+    for s in stages:
+        metrics = s.get("metrics") or {}
+        for key in ("mean_auc", "mean_dice"):
+            if metrics.get(key) is not None:
+                quality.append({"metric": key, "value": metrics[key], "stage": s.get("stage"),
+                                "on": (s.get("params") or {}).get("val_data") or "its validation data"})
+    model = meta.get("model", {})
+    return {
+        "trained_on": {
+            "modality": "CT", "body_region": "chest", "data": data or ["unknown"], "synthetic": synthetic,
+            "steps": {str(s.get("stage")): s.get("steps") for s in stages if s.get("stage")},
+            "preset": model.get("preset", "unknown"),
+        },
+        "quality": quality,
+        "intended_use": ("demonstration and research on synthetic chest CTs" if synthetic else
+                         "research on chest CT"),
+        "clinical_use": SYNTHETIC_NOTICE if synthetic else UNVALIDATED_NOTICE,
+        "scores_calibrated": False,
+    }
+
+
+def model_card_of(meta: dict) -> dict[str, Any]:
+    """The bundle's model card: the one it carries, completed from its provenance where fields are missing."""
+    derived = derive_model_card(meta)
+    card = dict(meta.get("model_card") or {})
+    for key, value in derived.items():
+        card.setdefault(key, value)
+    return card
+
+
+def modality_of(card: dict) -> str:
+    return str((card.get("trained_on") or {}).get("modality", "CT"))
+
+
+def trained_on_synthetic(card: dict) -> bool:
+    return bool((card.get("trained_on") or {}).get("synthetic"))
+
+
+def summary_line(card: dict, name: str = "") -> str:
+    """One line for a panel, a console or a report: what the model is and how far to trust it."""
+    t = card.get("trained_on") or {}
+    steps = sum(v for v in (t.get("steps") or {}).values() if isinstance(v, (int, float)))
+    data = ", ".join(t.get("data") or ["unknown data"])
+    head = f"{name}: " if name else ""
+    return (f"{head}{t.get('preset', '?')} {t.get('modality', 'CT')} model, {t.get('body_region', '?')}, trained "
+            f"{steps} steps on {data}; {card.get('clinical_use', UNVALIDATED_NOTICE)}")
+
+
+def score_heading(card: dict, source: str) -> str:
+    """The scores column's heading: what the numbers are (a probability only where the bundle says they are
+    calibrated)."""
+    if card.get("scores_calibrated"):
+        return "Probability"
+    kind = source.split(" (")[0] if source else "score"
+    trained = "synthetic-trained" if trained_on_synthetic(card) else "uncalibrated"
+    return f"score ({kind}, {trained})"
