@@ -12,8 +12,9 @@ from ._layers import layer_source_affine, layer_state, layer_world_matrix
 if TYPE_CHECKING:
     import napari
 
-HEATMAP_LAYER = "MG-3D heat map"
+HEATMAP_LAYER = "MG-3D heat map"  # the heat map layer's name starts with this, then says its sentence
 LABELS_LAYER = "MG-3D segmentation"
+SENTENCE_IN_NAME = 48  # characters of the sentence in the heat map layer's name
 
 
 def layer_volume(layer):
@@ -52,7 +53,19 @@ class OutputLayers:
     def image_names(self) -> list[str]:
         from napari.layers import Image
 
-        return [layer.name for layer in self.viewer.layers if isinstance(layer, Image) and layer.name != HEATMAP_LAYER]
+        return [layer.name for layer in self.viewer.layers
+                if isinstance(layer, Image) and layer.metadata.get("mg3d_output") != "heatmap"]
+
+    @property
+    def heatmap_layer(self):
+        """The heat map layer, found by its role (its name changes with the sentence it shows)."""
+        return next((layer for layer in self.viewer.layers if layer.metadata.get("mg3d_output") == "heatmap"), None)
+
+    def _place_above(self, layer, source) -> None:
+        """Keep an output layer just above its image, so that it is visible over it."""
+        layers = self.viewer.layers
+        if source in layers and layers.index(layer) < layers.index(source):
+            layers.move(layers.index(layer), layers.index(source) + 1)
 
     def _upsert(self, name: str, kind: str, data, source, **kwargs):
         if name in self.viewer.layers:
@@ -67,6 +80,7 @@ class OutputLayers:
 
     def show_labels(self, labels: np.ndarray, class_names: list[str], source) -> None:
         layer = self._upsert(LABELS_LAYER, "labels", labels, source, opacity=0.45)
+        self._place_above(layer, source)
         layer.metadata["class_names"] = list(class_names)
         layer.metadata["mg3d"] = dict(source.metadata.get("mg3d", {}))
         try:  # napari >= 0.4.19: names appear in the status bar on hover
@@ -82,15 +96,18 @@ class OutputLayers:
         without resampling to the image grid (napari interpolates on display)."""
         identity = {"scale": np.ones(3), "translate": np.zeros(3), "rotate": np.eye(3), "shear": np.zeros(3)}
         affine = layer_world_matrix(layer_state(source)) @ index_to_source
-        if HEATMAP_LAYER in self.viewer.layers:
-            layer = self.viewer.layers[HEATMAP_LAYER]
+        short = sentence if len(sentence) <= SENTENCE_IN_NAME else sentence[: SENTENCE_IN_NAME - 1] + "…"
+        layer = self.heatmap_layer
+        if layer is not None:
             layer.data = heat
             for key, value in {**identity, "affine": affine}.items():
                 setattr(layer, key, value)
         else:
-            layer = self.viewer.add_image(heat, name=HEATMAP_LAYER, affine=affine, colormap="inferno", opacity=0.5,
+            layer = self.viewer.add_image(heat, affine=affine, colormap="inferno", opacity=0.5,
                                           blending="additive", contrast_limits=(0.0, 1.0), interpolation2d="linear",
-                                          interpolation3d="linear")
+                                          interpolation3d="linear", metadata={"mg3d_output": "heatmap"})
+        layer.name = f"{HEATMAP_LAYER}: {short}"
+        self._place_above(layer, source)
         layer.contrast_limits = (0.0, 1.0)
         layer.metadata["sentence"] = sentence
         layer.metadata["mg3d"] = dict(source.metadata.get("mg3d", {}))

@@ -33,6 +33,15 @@ class MG3DPanel(QWidget):
         super().__init__()
         root = QVBoxLayout(self)
         root.addLayout(self._inputs(devices, bundle))
+        self.model_card_label = QLabel("")  # what the chosen model is, under the model picker
+        self.model_card_label.setWordWrap(True)
+        self.model_card_label.setStyleSheet("color: #c9a227;")
+        root.addWidget(self.model_card_label)
+        self.banner = QLabel("")  # warnings about the input or the model that the user must see
+        self.banner.setWordWrap(True)
+        self.banner.setStyleSheet("background: #5a1f1f; color: white; padding: 6px; border-radius: 3px;")
+        self.banner.setVisible(False)
+        root.addWidget(self.banner)
         root.addLayout(self._outputs())
         root.addLayout(self._buttons())
         self.progress = QProgressBar()
@@ -142,12 +151,36 @@ class MG3DPanel(QWidget):
             if why:
                 box.setChecked(False)
 
-    def set_busy(self, busy: bool) -> None:
+    def set_busy(self, busy: bool, label: str = "") -> None:
+        """``label``: a run's first status (the progress bar restarts); empty for a short job (a heat map,
+        an export), which leaves the bar as it is."""
         self.run_button.setEnabled(not busy)
         self.cancel_button.setEnabled(busy)
-        if busy:
+        if busy and label:
             self.progress.setValue(0)
-            self.status.setText("starting…")
+            self.status.setText(label)
+
+    def show_banner(self, lines: list[str]) -> None:
+        """Warnings the user must see (not only a toast): shown on the panel until the next run."""
+        self.banner.setText("\n".join(lines))
+        self.banner.setVisible(bool(lines))
+
+    def clear_results(self) -> None:
+        """Forget the shown results (a new run starts): nothing of another image stays clickable."""
+        self.scores_table.setRowCount(0)
+        self.scores_source.setText("")
+        self.sentence_list.clear()
+        self.export_button.setEnabled(False)
+        self.timing_label.setText("")
+        self.show_banner([])
+
+    def mark_drawn_sentence(self, row: int) -> None:
+        """Bold the sentence whose heat map is drawn."""
+        for i in range(self.sentence_list.count()):
+            item = self.sentence_list.item(i)
+            font = item.font()
+            font.setBold(i == row)
+            item.setFont(font)
 
     def show_progress(self, stage: str, fraction: float) -> None:
         self.progress.setValue(int(100 * fraction))
@@ -160,8 +193,9 @@ class MG3DPanel(QWidget):
         if current in names:
             self.image_combo.setCurrentText(current)
 
-    def show_scores(self, scores: dict[str, float], source: str) -> None:
+    def show_scores(self, scores: dict[str, float], source: str, heading: str = "Probability") -> None:
         ranked = sorted(scores.items(), key=lambda kv: -kv[1])
+        self.scores_table.setHorizontalHeaderLabels(["Finding", heading])
         self.scores_table.setRowCount(len(ranked))
         for row, (name, p) in enumerate(ranked):
             self.scores_table.setItem(row, 0, QTableWidgetItem(name))

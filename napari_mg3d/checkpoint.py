@@ -237,6 +237,24 @@ def from_pretrained(name_or_path: str | Path, device: str | torch.device = "cpu"
     return load_bundle(name_or_path, device=device).model
 
 
+def read_model_card(path: str | Path) -> tuple[str, dict[str, Any]]:
+    """(name, model card) of a bundle folder or .zip from its config.json alone, without the weights (the
+    widget shows it as soon as a bundle is chosen)."""
+    from .model_card import model_card_of
+
+    path = Path(path).expanduser()
+    if path.is_file() and zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as zf:
+            if "config.json" not in zf.namelist():
+                raise BundleError(f"{path} has no config.json: not an MG-3D model bundle")
+            meta = json.loads(zf.read("config.json"))
+    elif path.is_dir():
+        meta = read_bundle_config(path)
+    else:
+        raise BundleError(f"model bundle {path} does not exist")
+    return path.name, model_card_of(meta)
+
+
 def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
     """Load a bundle written by :func:`save_bundle`; missing/unexpected keys are logged, not fatal."""
     path = Path(path).expanduser()

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .export import write_result
+from .model_card import summary_line
 from .inference import Predictor, default_bundle_path
 from .io import read_volume
 from .labels import LABELS
@@ -104,7 +105,7 @@ def screenshots(volume, result, sample, out: Path, bundle: Path) -> list[Path]:
         for i in range(min(4, len(result.sentences))):
             widget.sentence_list.setCurrentRow(i)
             settle()
-            viewer.layers["MG-3D heat map"].visible = True
+            widget.layers.heatmap_layer.visible = True
             shot(f"heatmap_{i:02d}")
         shot("window_with_panel", canvas_only=False)
     finally:
@@ -126,14 +127,14 @@ def run_demo(out: Path, bundle: Path, seed: int) -> dict:
          f"{tuple(round(s, 2) for s in volume.spacing)} mm; its report: {sample.report}")
 
     predictor = Predictor(bundle)
-    _say(f"model bundle: {bundle}")
+    _say(f"model: {summary_line(predictor.model_card, predictor.bundle.name)} ({bundle})")
     outputs = ("segmentation", "scores", "report")  # heat maps below, once, for the draft and the sample's report
     result = predictor.run(volume, outputs=outputs, progress=lambda stage, f: _say(f"  [{int(100 * f):3d}%] {stage}"))
     t = time.perf_counter()
     result.sentences = list(result.report) + list(sample.sentences)
     result.heatmaps_model = predictor.sentence_heatmaps(result.sentences)
     result.timings["heatmaps"] = time.perf_counter() - t
-    files = write_result(result, volume, out)
+    files = write_result(result, volume, out, overwrite=True)  # the demo's own folder: its earlier outputs go
     shots = screenshots(volume, result, sample, out, bundle)
 
     hits = []
@@ -143,7 +144,8 @@ def run_demo(out: Path, bundle: Path, seed: int) -> dict:
             heat = result.heatmap(i)
             peak = np.unravel_index(int(np.argmax(heat)), heat.shape)
             hits.append({"sentence": sentence, "peak_in_lesion": bool(any(sample.lesions[n][peak] for n in linked))})
-    summary = {"timings_s": {"generate + read": t_read, **result.timings}, "scores": result.scores,
+    summary = {"model_card": result.model_card, "domain_warnings": result.domain_warnings,
+               "timings_s": {"generate + read": t_read, **result.timings}, "scores": result.scores,
                "score_source": result.score_source, "report_draft": result.report, "messages": result.messages,
                "pointing": hits, "files": [str(f) for f in files + shots]}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))

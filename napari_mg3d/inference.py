@@ -148,7 +148,21 @@ class Result:
     def heatmap_overlay(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Heat map ``index`` at model resolution in the source's axis order, and the 4x4 matrix from its
         voxel indices to source voxel indices (compose it with the image's transform to display it)."""
-        return to_source_axes(self._model_map(index), self.record)
+        return self.overlay(self._model_map(index))
+
+    def overlay(self, model_map: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A model-grid map of this result's volume as :meth:`heatmap_overlay` gives it."""
+        if self.record is None:
+            raise PredictorError("this result has no preprocessing record")
+        return to_source_axes(model_map, self.record)
+
+    def add_sentence(self, sentence: str, model_map: np.ndarray) -> int:
+        """Keep a sentence's heat map (e.g. one the user typed) with the result, so that it is exported too;
+        returns its index."""
+        maps = model_map[None].astype(np.float32)
+        self.heatmaps_model = maps if self.heatmaps_model is None else np.concatenate([self.heatmaps_model, maps])
+        self.sentences.append(sentence)
+        return len(self.sentences) - 1
 
 
 def volume_fingerprint(volume: Volume) -> str:

@@ -53,7 +53,7 @@ def test_run_produces_layers_on_the_image_geometry_scores_and_report(viewer_with
     widget = _widget(viewer, gui_bundle, qtbot)
     _run(widget, qtbot)
     image = viewer.layers["ct"]
-    labels, heat = viewer.layers[LABELS_LAYER], viewer.layers[HEATMAP_LAYER]
+    labels, heat = viewer.layers[LABELS_LAYER], widget.layers.heatmap_layer
     np.testing.assert_allclose(labels.scale, image.scale)
     np.testing.assert_allclose(labels.translate, image.translate)
     np.testing.assert_allclose(labels.affine.affine_matrix, image.affine.affine_matrix)
@@ -87,18 +87,23 @@ def test_selecting_a_sentence_and_typing_one_switch_the_heat_map(viewer_with_sam
     widget.report_edit.setPlainText("Nodule in the right upper lobe. The heart is enlarged. Left pleural effusion.")
     _run(widget, qtbot)
     assert widget.sentence_list.count() == 3
-    first = np.array(viewer.layers[HEATMAP_LAYER].data)
+    first = np.array(widget.layers.heatmap_layer.data)
     widget.sentence_list.setCurrentRow(2)
     qtbot.waitUntil(lambda: widget.worker is None, timeout=30_000)
-    second = np.array(viewer.layers[HEATMAP_LAYER].data)
-    assert viewer.layers[HEATMAP_LAYER].metadata["sentence"] == "Left pleural effusion."
+    second = np.array(widget.layers.heatmap_layer.data)
+    assert widget.layers.heatmap_layer.metadata["sentence"] == "Left pleural effusion."
+    assert widget.layers.heatmap_layer.name == f"{HEATMAP_LAYER}: Left pleural effusion."
+    assert widget.sentence_list.item(2).font().bold() and not widget.sentence_list.item(0).font().bold()
     assert not np.allclose(first, second)
     widget.query_edit.setText("Consolidation in the left lower lobe.")
     start = time.perf_counter()
     widget.query_sentence()
     qtbot.waitUntil(lambda: widget.worker is None, timeout=30_000)
     assert time.perf_counter() - start < 1.0
-    assert viewer.layers[HEATMAP_LAYER].metadata["sentence"] == "Consolidation in the left lower lobe."
+    assert widget.layers.heatmap_layer.metadata["sentence"] == "Consolidation in the left lower lobe."
+    # the typed sentence joins the result, so that it is listed, drawn bold and exported
+    assert widget.result.sentences[-1] == "Consolidation in the left lower lobe." and widget.sentence_list.count() == 4
+    assert widget.sentence_list.item(3).font().bold() and widget.result.heatmaps_model.shape[0] == 4
 
 
 def test_cancel_stops_a_run_and_creates_no_layers(viewer_with_sample, gui_bundle, qtbot):
@@ -144,14 +149,21 @@ def test_export_writes_nifti_on_source_geometry_report_and_scores(viewer_with_sa
     widget = _widget(viewer, gui_bundle, qtbot)
     _run(widget, qtbot)
     widget.report_edit.setPlainText("Edited by the radiologist.")
-    files = widget.export(tmp_path)
-    names = {f.name for f in files}
-    assert {"segmentation.nii.gz", "report.txt", "scores.csv", "scores.json", "heatmap_00.nii.gz"} <= names
-    seg = read_volume(tmp_path / "segmentation.nii.gz")
+    (tmp_path / "earlier.txt").write_text("the user's file")
+    target = widget.export(tmp_path)  # off the GUI thread, into a new subfolder: nothing is overwritten
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+    assert target.parent == tmp_path and target.name.startswith("MG-3D ct ")
+    names = {f.name for f in target.iterdir()}
+    assert {"segmentation.nii.gz", "report.txt", "scores.csv", "scores.json", "heatmap_00.nii.gz", "result.json"} <= names
+    seg = read_volume(target / "segmentation.nii.gz")
     np.testing.assert_allclose(seg.affine, np.asarray(viewer.layers["ct"].metadata["mg3d"]["affine"]), atol=1e-5)
     np.testing.assert_array_equal(seg.data.astype(np.int32), viewer.layers[LABELS_LAYER].data)
-    assert (tmp_path / "report.txt").read_text().strip() == "Edited by the radiologist."
-    assert set(json.loads((tmp_path / "scores.json").read_text())["scores"]) == set(LABELS)
+    assert (target / "report.txt").read_text().strip() == "Edited by the radiologist."
+    assert set(json.loads((target / "scores.json").read_text())["scores"]) == set(LABELS)
+    assert json.loads((target / "result.json").read_text())["bundle"]["model_card"]["trained_on"]["modality"] == "CT"
+    second = widget.export(tmp_path)
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+    assert second != target and (tmp_path / "earlier.txt").read_text() == "the user's file"
 
 
 def test_screenshot_after_run_is_not_blank(viewer_with_sample, gui_bundle, qtbot):
@@ -266,4 +278,51 @@ def test_outputs_a_bundle_cannot_give_are_disabled_with_the_reason(viewer_with_s
     seg = widget.output_boxes["segmentation"]
     assert not seg.isEnabled() and not seg.isChecked() and "no segmentation head" in seg.toolTip()
     assert widget.output_boxes["heatmaps"].isEnabled()
-    assert HEATMAP_LAYER in viewer.layers and LABELS_LAYER not in viewer.layers
+    assert widget.layers.heatmap_layer is not None and LABELS_LAYER not in viewer.layers
+
+
+def test_after_a_run_the_panel_says_done_shows_the_model_card_and_names_the_scores(viewer_with_sample, gui_bundle, qtbot):
+    viewer, _ = viewer_with_sample
+    widget = _widget(viewer, gui_bundle, qtbot)
+    assert "tiny CT model, chest" in widget.model_card_label.text()
+    assert "not validated for clinical use" in widget.model_card_label.text() or "not for clinical" in widget.model_card_label.text()
+    _run(widget, qtbot)
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=30_000)  # the first sentence's heat map too
+    assert widget.progress.value() == 100 and widget.status.text() == "done"
+    assert widget.scores_table.horizontalHeaderItem(1).text() == widget.result.score_heading
+    assert widget.scores_table.horizontalHeaderItem(1).text() != "Probability"
+    labels = viewer.layers[LABELS_LAYER]
+    assert viewer.layers.index(labels) > viewer.layers.index(viewer.layers["ct"])  # above its image
+
+
+def test_input_the_model_was_not_made_for_is_refused_on_a_banner_and_warnings_stay_visible(
+        make_napari_viewer, gui_bundle, qtbot):
+    from napari_mg3d._layers import volume_to_layer_data
+
+    viewer = make_napari_viewer()
+    s = generate_sample(4, shape=(48, 64, 80))
+    data, kwargs, _ = volume_to_layer_data(Volume(np.clip((s.volume + 1000) / 8, 0, 255), s.affine), name="export8")
+    viewer.add_image(data, **kwargs)
+    data, kwargs, _ = volume_to_layer_data(Volume(s.volume[:12], s.affine), name="slab")
+    viewer.add_image(data, **kwargs)
+    widget = _widget(viewer, gui_bundle, qtbot)
+    widget.image_combo.setCurrentText("export8")
+    _run(widget, qtbot)
+    assert not widget.banner.isHidden() and "does not look like CT in Hounsfield units" in widget.banner.text()
+    assert widget.result is None and LABELS_LAYER not in viewer.layers
+    widget.image_combo.setCurrentText("slab")
+    _run(widget, qtbot)
+    assert not widget.banner.isHidden() and "covers only" in widget.banner.text()
+    assert widget.result is not None and widget.result.domain_warnings
+
+
+def test_a_new_run_forgets_the_previous_images_results(viewer_with_sample, gui_bundle, qtbot):
+    viewer, _ = viewer_with_sample
+    widget = _widget(viewer, gui_bundle, qtbot)
+    _run(widget, qtbot)
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=30_000)
+    assert widget.export_button.isEnabled() and widget.sentence_list.count()
+    widget.signals.progress.connect(lambda stage, f: widget.cancel() if stage == "encode" else None)
+    _run(widget, qtbot)
+    assert widget.status.text() == "cancelled"
+    assert widget.result is None and not widget.export_button.isEnabled() and widget.sentence_list.count() == 0
