@@ -16,7 +16,8 @@ from .volume import RAS_TO_NAPARI, Volume
 
 def volume_to_layer_data(volume: Volume, name: str = "", **kwargs) -> tuple[np.ndarray, dict[str, Any], str]:
     """(data, kwargs, 'image') for napari: HU data, transform from the geometry, metadata kept."""
-    meta = {"mg3d": {"affine": volume.affine.tolist(), "units": "HU", "source": volume.metadata}}
+    units = volume.metadata.get("intensity_units", "unknown")
+    meta = {"mg3d": {"affine": volume.affine.tolist(), "units": units, "source": volume.metadata}}
     kw = {"name": name or str(volume.metadata.get("source", "volume")).rstrip("/").split("/")[-1],
           "metadata": meta, "colormap": "gray", "contrast_limits": _window(volume.data), **volume.napari_transform()}
     kw.update(kwargs)

@@ -40,7 +40,46 @@ def _suffix(path: Path) -> str:
 
 
 def read_volume(path: str | Path | Sequence[str | Path], **kwargs) -> Volume:
-    """Read a NIfTI/NRRD file, a DICOM folder or a list of DICOM files into a :class:`Volume`."""
+    """Read a NIfTI/NRRD file, a DICOM folder or a list of DICOM files into a :class:`Volume`.
+
+    Every reader refuses a zero or singular affine (a geometry it cannot know), and records in the metadata
+    ``intensity_units``: "HU" only when the data is Hounsfield units (a CT series whose rescale gives HU, or
+    values with air near -1000), else "unknown"; and ``stored_dtype``, the voxel type in the file."""
+    volume = _read_any(path, **kwargs)
+    det = abs(float(np.linalg.det(volume.affine[:3, :3])))
+    if not np.isfinite(det) or det < 1e-9:
+        raise VolumeReadError(f"{volume.metadata.get('source', path)} has a zero or singular affine (voxel volume "
+                              f"{det:.3g} mm^3: a spacing of 0 or parallel axes); fix its header's spacing and "
+                              "direction before using it")
+    volume.metadata.setdefault("intensity_units", _intensity_units(volume))
+    return volume
+
+
+def _intensity_units(volume: Volume) -> str:
+    """'HU' when the voxels are Hounsfield units, as far as the file says or the values show, else 'unknown'."""
+    if volume.metadata.get("format") == "dicom":
+        tags = volume.metadata.get("tags", {})
+        if tags.get("Modality") == "CT" and tags.get("RescaleType", "HU") in ("HU", "", None):
+            return "HU"
+        return "unknown"
+    data = volume.data
+    sample = np.asarray(data[:: max(1, data.shape[0] // 16), ::4, ::4])
+    return "HU" if sample.size and -1100 <= float(np.percentile(sample, 0.5)) <= -500 else "unknown"
+
+
+def check_declared_size(shape: Sequence[int], path: Path, bytes_per_voxel: int = 4) -> None:
+    """Refuse, from the header alone, a volume that could not be held in memory (before any allocation)."""
+    from .inference import available_memory_bytes
+
+    need = int(np.prod([int(s) for s in shape], dtype=np.float64)) * bytes_per_voxel
+    have = available_memory_bytes()
+    if need > have:
+        raise VolumeReadError(f"{path}: its header declares {tuple(int(s) for s in shape)} voxels, "
+                              f"{need / 2**30:.1f} GiB as float32, more than the {have / 2**30:.1f} GiB of memory "
+                              "available; the header is wrong, or crop the volume first")
+
+
+def _read_any(path, **kwargs) -> Volume:
     if isinstance(path, (list, tuple)):
         return read_dicom_series(path, **kwargs)
     path = Path(path).expanduser()
@@ -113,6 +152,7 @@ def read_nifti(path: str | Path, nan_policy: str = "raise") -> Volume:
     try:
         img = _load_nifti_image(path)
         raw = img.dataobj
+        check_declared_size(raw.shape, path)
         if len(raw.shape) >= 4 and raw.shape[3] > 1:
             _as_3d(np.empty(raw.shape, np.uint8), path)  # raises with the 4D message without decoding
         data = np.asarray(img.get_fdata(dtype=np.float32))
@@ -129,7 +169,7 @@ def read_nifti(path: str | Path, nan_policy: str = "raise") -> Volume:
     meta = {
         "source": str(path), "format": "nifti", "qform_code": int(header["qform_code"]),
         "sform_code": int(header["sform_code"]), "descrip": header["descrip"].tobytes().rstrip(b"\0").decode("latin-1"),
-        "units": header.get_xyzt_units()[0], "stored_dtype": str(header.get_data_dtype()),
+        "spatial_units": header.get_xyzt_units()[0], "stored_dtype": str(header.get_data_dtype()),
     }
     return Volume(data.astype(np.float32, copy=False), affine, meta)
 
@@ -316,7 +356,9 @@ def read_dicom_series(
     else:
         gap = float(slices[0][1].get("SpacingBetweenSlices", slices[0][1].get("SliceThickness", 1.0)) or 1.0)
 
-    pixels = np.empty((n, *sizes.pop()), np.float32)
+    shape = (n, *sizes.pop())
+    check_declared_size(shape, Path(label))
+    pixels = np.empty(shape, np.float32)
     for k, (f, header) in enumerate(slices):
         try:
             ds = pydicom.dcmread(str(f))
@@ -367,7 +409,8 @@ def write_nifti(path: str | Path, data: np.ndarray, reference: Volume | np.ndarr
                 dtype: np.dtype | type | None = None, description: str = "") -> Path:
     """Write ``data`` (a0, a1, a2), on the grid of ``reference`` (a Volume or its 4x4 affine), as NIfTI.
 
-    Integer/bool data is written as a label map (uint8/uint16, NIfTI intent 'label'); other data (or
+    Integer/bool data is written as a label map (uint8, uint16 or uint32, the smallest that holds its largest
+    value; NIfTI intent 'label'); other data (or
     ``label=False``) as ``dtype`` intensities (default float32). ``description`` goes into the header's
     ``descrip`` (at most 80 characters). The file overlays the source image exactly in any viewer (same
     affine, sform and qform).
@@ -383,7 +426,7 @@ def write_nifti(path: str | Path, data: np.ndarray, reference: Volume | np.ndarr
         top = int(data.max()) if data.size else 0
         if data.size and int(data.min()) < 0:
             raise ValueError(f"label maps must be >= 0; got minimum {int(data.min())}")
-        out = data.astype(np.uint8 if top < 256 else np.uint16)
+        out = data.astype(np.uint8 if top < 2**8 else np.uint16 if top < 2**16 else np.uint32)  # never wraps
     else:
         out = data.astype(dtype or np.float32)
     img = nib.Nifti1Image(np.transpose(out, (2, 1, 0)), affine[:, [2, 1, 0, 3]])

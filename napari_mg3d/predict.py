@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", type=Path, required=True, help="output folder (empty or new)")
     ap.add_argument("--bundle", type=Path, default=None, help=f"model bundle (default: {default_bundle_path()})")
     ap.add_argument("--device", default="auto", help="cuda | mps | cpu | auto (default: auto)")
+    ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                    help="auto: bf16 on CUDA and on CPUs with AMX, else fp32 (default: auto)")
     ap.add_argument("--sentence", action="append", default=None,
                     help="sentence to map (repeatable); default: the drafted report's sentences")
     ap.add_argument("--outputs", nargs="+", default=list(OUTPUTS), choices=OUTPUTS)
@@ -46,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(a: argparse.Namespace) -> Path:
     check_output_folder(a.out, a.overwrite)  # before the model runs: a bad --out fails at once
-    predictor = Predictor(a.bundle, device=a.device, allow_out_of_domain=a.force)
+    predictor = Predictor(a.bundle, device=a.device, precision=a.precision, allow_out_of_domain=a.force)
     print(f"model: {summary_line(predictor.model_card, predictor.bundle.name)}", flush=True)
     volume = read_volume(a.input)
     result = predictor.run(volume, sentences=a.sentence, outputs=tuple(a.outputs),

@@ -288,3 +288,18 @@ def test_an_export_never_overwrites_silently_and_leaves_no_stale_heat_maps(gui_b
     assert sorted(p.name for p in (tmp_path / "out").glob("heatmap_*.nii.gz")) == ["heatmap_00.nii.gz"]
     assert (tmp_path / "out" / "my_notes.txt").read_text() == "keep"  # only MG-3D's own files are replaced
     assert json.loads((tmp_path / "out" / "heatmaps.json").read_text()) == {"heatmap_00.nii.gz": "Only one."}
+
+
+def test_a_pretrained_bundle_scores_zero_shot_under_bf16(tmp_path, tiny_config, sample):
+    # pre-training's bundle (MLM head, no classifier) on a bf16 device: every read-out must take bf16 features
+    from napari_mg3d.model import MG3DModel
+    from napari_mg3d.model.pretraining import MLMHead
+
+    model = MG3DModel(tiny_config)
+    bundle = save_bundle(tmp_path / "pre", model, heads={"mlm_head": MLMHead(tiny_config.fusion_dim, model.text.vocab_size)})
+    s, _ = sample
+    volume = Volume(s.volume, s.affine)
+    result = Predictor(bundle, device="cpu", precision="bf16").run(volume, outputs=("scores",))
+    plain = Predictor(bundle, device="cpu", precision="fp32").run(volume, outputs=("scores",))
+    assert result.score_source == "zero-shot (MLM pseudo-likelihood)" and set(result.scores) == set(LABELS)
+    assert max(abs(result.scores[k] - plain.scores[k]) for k in LABELS) < SCORE_TOL_BF16

@@ -317,3 +317,50 @@ def test_fast_gzip_path_reads_the_same_voxels_scaling_and_geometry_as_nibabel(tm
     np.testing.assert_array_equal(fast.data, slow.data)
     np.testing.assert_array_equal(fast.affine, slow.affine)
     assert fast.data[0, 0, 0] == -100 * 2.0 - 1024.0 and fast.shape == (4, 5, 6)
+
+
+def test_a_tiny_header_that_declares_a_huge_volume_is_refused_before_any_allocation(tmp_path):
+    import nibabel as nib
+
+    header = nib.Nifti1Header()
+    header.set_data_shape((4000, 4000, 4000))
+    header.set_data_dtype(np.int16)
+    path = tmp_path / "huge.nii"
+    with open(path, "wb") as fh:
+        header.write_to(fh)
+    assert path.stat().st_size < 1024
+    with pytest.raises(VolumeReadError, match=r"huge.nii: its header declares \(4000, 4000, 4000\) voxels, 238.4 GiB"):
+        read_volume(path)
+
+
+def test_a_zero_or_singular_affine_is_refused_naming_the_file(tmp_path):
+    import nibabel as nib
+
+    for name, affine in (("zero.nii", np.diag([0.0, 0.0, 0.0, 1.0])), ("flat.nii", np.diag([1.0, 1.0, 0.0, 1.0]))):
+        nib.save(nib.Nifti1Image(np.zeros((4, 5, 6), np.int16), np.eye(4)), str(tmp_path / name))
+        with open(tmp_path / name, "r+b") as fh:  # nibabel refuses to write such a header: patch it in
+            header = nib.Nifti1Header.from_fileobj(fh)
+            header["qform_code"], header["sform_code"] = 0, 1
+            for row, key in enumerate(("srow_x", "srow_y", "srow_z")):
+                header[key] = affine[row]
+            fh.seek(0)
+            header.write_to(fh)
+        with pytest.raises(VolumeReadError, match=f"{name} has a zero or singular affine"):
+            read_volume(tmp_path / name)
+
+
+def test_label_values_above_255_are_written_in_a_type_that_holds_them(tmp_path):
+    labels = np.zeros((4, 5, 6), np.int64)
+    labels[0, 0, 0], labels[1, 1, 1], labels[2, 2, 2] = 300, 70_000, 255
+    back = read_volume(write_nifti(tmp_path / "big_labels.nii.gz", labels, np.eye(4), label=True))
+    assert back.metadata["stored_dtype"] == "uint32"
+    np.testing.assert_array_equal(back.data.astype(np.int64), labels)
+
+
+def test_units_say_hu_only_when_the_data_is_hu(tmp_path, shared_data):
+    ct = read_volume(shared_data / "ct" / "example_ct_sm.nii.gz")
+    assert ct.metadata["intensity_units"] == "HU"
+    assert read_volume(shared_data / "ct" / "example_ct_dicom").metadata["intensity_units"] == "HU"
+    windowed = np.clip((ct.data + 1000) / 8, 0, 255).astype(np.uint8)
+    export = read_volume(write_nifti(tmp_path / "export.nii.gz", windowed, ct.affine, label=False, dtype=np.uint8))
+    assert export.metadata["intensity_units"] == "unknown" and export.metadata["stored_dtype"] == "uint8"

@@ -383,6 +383,6 @@ def zero_shot_scores(model, mlm_head: nn.Module, tokens: torch.Tensor, findings:
     logp = mlm_head(fused[idx, torch.tensor(position, device=ids.device)]).log_softmax(-1)
     picked = logp[idx, torch.tensor(target, device=ids.device)]
     owner_t = torch.tensor(owner, device=ids.device)
-    pll = torch.zeros(ids.shape[0], device=ids.device).index_add_(0, owner_t, picked)
+    pll = torch.zeros(ids.shape[0], device=ids.device).index_add_(0, owner_t, picked.float())  # bf16 under autocast
     pll = pll / torch.bincount(owner_t, minlength=ids.shape[0]).clamp_min(1)
     return pll.view(len(findings), 2).softmax(-1)[:, 0]
