@@ -51,6 +51,8 @@ class Bundle:
     missing_keys: list[str] = field(default_factory=list)
     unexpected_keys: list[str] = field(default_factory=list)
     path: Path | None = None
+    messages: list[str] = field(default_factory=list)  # what a user of its results must know (naming its path)
+    failed_heads: dict[str, str] = field(default_factory=dict)  # head -> why it could not be used
 
     @property
     def config(self) -> MG3DConfig:
@@ -75,6 +77,12 @@ class Bundle:
     def labels(self) -> list[str]:
         return list(self.meta.get("labels", []))
 
+    def _note_failed(self, name: str, why: str) -> None:
+        if name not in self.failed_heads:
+            self.failed_heads[name] = why
+            self.messages.append(f"bundle {self.path}: the {name} head is not used: {why}")
+            log.warning("%s", self.messages[-1])
+
     def build_heads(self, skip: tuple[str, ...] = ()) -> tuple[dict[str, nn.Module], dict[str, dict]]:
         """Rebuild the bundle's heads with their weights: ({name: module}, {name: spec}). A head without a
         description or whose weights do not fit is left out with a logged warning (its output is disabled)."""
@@ -88,13 +96,19 @@ class Bundle:
                 continue
             spec = specs.get(name) or known.get(name)
             if spec is None:
-                log.warning("bundle head %r has no description; ignored", name)
+                self._note_failed(name, "it has no description in config.json (head_specs)")
                 continue
             try:
                 head = build_head(spec, self.config, self.model.text.vocab_size)
                 head.load_state_dict(state)
-            except (ValueError, RuntimeError, KeyError) as err:
-                log.warning("bundle head %r could not be loaded (%s); its output is disabled", name, err)
+            except RuntimeError as err:  # load_state_dict: sizes or names that do not fit
+                wrong = [line.strip() for line in str(err).splitlines() if "size mismatch" in line][:2]
+                why = ("its weights have the wrong shape for its description (" + "; ".join(wrong) + ")") if wrong \
+                    else f"its weights do not fit its description ({str(err).splitlines()[0]})"
+                self._note_failed(name, why)
+                continue
+            except (ValueError, KeyError) as err:
+                self._note_failed(name, f"its description cannot be built ({err})")
                 continue
             heads[name], specs[name] = head, spec
         return heads, {k: v for k, v in specs.items() if k in heads}
@@ -284,7 +298,7 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
         try:
             tensors = load_file(str(weights))
         except Exception as err:  # safetensors raises its own error types
-            raise BundleError(f"{weights} could not be read as safetensors: {err}") from err
+            raise BundleError(f"{path}: its model.safetensors could not be read as safetensors: {err}") from err
         for alias, target in (meta.get("tied_weights") or {}).items():
             if target in tensors:
                 tensors[alias] = tensors[target]
@@ -306,11 +320,16 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
         raise BundleError(f"{path}: weights do not fit the architecture in its config.json: {mismatched[:5]}")
     result = model.load_state_dict(model_state, strict=False)
     missing = [k for k in result.missing_keys if not k.startswith("text.")]
+    messages = []
     if missing:
-        log.warning("bundle %s: %d weights missing, left at initial values: %s", path, len(missing), missing[:10])
+        parts = sorted({k.split(".")[0] for k in missing})
+        messages.append(f"bundle {path}: {len(missing)} weights of the model ({', '.join(parts)}) are missing and "
+                        "were left at random initial values; its outputs that use them mean nothing")
     if result.unexpected_keys:
-        log.warning("bundle %s: %d unexpected weights ignored: %s", path, len(result.unexpected_keys),
-                    result.unexpected_keys[:10])
+        messages.append(f"bundle {path}: {len(result.unexpected_keys)} unexpected weights are not used by this model "
+                        f"({', '.join(result.unexpected_keys[:3])})")
+    for message in messages:
+        log.warning("%s", message)
     heads: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         if key.startswith("model."):
@@ -318,4 +337,4 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
         head, _, rest = key.partition(".")
         heads.setdefault(head, {})[rest] = value.float() if value.is_floating_point() else value
     model.to(device).eval()
-    return Bundle(model, meta, heads, missing, list(result.unexpected_keys), path)
+    return Bundle(model, meta, heads, missing, list(result.unexpected_keys), path, messages)

@@ -238,13 +238,19 @@ class Predictor:
     # ----- heads --------------------------------------------------------------------------------------
     def capabilities(self) -> dict[str, str]:
         """Each output -> '' if available, else why not."""
-        h = self.heads
+        h, failed = self.heads, self.bundle.failed_heads
+        if "segmentation" in failed:
+            segmentation = f"the bundle's segmentation head cannot be used: {failed['segmentation']}"
+        else:
+            segmentation = "" if "segmentation" in h else "the bundle has no segmentation head (fine-tune with --task segment)"
         return {
-            "segmentation": "" if "segmentation" in h else "the bundle has no segmentation head (fine-tune with --task segment)",
+            "segmentation": segmentation,
             "scores": "" if choose_score_source(h, self.config) else
                       "the bundle has neither a classifier, a prompt head, the MLM head nor sentence-volume "
                       "alignment pre-training for zero-shot scores",
-            "report": "" if "report" in h else "the bundle has no report head (fine-tune with --task report)",
+            "report": "" if "report" in h else (f"the bundle's report head cannot be used: {failed['report']}"
+                                                if "report" in failed else
+                                                "the bundle has no report head (fine-tune with --task report)"),
             "heatmaps": "",
         }
 
@@ -413,7 +419,7 @@ class Predictor:
         self.check_volume(volume)  # memory and shape, from the header alone
         result.domain_warnings, result.overrides = self.check_domain(
             volume, str(volume.metadata.get("source") or "the volume"))
-        result.messages += result.domain_warnings + result.overrides
+        result.messages += result.domain_warnings + result.overrides + list(self.bundle.messages)
         stages = ["encode"] + [o for o in ("segmentation", "scores", "report", "heatmaps") if o in outputs]
 
         def step(name: str, i: int) -> float:

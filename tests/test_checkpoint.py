@@ -164,3 +164,24 @@ def test_every_bundle_has_a_model_card_written_or_derived_from_its_provenance(ti
     del meta["model_card"]
     legacy.write_text(json.dumps(meta))
     assert load_bundle(tmp_path / "s").model_card == written
+
+
+def test_a_misspelt_config_key_is_warned_naming_it_and_errors_name_the_users_zip(tiny_model, tmp_path, caplog):
+    import zipfile
+
+    from napari_mg3d.model import MG3DConfig
+
+    with caplog.at_level("WARNING"):
+        MG3DConfig.from_dict({**tiny_model.config.to_dict(), "windw_size": 7})
+    assert "unknown key 'windw_size'" in caplog.text and "did you mean 'window_size'" in caplog.text
+    archive = save_bundle(tmp_path / "model.zip", tiny_model)
+    with zipfile.ZipFile(archive) as zf:
+        members = {n: zf.read(n) for n in zf.namelist()}
+    members["model.safetensors"] = b"not safetensors"
+    bad = tmp_path / "bad.zip"
+    with zipfile.ZipFile(bad, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    with pytest.raises(BundleError) as err:
+        load_bundle(bad)
+    assert str(err.value).startswith(f"{bad}: its model.safetensors could not be read") and "mg3d-bundle-" not in str(err.value)

@@ -303,3 +303,25 @@ def test_a_pretrained_bundle_scores_zero_shot_under_bf16(tmp_path, tiny_config, 
     plain = Predictor(bundle, device="cpu", precision="fp32").run(volume, outputs=("scores",))
     assert result.score_source == "zero-shot (MLM pseudo-likelihood)" and set(result.scores) == set(LABELS)
     assert max(abs(result.scores[k] - plain.scores[k]) for k in LABELS) < SCORE_TOL_BF16
+
+
+def test_a_wrong_shape_head_and_missing_weights_reach_the_result_naming_the_bundle(gui_bundle, sample, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(gui_bundle, broken)
+    config = json.loads((broken / "config.json").read_text())
+    config["head_specs"]["segmentation"]["n_classes"] = 5  # the weights are for 28 classes
+    (broken / "config.json").write_text(json.dumps(config))
+    tensors = load_file(str(broken / "model.safetensors"))
+    save_file({k: v for k, v in tensors.items() if not k.startswith("model.proj16.")}, str(broken / "model.safetensors"))
+    _, vol = sample
+    pred = Predictor(broken, device="cpu")
+    why = pred.capabilities()["segmentation"]
+    assert "segmentation head cannot be used: its weights have the wrong shape" in why and "no segmentation head" not in why
+    result = pred.run(vol, outputs=("segmentation", "scores"))
+    assert result.labels is None
+    assert any("wrong shape" in m and str(broken) in m for m in result.messages)
+    assert any("are missing and were left at random initial values" in m and "proj16" in m for m in result.messages)

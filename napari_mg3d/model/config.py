@@ -7,6 +7,7 @@ Spatial sizes are in voxels and given in the model's axis order (z, y, x) =
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -156,6 +157,9 @@ class MG3DConfig:
                                 RETIRED_OPTIONS[key])
             elif key not in names:
                 extra[key] = value
+                close = difflib.get_close_matches(key, sorted(names), n=1)
+                log.warning("model config: unknown key %r kept aside, not used%s", key,
+                            f" (did you mean {close[0]!r}?)" if close else "")
         return cls(**known, extra=extra)
 
     def replace(self, **changes: Any) -> MG3DConfig:
