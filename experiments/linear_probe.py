@@ -24,8 +24,8 @@ import torch.nn.functional as F
 
 from napari_mg3d.checkpoint import load_bundle
 from napari_mg3d.labels import LABELS
-
 from training import metrics
+
 from .synthetic_proof import HELD_OUT_SEED, VALIDATION_SEED, token_features
 
 POOLINGS = {

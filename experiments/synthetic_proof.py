@@ -33,14 +33,13 @@ import torch
 import torch.nn.functional as F
 
 from napari_mg3d.checkpoint import load_bundle
+from napari_mg3d.labels import LABELS
 from napari_mg3d.model.heads import alignment_prompt_logits, alignment_zero_shot_margins, margins_to_scores
 from napari_mg3d.model.scoring import available_score_sources, finding_scores
 from napari_mg3d.model.text import tokenize_reports
 from napari_mg3d.preprocess import labels_to_model, preprocess, preprocess_config_of
-from napari_mg3d.labels import LABELS
 from napari_mg3d.synthetic import generate_sample
 from napari_mg3d.volume import Volume
-
 from training import finetune, metrics, pretrain
 from training.params import PretrainParams
 

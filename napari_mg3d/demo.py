@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from .export import write_result
-from .model_card import summary_line
 from .inference import Predictor, default_bundle_path
 from .io import read_volume
 from .labels import LABELS
+from .model_card import summary_line
 from .synthetic import generate_sample, save_sample
 
 

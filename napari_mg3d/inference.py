@@ -20,14 +20,14 @@ import torch.nn.functional as F
 
 from .checkpoint import Bundle, load_bundle
 from .cuda_graphs import GraphedCall
+from .domain import check_domain, refusals
+from .labels import LABELS
 from .model.heads import GenerationSettings, use_channels_last
 from .model.mg3d import VolumeEncoding
-from .domain import check_domain, refusals
 from .model.scoring import SOURCE_TITLES, choose_score_source, finding_scores
-from .model_card import modality_of, score_heading
 from .model.text import tokenize_reports
+from .model_card import modality_of, score_heading
 from .preprocess import PreprocessRecord, preprocess, preprocess_config_of, to_original, to_source_axes
-from .labels import LABELS
 from .volume import Volume
 
 log = logging.getLogger(__name__)
@@ -358,6 +358,13 @@ class Predictor:
             up = F.interpolate(grid[:, None], size=c.input_size, mode="trilinear", align_corners=False)[:, 0]
         return up.float().cpu().numpy()
 
+    def _cut_sentences(self, sentences: list[str]) -> list[str]:
+        """Say which sentences are longer than the text encoder reads for one sentence (the rest is cut)."""
+        limit = self.config.max_sentence_words
+        lengths = [len(ids) for ids in self.model.text.tokenizer(sentences, truncation=False)["input_ids"]]
+        return [f"sentence {i + 1} has {n} tokens; its heat map reads only the first {limit} "
+                f"(\"{s[:40]}…\")" for i, (s, n) in enumerate(zip(sentences, lengths)) if n > limit]
+
     def heatmap(self, sentence: str) -> np.ndarray:
         """One sentence's heat map on the source grid of the cached volume (float32 in [0, 1])."""
         return to_original(self.sentence_heatmaps([sentence])[0], self._record).astype(np.float32)
@@ -449,6 +456,7 @@ class Predictor:
                 result.sentences = [s for s in (sentences if sentences is not None else result.report) if s.strip()]
                 if result.sentences:
                     result.heatmaps_model = self.sentence_heatmaps(result.sentences)
+                    result.messages += self._cut_sentences(result.sentences)
                 else:
                     result.messages.append("heat maps skipped: no sentences (no report drafted and none given)")
             result.timings[stage] = time.perf_counter() - t

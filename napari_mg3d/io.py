@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import os
 import warnings
 import zlib
 from collections import defaultdict
@@ -250,6 +251,11 @@ def _dicom_files(source: str | Path | Iterable[str | Path]) -> list[Path]:
         root = Path(source).expanduser()
         if not root.exists():
             raise VolumeReadError(f"{root} does not exist")
+        if root.is_dir():
+            try:  # rglob skips a folder it may not list, which would make it look empty
+                os.listdir(root)
+            except OSError as err:
+                raise VolumeReadError(f"{root} cannot be read ({err.strerror or err}); check its permissions") from err
         files = [p for p in sorted(root.rglob("*")) if p.is_file()] if root.is_dir() else [root]
         if root.is_dir() and not files:
             raise VolumeReadError(f"{root} is an empty folder; expected a DICOM series")

@@ -65,9 +65,9 @@ def gui_bundle(tmp_path_factory, tiny_text_encoder_dir):
     """A 64^3 tiny bundle with every head (segmentation, classifier, report), randomly initialised: enough to
     exercise the Predictor and the widget end to end in seconds."""
     from napari_mg3d.checkpoint import save_bundle
+    from napari_mg3d.labels import LABELS, ORGANS
     from napari_mg3d.model import MG3DModel, preset_config
     from napari_mg3d.model.heads import build_head
-    from napari_mg3d.labels import LABELS, ORGANS
 
     torch.manual_seed(0)
     cfg = preset_config("tiny", text_encoder=str(tiny_text_encoder_dir), fusion_dim=32, fusion_heads=4)

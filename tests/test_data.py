@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from napari_mg3d.preprocess import PreprocessConfig
 from napari_mg3d.labels import LABELS
+from napari_mg3d.preprocess import PreprocessConfig
 from napari_mg3d.synthetic import write_dataset
 from training import data as D
 

@@ -325,3 +325,11 @@ def test_a_wrong_shape_head_and_missing_weights_reach_the_result_naming_the_bund
     assert result.labels is None
     assert any("wrong shape" in m and str(broken) in m for m in result.messages)
     assert any("are missing and were left at random initial values" in m and "proj16" in m for m in result.messages)
+
+
+def test_a_sentence_longer_than_the_encoder_reads_is_said_to_be_cut(gui_bundle, sample):
+    _, vol = sample
+    long = "There is a nodule " + "and a very long description of it " * 40 + "in the right upper lobe."
+    result = Predictor(gui_bundle, device="cpu").run(vol, sentences=["Short one.", long], outputs=("heatmaps",))
+    cut = [m for m in result.messages if "reads only the first" in m]
+    assert len(cut) == 1 and cut[0].startswith("sentence 2 has") and result.heatmaps_model.shape[0] == 2

@@ -8,8 +8,8 @@ import torch
 
 pytest.importorskip("torchmetrics")
 
-from napari_mg3d.labels import LABELS  # noqa: E402
 from experiments import linear_probe  # noqa: E402
+from napari_mg3d.labels import LABELS  # noqa: E402
 
 
 def _data(n: int, seed: int):

@@ -332,3 +332,20 @@ def test_yaml_values_are_read_by_each_option_type(tmp_path):
         cfg.write_text(text)
         with pytest.raises(SystemExit, match=message):
             parse_params(["--config", str(cfg)], "pretrain", "")
+
+
+def test_the_training_clis_say_a_user_error_in_one_line_and_exit_2(tmp_path, capsys):
+    from training import evaluate, finetune, pretrain
+
+    cases = [(pretrain.main, ["--data", f"manifest:{tmp_path / 'nope.jsonl'}", "--out-dir", str(tmp_path / "p")],
+              "nope.jsonl does not exist"),
+             (finetune.main, ["--bundle", str(tmp_path / "no_bundle"), "--out-dir", str(tmp_path / "f")],
+              "no_bundle does not exist"),
+             (evaluate.main, ["--bundle", str(tmp_path / "no_bundle")], "no_bundle not found")]
+    for main, argv, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err and "Traceback" not in err, (main, err)
+    with pytest.raises(FileNotFoundError):  # --debug: the traceback, for a bug report
+        pretrain.main(cases[0][1] + ["--debug"])

@@ -326,3 +326,30 @@ def test_a_new_run_forgets_the_previous_images_results(viewer_with_sample, gui_b
     _run(widget, qtbot)
     assert widget.status.text() == "cancelled"
     assert widget.result is None and not widget.export_button.isEnabled() and widget.sentence_list.count() == 0
+
+
+def test_the_reader_never_raises_into_napari(tmp_path, monkeypatch):
+    from napari_mg3d._reader import napari_get_reader
+
+    shown = []
+    monkeypatch.setattr("napari.utils.notifications.show_error", lambda msg: shown.append(msg))
+    corrupt = tmp_path / "scan.nii.gz"
+    corrupt.write_bytes(b"\x1f\x8b not a volume")
+    locked = tmp_path / "locked_series"
+    locked.mkdir()
+    (locked / "1.dcm").write_bytes(b"x")
+    assert napari_get_reader(str(corrupt))(str(corrupt)) == [(None,)]
+    assert "MG-3D could not open" in shown[-1] and "scan.nii.gz" in shown[-1]
+    import os
+
+    real_iterdir, real_listdir = type(locked).iterdir, os.listdir
+
+    def denied(*_):
+        raise PermissionError(13, "Permission denied")
+
+    # root may read anything, so the test plays the refusal a user without permission would get
+    monkeypatch.setattr(type(locked), "iterdir", lambda self: denied() if self == locked else real_iterdir(self))
+    monkeypatch.setattr(os, "listdir", lambda p=".": denied() if str(p) == str(locked) else real_listdir(p))
+    reader = napari_get_reader(str(locked))
+    assert reader is not None and reader(str(locked)) == [(None,)]
+    assert "locked_series" in shown[-1] and "Permission denied" in shown[-1]

@@ -28,8 +28,8 @@ import torch
 from torch.utils.data import Dataset
 
 from napari_mg3d.io import VolumeReadError, read_volume
-from napari_mg3d.preprocess import PreprocessConfig, labels_to_model, preprocess
 from napari_mg3d.labels import LABELS, ORGANS
+from napari_mg3d.preprocess import PreprocessConfig, labels_to_model, preprocess
 from napari_mg3d.reports import sentence_texts
 from napari_mg3d.synthetic import finding_prevalence, generate_sample
 from napari_mg3d.volume import Volume

@@ -32,6 +32,7 @@ from napari_mg3d.model.text import tokenize_reports
 
 from . import metrics as M
 from .data import build_dataset, collate
+from .params import run_cli
 
 log = logging.getLogger("training.evaluate")
 
@@ -150,6 +151,10 @@ def format_table(res: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str]) -> dict:
     ap = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", required=True, help="model bundle (directory or .zip)")
@@ -160,6 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--synthetic-shape", type=int, nargs=3, default=[96, 128, 160])
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default="", help="write the results as JSON here")
+    ap.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     a = ap.parse_args(argv)
     res = evaluate(a.bundle, a.data, a.bootstrap, a.seed, a.synthetic_shape, a.limit, a.device)
     print(format_table(res))

@@ -26,14 +26,23 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from napari_mg3d.checkpoint import load_bundle, save_bundle
+from napari_mg3d.labels import ALL_CLASSES, LABELS, LESION_CLASSES, ORGANS
 from napari_mg3d.model import ConfigError, MG3DModel, build_model_config
 from napari_mg3d.model.heads import CLASSIFIER_NORMS, PROMPT_PAIR, build_head, prompt_batch
 from napari_mg3d.preprocess import preprocess_config_of
-from napari_mg3d.labels import ALL_CLASSES, LABELS, LESION_CLASSES, ORGANS
 
 from . import metrics as M
 from .data import build_dataset, collate, label_prevalence
-from .params import PRECISIONS, model_overrides, option_name, parse_devices, parse_params, resolve_strategy, validate_params
+from .params import (
+    PRECISIONS,
+    model_overrides,
+    option_name,
+    parse_devices,
+    parse_params,
+    resolve_strategy,
+    run_cli,
+    validate_params,
+)
 
 log = logging.getLogger("training.finetune")
 TASKS = ("classify", "prognosis", "segment", "report", "vocabfine")
@@ -367,7 +376,7 @@ def validate(p: FinetuneParams, model, head, spec, names, pre_cfg, device) -> di
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    run(parse_params(argv, "python -m training.finetune", __doc__, FinetuneParams))
+    run_cli(lambda args: run(parse_params(args, "python -m training.finetune", __doc__, FinetuneParams)), argv)
 
 
 if __name__ == "__main__":

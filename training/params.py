@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
-
 
 PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
 
@@ -113,6 +114,28 @@ def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
     return one(hint.split("[")[0], value)
 
 
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that are the user's to fix (a file, a value, a bundle): one line, not a traceback."""
+    from napari_mg3d.checkpoint import BundleError
+    from napari_mg3d.model.text import TextEncoderUnavailable
+
+    return (ValueError, OSError, BundleError, TextEncoderUnavailable)
+
+
+def run_cli(main: Callable[[list[str]], Any], argv: list[str] | None = None) -> Any:
+    """Run a training CLI: a user error prints ``error: ...`` in one line and exits 2; ``--debug`` shows
+    the traceback instead."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        return main(argv)
+    except user_errors() as err:
+        if debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def option_name(field_name: str) -> str:
     """The command-line spelling of a parameter or model-config field: input_size -> --input-size."""
     return "--" + field_name.replace("_", "-")
@@ -181,6 +204,7 @@ def build_parser(prog: str, description: str, params_cls=PretrainParams) -> argp
     parser = argparse.ArgumentParser(prog=prog, description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=str, default="", help="YAML file with any of the options below")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     for f in dataclasses.fields(params_cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         text = f.metadata.get("help", "")
@@ -202,7 +226,7 @@ def parse_params(argv: list[str] | None, prog: str, description: str, params_cls
             raise SystemExit(f"{args.config}: unknown options {sorted(unknown)}; see --help")
         fields = {f.name: f for f in dataclasses.fields(params_cls)}
         values.update({k: _coerce(fields[k], v, args.config) for k, v in loaded.items()})
-    values.update({k: v for k, v in vars(args).items() if v is not None and k != "config"})
+    values.update({k: v for k, v in vars(args).items() if v is not None and k not in ("config", "debug")})
     params = params_cls(**values)
     validate_params(params)
     return params

@@ -29,8 +29,16 @@ from napari_mg3d.preprocess import PreprocessConfig, preprocess_config_of
 
 from .data import StepIndexedSampler, build_dataset, collate_keeping_empty
 from .module import NonFiniteLossError, PretrainModule
-from .params import (PretrainParams, model_overrides, option_name, parse_devices, parse_params, resolve_strategy,
-                     validate_params)
+from .params import (
+    PretrainParams,
+    model_overrides,
+    option_name,
+    parse_devices,
+    parse_params,
+    resolve_strategy,
+    run_cli,
+    validate_params,
+)
 
 log = logging.getLogger("training.pretrain")
 
@@ -230,8 +238,7 @@ def bundle_from_checkpoint(checkpoint: str | Path, bundle: str | Path) -> Path:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    p = parse_params(argv, "python -m training.pretrain", __doc__)
-    run(p)
+    run_cli(lambda args: run(parse_params(args, "python -m training.pretrain", __doc__)), argv)
 
 
 if __name__ == "__main__":

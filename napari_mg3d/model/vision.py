@@ -11,7 +11,6 @@ from torch import nn
 
 from .config import MG3DConfig
 
-
 _SWIN_ARGS = inspect.signature(SwinTransformer).parameters
 
 

@@ -10,7 +10,6 @@ from ..labels import LABELS
 from .phantom import CANONICAL_AXCODES, PhantomBuilder, SyntheticSample, canonical_affine, reorient
 from .vocabulary import NEGATIVES, NORMAL_FILLER, describe, link_sentence
 
-
 DEFAULT_N_FINDINGS = (1, 4)  # a sample shows this many of the 18 findings (inclusive range, uniform)
 
 

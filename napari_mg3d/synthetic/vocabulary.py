@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..labels import LABELS
 from ..reports import is_negated
 
 LOBES = {
