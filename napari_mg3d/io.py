@@ -154,6 +154,9 @@ def read_nifti(path: str | Path, nan_policy: str = "raise") -> Volume:
         img = _load_nifti_image(path)
         raw = img.dataobj
         check_declared_size(raw.shape, path)
+        if img.get_data_dtype().names is not None:
+            raise VolumeReadError(f"{path} holds RGB/vector voxels ({img.get_data_dtype()}); MG-3D needs a "
+                                  "grey-value CT or MR volume")
         if len(raw.shape) >= 4 and raw.shape[3] > 1:
             _as_3d(np.empty(raw.shape, np.uint8), path)  # raises with the 4D message without decoding
         data = np.asarray(img.get_fdata(dtype=np.float32))
@@ -291,12 +294,13 @@ def read_dicom_series(
 
     files = _dicom_files(source)
     label = str(source) if isinstance(source, (str, Path)) else f"{len(files)} DICOM files"
-    headers, skipped = [], defaultdict(int)
+    headers, skipped, unreadable = [], defaultdict(int), []
     for f in files:
         try:
             ds = pydicom.dcmread(str(f), stop_before_pixels=True)
         except (InvalidDicomError, OSError, EOFError, ValueError):
             skipped["not DICOM"] += 1
+            unreadable.append(f.name)
             continue
         if "PixelData" not in ds and not hasattr(ds, "Rows"):
             skipped["no pixel data"] += 1
@@ -356,6 +360,9 @@ def read_dicom_series(
             where = [f"{proj[i]:.2f}->{proj[i + 1]:.2f} mm" for i in np.flatnonzero(uneven)[:5]]
             msg = (f"{label}: uneven slice spacing (typical {gap:.3f} mm; at {where}); "
                    "a slice may be missing")
+            if unreadable:
+                msg += (f" ({len(unreadable)} files there could not be read as DICOM, e.g. "
+                        f"{', '.join(unreadable[:3])}: a corrupt slice is the likely cause)")
             if not allow_uneven:
                 raise VolumeReadError(msg + ". Pass allow_uneven=True to read it with the typical spacing.")
             warnings.warn(msg, stacklevel=2)
@@ -368,6 +375,12 @@ def read_dicom_series(
     for k, (f, header) in enumerate(slices):
         try:
             ds = pydicom.dcmread(str(f))
+        except Exception as err:  # noqa: BLE001 - it read as a header a moment ago
+            raise VolumeReadError(f"{f}: the file could not be read again ({err}); it may be truncated") from err
+        if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+            raise VolumeReadError(f"{f} has no pixel data (a header without an image); remove it from the series "
+                                  "folder or export the series again")
+        try:
             arr = ds.pixel_array
         except Exception as err:
             ts = getattr(getattr(header, "file_meta", None), "TransferSyntaxUID", "?")

@@ -364,3 +364,28 @@ def test_units_say_hu_only_when_the_data_is_hu(tmp_path, shared_data):
     windowed = np.clip((ct.data + 1000) / 8, 0, 255).astype(np.uint8)
     export = read_volume(write_nifti(tmp_path / "export.nii.gz", windowed, ct.affine, label=False, dtype=np.uint8))
     assert export.metadata["intensity_units"] == "unknown" and export.metadata["stored_dtype"] == "uint8"
+
+
+def test_dicom_without_pixel_data_and_a_corrupt_slice_get_the_right_message(tmp_path):
+    import pydicom
+
+    _write_series(tmp_path / "nopix", n=4)
+    first = sorted((tmp_path / "nopix").glob("*.dcm"))[0]
+    ds = pydicom.dcmread(first)
+    del ds.PixelData
+    ds.save_as(first)
+    with pytest.raises(VolumeReadError, match="has no pixel data") as err:
+        read_dicom_series(tmp_path / "nopix")
+    assert "pylibjpeg" not in str(err.value)  # not a codec problem
+    _write_series(tmp_path / "corrupt", n=6)
+    files = sorted((tmp_path / "corrupt").glob("*.dcm"), key=lambda f: pydicom.dcmread(f).ImagePositionPatient[2])
+    files[2].write_bytes(b"\0" * 64)  # a middle slice unreadable
+    with pytest.raises(VolumeReadError, match=r"uneven slice spacing.*1 files there could not be read as DICOM.*corrupt slice"):
+        read_dicom_series(tmp_path / "corrupt")
+
+
+def test_an_rgb_nifti_gets_the_readers_own_message(tmp_path):
+    rgb = np.zeros((4, 5, 6), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    nib.save(nib.Nifti1Image(rgb, np.eye(4)), str(tmp_path / "rgb.nii.gz"))
+    with pytest.raises(VolumeReadError, match="rgb.nii.gz holds RGB/vector voxels"):
+        read_volume(tmp_path / "rgb.nii.gz")
