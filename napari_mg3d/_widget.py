@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qtpy.QtCore import QObject, Signal
+from qtpy.QtCore import QEvent, QObject, Signal
 from qtpy.QtWidgets import QFileDialog
 
 from ._widget_layers import HEATMAP_LAYER, LABELS_LAYER, OutputLayers, check_image_layer, layer_volume
@@ -294,6 +294,12 @@ class MG3DWidget(MG3DPanel):
 
         self._start(lambda: write_result(result, volume, target, report_text=report), done)
         return target
+
+    def event(self, event) -> bool:
+        """Closing the panel (napari's close button takes it out of its dock) cancels its run."""
+        if event.type() == QEvent.Type.ParentChange and self.parent() is None and self.session.busy:
+            self.session.cancel()
+        return super().event(event)
 
     def closeEvent(self, event) -> None:  # noqa: N802 - Qt API
         self.session.close()

@@ -353,3 +353,41 @@ def test_the_reader_never_raises_into_napari(tmp_path, monkeypatch):
     reader = napari_get_reader(str(locked))
     assert reader is not None and reader(str(locked)) == [(None,)]
     assert "locked_series" in shown[-1] and "Permission denied" in shown[-1]
+
+
+def test_closing_the_panel_cancels_its_run(viewer_with_sample, gui_bundle, qtbot):
+    from qtpy.QtCore import QThreadPool
+
+    viewer, _ = viewer_with_sample
+    dock, widget = viewer.window.add_plugin_dock_widget("napari-mg3d", "MG-3D")
+    widget.bundle_edit.setText(str(gui_bundle))
+    widget.device_combo.setCurrentText("cpu")
+    event = widget.cancel_event
+    widget.run()
+    viewer.window.remove_dock_widget(dock)  # what the dock's close button does
+    qtbot.waitUntil(event.is_set, timeout=10_000)
+    assert QThreadPool.globalInstance().waitForDone(60_000)
+
+
+def test_progress_reaches_napari_activity_dock(viewer_with_sample, gui_bundle, qtbot, monkeypatch):
+    import napari.utils
+
+    bars = []
+
+    class Bar:  # napari.utils.progress, recording what the activity dock would show
+        def __init__(self, total, desc):
+            self.total, self.desc, self.values, self.closed, self.n = total, desc, [], False, 0
+            bars.append(self)
+
+        def set_description(self, text):
+            self.values.append((text, self.n))
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(napari.utils, "progress", Bar)
+    viewer, _ = viewer_with_sample
+    widget = _widget(viewer, gui_bundle, qtbot)
+    _run(widget, qtbot)
+    assert len(bars) == 1 and bars[0].total == 100 and bars[0].closed
+    assert ("MG-3D: encode", 0) in bars[0].values and any(t == "MG-3D: heatmaps" for t, _ in bars[0].values)
