@@ -113,6 +113,8 @@ def test_padding_with_an_extra_sentence_and_word_changes_no_loss(tiny_model):
         sentence_ids=pad(text.sentence_ids, 1, pad_id),
         sentence_attention=pad(text.sentence_attention, 1, 0),
         sentence_valid=pad(text.sentence_valid, 1, False),
+        window=pad(text.window, 1, -1),
+        window_pos=pad(text.window_pos, 1, -1),
     )
     a, b = _losses(pre, volume, text), _losses(pre, volume, padded)
     for name in a:

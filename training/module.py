@@ -52,6 +52,7 @@ class PretrainModule(L.LightningModule):
         self.samples_used = 0  # this device's samples that reached a training step, and those that failed to load
         self.samples_skipped = 0
         self.sample_counts: tuple[int, int] | None = None  # over every device, set when training ends
+        self.text_stats: dict[str, int] = {}  # what tokenisation dropped or cut (text.tokenize_reports)
 
     @property
     def model(self) -> MG3DModel:
@@ -76,6 +77,9 @@ class PretrainModule(L.LightningModule):
         cfg = self.model.config
         text = tokenize_reports(self.model.text.tokenizer, batch["sentences"], cfg.max_words, cfg.max_sentences,
                                 cfg.max_sentence_words).to(self.device)
+        if self.training:
+            for key, value in text.stats.items():
+                self.text_stats[key] = self.text_stats.get(key, 0) + value
         return self.pretrainer(batch["volume"], text, generator)
 
     def _on(self, losses: dict) -> dict:
@@ -116,6 +120,14 @@ class PretrainModule(L.LightningModule):
         bad = [n for n, p in self.pretrainer.named_parameters() if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
         if bad:
             raise NonFiniteLossError(self.global_step, f"non-finite gradients in {len(bad)} tensors ({', '.join(bad[:3])})")
+
+    def text_summary(self) -> str:
+        t = self.text_stats
+        cfg = self.model.config
+        return (f"report text this run: {t.get('sentences', 0)} sentences in {t.get('reports', 0)} reports; "
+                f"{t.get('sentences_dropped', 0)} dropped from {t.get('reports_truncated', 0)} reports with more "
+                f"than {cfg.max_sentences} sentences (the first and last ones are kept), {t.get('sentences_cut', 0)} "
+                f"sentences cut to {cfg.max_sentence_words} tokens")
 
     def on_train_end(self) -> None:
         counts = torch.tensor([self.samples_used, self.samples_skipped], dtype=torch.long, device=self.device)

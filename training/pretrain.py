@@ -165,7 +165,9 @@ def run(p: PretrainParams) -> Path:
         return out / "checkpoints" / "last.ckpt"
     if trainer.is_global_zero:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
-        metrics.update(samples_used=used, samples_skipped=skipped)
+        metrics.update(samples_used=used, samples_skipped=skipped,
+                       **{f"text_{k}": v for k, v in module.text_stats.items()})
+        print(module.text_summary(), flush=True)
         share = skipped / max(1, used + skipped)
         if share > SKIPPED_WARN_SHARE:
             print(f"warning: {skipped} of {used + skipped} samples ({100 * share:.0f}%) failed to load and were "

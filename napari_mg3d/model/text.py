@@ -1,7 +1,8 @@
 """Frozen Hugging Face text encoder and report tokenisation for MG-3D.
 
 A report is a list of sentences. It is encoded twice by the frozen encoder:
-* as one text (word features F_T, and sentence features F_S = mean of a sentence's word features), and
+* as a word stream in windows that never split a sentence (word features F_T, and sentence features
+  F_S = mean of a sentence's word features), and
 * sentence by sentence (sentence features for SSM, paper Sec. III.C.1).
 """
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -77,11 +78,18 @@ def load_hf_text_model(name_or_path: str | os.PathLike):
 class TextBatch:
     """Tokenised reports. B reports, W tokens per report, S sentences, L tokens per sentence.
 
-    input_ids, attention_mask, word_sentence, word_index: (B, W). ``word_sentence`` is the sentence
-    index of each token (-1 for special and padding tokens); ``word_index`` numbers whole words
-    (-1 for special tokens) so that MLM masks all sub-word pieces of a word together.
+    The word stream of a report is its kept sentences, each tokenised whole, packed in order into windows of
+    at most ``max_words`` tokens that never split a sentence; each window is one sequence for the frozen
+    encoder ([CLS] sentences... [SEP]), and the windows are concatenated. So every kept sentence has all its
+    tokens in the stream, and every objective sees the same sentences.
+
+    input_ids, attention_mask, word_sentence, word_index, window, window_pos: (B, W). ``word_sentence``: the
+    sentence of each token (-1 for special and padding tokens); ``word_index`` numbers whole words (-1 for
+    special tokens) so that MLM masks all sub-word pieces of a word together; ``window`` / ``window_pos``:
+    the encoder sequence (numbered over the batch) and position of each token (-1 for padding).
     sentence_ids, sentence_attention: (B, S, L) for the sentence-by-sentence pass.
-    sentence_valid: (B, S) bool, False for padding sentences.
+    sentence_valid: (B, S) bool, False for padding sentences; a valid sentence always has tokens.
+    ``stats``: what was dropped or cut (see :func:`tokenize_reports`).
     """
 
     input_ids: torch.Tensor
@@ -91,9 +99,13 @@ class TextBatch:
     sentence_ids: torch.Tensor
     sentence_attention: torch.Tensor
     sentence_valid: torch.Tensor
+    window: torch.Tensor | None = None
+    window_pos: torch.Tensor | None = None
+    stats: dict = field(default_factory=dict)
 
     def to(self, device: torch.device | str) -> TextBatch:
-        return TextBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        return TextBatch(**{f.name: (getattr(self, f.name).to(device) if torch.is_tensor(getattr(self, f.name))
+                                     else getattr(self, f.name)) for f in fields(self)})
 
     @property
     def batch_size(self) -> int:
@@ -109,6 +121,16 @@ def _pad_2d(rows: list[list[int]], value: int, length: int | None = None) -> tor
     return out
 
 
+def select_sentences(sentences: list[str], max_sentences: int) -> list[str]:
+    """The sentences a report keeps when it has more than ``max_sentences``: the first ones and the last
+    quarter of the budget, so that the impression (which ends a findings + impression report) is always
+    kept; sentences in between are dropped (and counted by :func:`tokenize_reports`)."""
+    if len(sentences) <= max_sentences:
+        return sentences
+    tail = max(1, max_sentences // 4)
+    return sentences[: max_sentences - tail] + sentences[-tail:]
+
+
 def tokenize_reports(
     tokenizer,
     reports: list[list[str]],
@@ -118,70 +140,94 @@ def tokenize_reports(
 ) -> TextBatch:
     """Tokenise a batch of reports, each given as its list of sentences.
 
+    Limits, chosen so that nothing is lost silently: at most ``max_sentences`` sentences per report
+    (:func:`select_sentences`: first and last ones kept), at most ``max_sentence_words`` tokens per sentence
+    (special tokens included; longer sentences keep their beginning), windows of ``max_words`` tokens.
+    ``stats`` counts ``sentences``, ``sentences_dropped``, ``sentences_cut`` and ``reports_truncated``.
     Raises ValueError naming the report when it has no sentence with text in it.
     """
     if not reports:
         raise ValueError("no reports given: expected a list of reports, each a list of sentences")
-    joined, spans_per_report, kept_sentences = [], [], []
+    if max_sentence_words + 2 > max_words:
+        raise ValueError(f"max_words {max_words} must hold one sentence of max_sentence_words {max_sentence_words} "
+                         "plus the two special tokens")
+    cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
+    pad_id = tokenizer.pad_token_id or 0
+    body = max_sentence_words - 2  # tokens of a sentence without [CLS]/[SEP]
+    stats = {"reports": len(reports), "sentences": 0, "sentences_dropped": 0, "sentences_cut": 0,
+             "reports_truncated": 0}
+    kept_sentences, pieces = [], []
     for i, sentences in enumerate(reports):
         sentences = [s.strip() for s in sentences if s and s.strip()]
+        encoded = tokenizer(sentences, add_special_tokens=False) if sentences else {"input_ids": []}
+        keep = [k for k, ids in enumerate(encoded["input_ids"]) if ids]  # a sentence with no token is no sentence
+        sentences = [sentences[k] for k in keep]
         if not sentences:
             raise ValueError(f"report {i} is empty: MG-3D needs at least one sentence of report text")
-        if len(sentences) > max_sentences:
-            log.info("report %d has %d sentences; keeping the first %d", i, len(sentences), max_sentences)
-            sentences = sentences[:max_sentences]
-        text, spans, pos = "", [], 0
-        for sentence in sentences:
-            if text:
-                text += " "
-                pos += 1
-            spans.append((pos, pos + len(sentence)))
-            text += sentence
-            pos += len(sentence)
-        joined.append(text)
-        spans_per_report.append(spans)
-        kept_sentences.append(sentences)
+        chosen = select_sentences(sentences, max_sentences)
+        stats["sentences"] += len(sentences)
+        stats["sentences_dropped"] += len(sentences) - len(chosen)
+        stats["reports_truncated"] += int(len(chosen) < len(sentences))
+        ids_of = {s: encoded_ids for s, encoded_ids in zip(sentences, (encoded["input_ids"][k] for k in keep))}
+        word_ids_of = {s: encoded.word_ids(k) for s, k in zip(sentences, keep)}
+        report_pieces = []
+        for s in chosen:
+            ids, words = ids_of[s], word_ids_of[s]
+            stats["sentences_cut"] += int(len(ids) > body)
+            report_pieces.append((ids[:body], words[:body]))
+        kept_sentences.append(chosen)
+        pieces.append(report_pieces)
 
-    enc = tokenizer(joined, padding=True, truncation=True, max_length=max_words,
-                    return_offsets_mapping=True, return_tensors="pt")
-    word_sentence = torch.full_like(enc["input_ids"], -1)
-    word_index = torch.full_like(enc["input_ids"], -1)
-    for b, spans in enumerate(spans_per_report):
-        words = enc.word_ids(b)
-        offsets = enc["offset_mapping"][b].tolist()
-        for t, (start, end) in enumerate(offsets):
-            if words[t] is None or end <= start:
-                continue
-            word_index[b, t] = words[t]
-            for s, (s0, s1) in enumerate(spans):
-                if s0 <= start < s1:
-                    word_sentence[b, t] = s
-                    break
+    streams, n_windows = [], 0
+    for report_pieces in pieces:
+        ids, sent, word, win, pos = [], [], [], [], []
+        window_len, word_offset = 0, 0
+
+        def open_window():
+            nonlocal window_len, n_windows
+            ids.append(cls_id), sent.append(-1), word.append(-1), win.append(n_windows), pos.append(0)
+            window_len = 1
+
+        def close_window():
+            nonlocal window_len, n_windows
+            ids.append(sep_id), sent.append(-1), word.append(-1), win.append(n_windows), pos.append(window_len)
+            n_windows += 1
+
+        open_window()
+        for s, (s_ids, s_words) in enumerate(report_pieces):
+            if window_len + len(s_ids) + 1 > max_words:
+                close_window()
+                open_window()
+            for t, w in zip(s_ids, s_words):
+                ids.append(t), sent.append(s), word.append(word_offset + (w or 0)), win.append(n_windows)
+                pos.append(window_len)
+                window_len += 1
+            word_offset += max((w or 0) for w in s_words) + 1 if s_words else 0
+        close_window()
+        streams.append((ids, sent, word, win, pos))
+
+    W = max(len(st[0]) for st in streams)
+    input_ids = _pad_2d([st[0] for st in streams], pad_id, W)
+    attention_mask = _pad_2d([[1] * len(st[0]) for st in streams], 0, W)
+    word_sentence = _pad_2d([st[1] for st in streams], -1, W)
+    word_index = _pad_2d([st[2] for st in streams], -1, W)
+    window = _pad_2d([st[3] for st in streams], -1, W)
+    window_pos = _pad_2d([st[4] for st in streams], -1, W)
 
     n_sent = max(len(s) for s in kept_sentences)
-    flat = [s for sentences in kept_sentences for s in sentences]
-    sent_enc = tokenizer(flat, padding="max_length", truncation=True, max_length=max_sentence_words,
-                         return_tensors="pt")
-    L = sent_enc["input_ids"].shape[1]
-    sentence_ids = torch.full((len(reports), n_sent, L), tokenizer.pad_token_id or 0, dtype=torch.long)
+    L = max(len(ids) for report_pieces in pieces for ids, _ in report_pieces) + 2
+    sentence_ids = torch.full((len(reports), n_sent, L), pad_id, dtype=torch.long)
     sentence_attention = torch.zeros((len(reports), n_sent, L), dtype=torch.long)
     sentence_valid = torch.zeros((len(reports), n_sent), dtype=torch.bool)
-    k = 0
-    for b, sentences in enumerate(kept_sentences):
-        for s in range(len(sentences)):
-            sentence_ids[b, s] = sent_enc["input_ids"][k]
-            sentence_attention[b, s] = sent_enc["attention_mask"][k]
+    for b, report_pieces in enumerate(pieces):
+        for s, (s_ids, _) in enumerate(report_pieces):
+            row = [cls_id, *s_ids, sep_id]
+            sentence_ids[b, s, : len(row)] = torch.tensor(row)
+            sentence_attention[b, s, : len(row)] = 1
             sentence_valid[b, s] = True
-            k += 1
-    return TextBatch(
-        input_ids=enc["input_ids"],
-        attention_mask=enc["attention_mask"],
-        word_sentence=word_sentence,
-        word_index=word_index,
-        sentence_ids=sentence_ids,
-        sentence_attention=sentence_attention,
-        sentence_valid=sentence_valid,
-    )
+    return TextBatch(input_ids=input_ids, attention_mask=attention_mask, word_sentence=word_sentence,
+                     word_index=word_index, sentence_ids=sentence_ids, sentence_attention=sentence_attention,
+                     sentence_valid=sentence_valid, window=window, window_pos=window_pos, stats=stats)
 
 
 def whole_word_mask(batch: TextBatch, ratio: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -262,5 +308,19 @@ class FrozenTextEncoder(nn.Module):
         return out
 
     def forward(self, batch: TextBatch, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, W, H) word features of the batch's word stream (``input_ids``: e.g. masked ids in its place),
+        each window encoded as its own sequence."""
         ids = batch.input_ids if input_ids is None else input_ids
-        return self.word_features(ids, batch.attention_mask)
+        if batch.window is None:  # a batch made without windows: one sequence per report
+            return self.word_features(ids, batch.attention_mask)
+        real = batch.window >= 0
+        n_windows = int(batch.window.max()) + 1
+        length = int(batch.window_pos.max()) + 1
+        seqs = torch.full((n_windows, length), self.tokenizer.pad_token_id or 0, dtype=ids.dtype, device=ids.device)
+        att = torch.zeros((n_windows, length), dtype=batch.attention_mask.dtype, device=ids.device)
+        seqs[batch.window[real], batch.window_pos[real]] = ids[real]
+        att[batch.window[real], batch.window_pos[real]] = 1
+        hidden = self.word_features(seqs, att)
+        out = hidden.new_zeros((*ids.shape, hidden.shape[-1]))
+        out[real] = hidden[batch.window[real], batch.window_pos[real]]
+        return out
