@@ -147,6 +147,17 @@ def _load_nifti_image(path: Path):
     return nib.load(str(path))
 
 
+def _finite_or_none(value) -> float | None:
+    value = float(value)
+    return value if np.isfinite(value) else None
+
+
+def header_rescales(metadata: dict) -> bool:
+    """Whether a NIfTI header's scl_slope/scl_inter changed the stored values (nibabel applies them)."""
+    slope, inter = metadata.get("scl_slope"), metadata.get("scl_inter")
+    return slope not in (None, 0.0, 1.0) or inter not in (None, 0.0)
+
+
 def read_nifti(path: str | Path, nan_policy: str = "raise") -> Volume:
     """NIfTI (.nii/.nii.gz) -> Volume; scl_slope/scl_inter applied; axes (k, j, i)."""
     path = Path(path)
@@ -174,6 +185,9 @@ def read_nifti(path: str | Path, nan_policy: str = "raise") -> Volume:
         "source": str(path), "format": "nifti", "qform_code": int(header["qform_code"]),
         "sform_code": int(header["sform_code"]), "descrip": header["descrip"].tobytes().rstrip(b"\0").decode("latin-1"),
         "spatial_units": header.get_xyzt_units()[0], "stored_dtype": str(header.get_data_dtype()),
+        # nibabel moves the header's scl_slope/scl_inter into the data proxy (and applies them): read them there
+        "scl_slope": _finite_or_none(getattr(img.dataobj, "slope", np.nan)),
+        "scl_inter": _finite_or_none(getattr(img.dataobj, "inter", np.nan)),
     }
     return Volume(data.astype(np.float32, copy=False), affine, meta)
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from napari_mg3d.io import VolumeReadError, read_volume
+from napari_mg3d.io import VolumeReadError, header_rescales, read_volume
 from napari_mg3d.labels import LABELS, ORGANS
 from napari_mg3d.preprocess import PreprocessConfig, labels_to_model, preprocess
 from napari_mg3d.reports import sentence_texts
@@ -130,13 +130,7 @@ class VolumeReportDataset(Dataset):
         return len(self.records)
 
     def _load(self, r: Record) -> tuple[np.ndarray, np.ndarray | None]:
-        vol = read_volume(r.volume)
-        if r.rescale is not None:
-            vol = Volume(vol.data * r.rescale[0] + r.rescale[1], vol.affine, vol.metadata)
-        if r.spacing is not None:
-            aff = vol.affine.copy()
-            aff[:3, :3] = vol.direction * np.asarray(r.spacing)
-            vol = Volume(vol.data, aff, vol.metadata)
+        vol = load_record_volume(r)
         x, record = preprocess(vol, self.config)
         mask = None
         if r.mask:
@@ -169,6 +163,69 @@ class VolumeReportDataset(Dataset):
             "labels": torch.tensor(r.labels, dtype=torch.float32) if r.labels is not None else None,
             "mask": torch.from_numpy(mask.astype(np.int64)) if mask is not None else None,
         }
+
+
+def load_record_volume(r: Record) -> Volume:
+    """A record's volume in HU on its true geometry: one rescale, decided from the header and the metadata
+    together (``metadata["rescale_source"]``: header, metadata, or none), the metadata's spacing, and its
+    orientation where the header carries none (``metadata["orientation_source"]``)."""
+    vol = read_volume(r.volume)
+    meta = dict(vol.metadata)
+    data, affine = vol.data, vol.affine.copy()
+    if header_rescales(meta):
+        meta["rescale_source"] = "header"  # nibabel applied scl_slope/scl_inter: the metadata's would be a second
+    elif r.rescale is not None:
+        data = data * np.float32(r.rescale[0]) + np.float32(r.rescale[1])
+        meta["rescale_source"] = "metadata"
+    else:
+        meta["rescale_source"] = "none"
+        if r.extra.get("metadata_missing") and not _looks_like_hu(data):
+            raise VolumeReadError(f"{r.volume}: its VolumeName has no row in the metadata CSV, the NIfTI header has "
+                                  "no rescale, and its values are not Hounsfield units (no air near -1000); add "
+                                  "its RescaleSlope/RescaleIntercept to the metadata")
+    orientation = r.extra.get("orientation")
+    if orientation and not _header_orients(vol):
+        affine = affine_from_dicom_geometry(orientation, r.spacing or vol.spacing, data.shape)
+        meta["orientation_source"] = "metadata"
+    else:
+        meta["orientation_source"] = "header"
+        if r.spacing is not None:
+            affine[:3, :3] = vol.direction * np.asarray(r.spacing)
+    return Volume(data, affine, meta)
+
+
+def _looks_like_hu(data: np.ndarray) -> bool:
+    sample = np.asarray(data[:: max(1, data.shape[0] // 16), ::4, ::4])
+    return bool(sample.size) and -1100 <= float(np.percentile(sample, 0.5)) <= -500
+
+
+def _header_orients(vol: Volume) -> bool:
+    """Whether the NIfTI header says how the volume lies: a qform or sform that is more than the identity."""
+    if vol.metadata.get("format") != "nifti":
+        return True
+    if not vol.metadata.get("qform_code") and not vol.metadata.get("sform_code"):
+        return False
+    return not np.allclose(vol.direction, np.eye(3)[::-1])  # NIfTI's identity, in (k, j, i) order
+
+
+FEET_FIRST = ("FFS", "FFP", "FFDR", "FFDL")
+
+
+def affine_from_dicom_geometry(orientation: dict, spacing, shape) -> np.ndarray:
+    """Index (a0, a1, a2) -> RAS mm from DICOM geometry: ``ImageOrientationPatient`` (row then column
+    direction cosines, LPS), ``ImagePositionPatient`` (LPS mm of the first voxel) and ``PatientPosition``.
+    a2 runs along a row, a1 down the columns, a0 through the slices along row x column; for a feet-first
+    position (FFS, FFP, ...) the slices are taken as stacked the other way (a0 along -(row x column)).
+    ``spacing``: (a0, a1, a2) mm."""
+    iop = np.asarray(orientation["ImageOrientationPatient"], float)
+    row, col = iop[:3], iop[3:]
+    normal = np.cross(row, col)
+    if str(orientation.get("PatientPosition", "HFS")).upper() in FEET_FIRST:
+        normal = -normal
+    lps = np.eye(4)
+    lps[:3, 0], lps[:3, 1], lps[:3, 2] = normal * spacing[0], col * spacing[1], row * spacing[2]
+    lps[:3, 3] = np.asarray(orientation.get("ImagePositionPatient", (0.0, 0.0, 0.0)), float)
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
 
 
 def collate(items: list[dict | None]) -> dict | None:
@@ -248,7 +305,12 @@ def ct_rate_records(volumes_root: str | Path, reports_csv: str | Path, metadata_
                     labels_csv: str | Path | None = None) -> list[Record]:
     """CT-RATE layout: NIfTI volumes somewhere under ``volumes_root`` (found by VolumeName), reports CSV
     (VolumeName, Findings_EN, Impressions_EN), metadata CSV (VolumeName, RescaleSlope, RescaleIntercept,
-    XYSpacing, ZSpacing) and the 18-label CSV (VolumeName + one column per abnormality)."""
+    XYSpacing, ZSpacing, ImageOrientationPatient, ImagePositionPatient, PatientPosition) and the 18-label CSV
+    (VolumeName + one column per abnormality).
+
+    XYSpacing is DICOM's PixelSpacing: [row spacing, column spacing] in mm, i.e. the spacing along a1
+    (between rows) then a2 (between columns). A VolumeName without a metadata row is counted and logged; it
+    is read without a metadata rescale, and refused when loaded unless its values are already HU."""
     root = Path(volumes_root)
     files = {p.name: p for p in root.rglob("*.nii.gz")}
     meta: dict[str, dict] = {}
@@ -259,22 +321,42 @@ def ct_rate_records(volumes_root: str | Path, reports_csv: str | Path, metadata_
     if labels_csv:
         with open(labels_csv, newline="", encoding="utf-8") as fh:
             labels = {row["VolumeName"]: [float(row[n]) for n in LABELS] for row in csv.DictReader(fh)}
-    records = []
+    records, missing_meta = [], []
     with open(reports_csv, newline="", encoding="utf-8") as fh:
         for row in csv.DictReader(fh):
             name = row["VolumeName"]
             text = " ".join(t for t in (row.get("Findings_EN", ""), row.get("Impressions_EN", "")) if t and t.strip())
             m = meta.get(name, {})
+            extra: dict[str, Any] = {}
+            if metadata_csv and not m:
+                missing_meta.append(name)
+                extra["metadata_missing"] = True
+            if m.get("ImageOrientationPatient"):
+                extra["orientation"] = {
+                    "ImageOrientationPatient": _number_list(m["ImageOrientationPatient"]),
+                    "ImagePositionPatient": _number_list(m.get("ImagePositionPatient") or "[0, 0, 0]"),
+                    "PatientPosition": str(m.get("PatientPosition") or "HFS").strip()}
             rescale = None
             if m.get("RescaleSlope") not in (None, "") and m.get("RescaleIntercept") not in (None, ""):
                 rescale = (float(m["RescaleSlope"]), float(m["RescaleIntercept"]))
             spacing = None
             if m.get("XYSpacing") and m.get("ZSpacing"):
-                xy = json.loads(str(m["XYSpacing"]).replace("(", "[").replace(")", "]"))
-                spacing = (float(m["ZSpacing"]), float(xy[1]), float(xy[0]))
+                rows_mm, cols_mm = _number_list(m["XYSpacing"])[:2]
+                spacing = (float(m["ZSpacing"]), rows_mm, cols_mm)
             records.append(Record(id=name, volume=str(files.get(name, root / name)), report=text,
-                                  labels=labels.get(name), rescale=rescale, spacing=spacing))
+                                  labels=labels.get(name), rescale=rescale, spacing=spacing, extra=extra))
+    if missing_meta:
+        log.warning("CT-RATE: %d of %d volumes have no row in %s (e.g. %s); they get no metadata rescale and are "
+                    "refused when loaded unless their values are already HU", len(missing_meta), len(records),
+                    metadata_csv, ", ".join(missing_meta[:3]))
     return records
+
+
+def _number_list(text) -> list[float]:
+    """'[0.75, 0.75]', '(1, 0, 0, 0, 1, 0)' or '0.75\\0.75' (DICOM's separator) -> floats."""
+    import re
+
+    return [float(v) for v in re.findall(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?", str(text))]
 
 
 def ctrg_chest_records(reports_json: str | Path, volumes_root: str | Path, split: str = "train") -> list[Record]:
@@ -314,8 +396,12 @@ class SyntheticDataset(Dataset):
     def __len__(self) -> int:
         return self.n
 
+    def sample(self, index: int):
+        """The synthetic sample behind item ``index`` (source grid, HU)."""
+        return generate_sample(self.seed + index, shape=self.shape)
+
     def __getitem__(self, index: int) -> dict:
-        s = generate_sample(self.seed + index, shape=self.shape)
+        s = self.sample(index)
         vol = Volume(s.volume, s.affine)
         x, record = preprocess(vol, self.config)
         label_map = combined_label_map(s) if self.target == "all" else (
