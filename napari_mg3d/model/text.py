@@ -131,6 +131,31 @@ def select_sentences(sentences: list[str], max_sentences: int) -> list[str]:
     return sentences[: max_sentences - tail] + sentences[-tail:]
 
 
+def _pack_windows(report_pieces, first_window: int, max_words: int, cls_id: int, sep_id: int):
+    """One report's sentences (token ids, word ids) packed in order into windows of at most ``max_words``
+    tokens, each [CLS] ... [SEP], never splitting a sentence: the lists (ids, sentence, word, window,
+    position) of its word stream; windows are numbered from ``first_window``."""
+    ids, sent, word, win, pos = [], [], [], [], []
+    window, length, word_offset = first_window, 0, 0
+
+    def add(token: int, sentence: int, word_id: int) -> None:
+        nonlocal length
+        ids.append(token), sent.append(sentence), word.append(word_id), win.append(window), pos.append(length)
+        length += 1
+
+    add(cls_id, -1, -1)
+    for s, (s_ids, s_words) in enumerate(report_pieces):
+        if length + len(s_ids) + 1 > max_words:
+            add(sep_id, -1, -1)
+            window, length = window + 1, 0
+            add(cls_id, -1, -1)
+        for t, w in zip(s_ids, s_words):
+            add(t, s, word_offset + (w or 0))
+        word_offset += max((w or 0) for w in s_words) + 1 if s_words else 0
+    add(sep_id, -1, -1)
+    return ids, sent, word, win, pos
+
+
 def tokenize_reports(
     tokenizer,
     reports: list[list[str]],
@@ -180,31 +205,9 @@ def tokenize_reports(
 
     streams, n_windows = [], 0
     for report_pieces in pieces:
-        ids, sent, word, win, pos = [], [], [], [], []
-        window_len, word_offset = 0, 0
-
-        def open_window():
-            nonlocal window_len, n_windows
-            ids.append(cls_id), sent.append(-1), word.append(-1), win.append(n_windows), pos.append(0)
-            window_len = 1
-
-        def close_window():
-            nonlocal window_len, n_windows
-            ids.append(sep_id), sent.append(-1), word.append(-1), win.append(n_windows), pos.append(window_len)
-            n_windows += 1
-
-        open_window()
-        for s, (s_ids, s_words) in enumerate(report_pieces):
-            if window_len + len(s_ids) + 1 > max_words:
-                close_window()
-                open_window()
-            for t, w in zip(s_ids, s_words):
-                ids.append(t), sent.append(s), word.append(word_offset + (w or 0)), win.append(n_windows)
-                pos.append(window_len)
-                window_len += 1
-            word_offset += max((w or 0) for w in s_words) + 1 if s_words else 0
-        close_window()
-        streams.append((ids, sent, word, win, pos))
+        stream = _pack_windows(report_pieces, n_windows, max_words, cls_id, sep_id)
+        n_windows = max(stream[3]) + 1
+        streams.append(stream)
 
     W = max(len(st[0]) for st in streams)
     input_ids = _pad_2d([st[0] for st in streams], pad_id, W)
