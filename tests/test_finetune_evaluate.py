@@ -191,3 +191,25 @@ def test_vocabfine_training_prompts_match_the_prompts_inference_reads(tiny_confi
     _, read = model.encode_sentences_separately(prompt_batch(model.text.tokenizer, names))
     torch.testing.assert_close(trained, read)
     assert not torch.allclose(trained[:, 0], trained[:, 1], atol=1e-3)
+
+
+def test_metrics_cannot_flatter():
+    # a collapsed encoder (every similarity equal) retrieves nothing: ties do not count as hits
+    assert M.recall_at_k(np.ones((8, 8)), 5) == 0.0
+    assert M.recall_at_k(np.eye(8), 1) == 1.0
+    # the bootstrap averages over one fixed label set: those with both classes among all the volumes
+    rng = np.random.default_rng(0)
+    y = np.zeros((40, 3))
+    y[:20, 0], y[0, 1] = 1, 1  # label 1 has a single positive: most resamples lack it
+    p = rng.random((40, 3)) + y
+    res = M.bootstrap_mean_auc(y, p, ["a", "rare", "never"], n=200)
+    assert res["labels"] == ["a", "rare"] and res["n_labels"] == 2
+    assert 0 < res["resamples"] < 200 and res["low"] <= res["value"] <= res["high"]
+    # punctuation is split from words, as report-generation papers tokenise
+    assert M.bleu(["No pleural effusion."], ["No pleural effusion ."], n=4) == pytest.approx(1.0)
+    assert M.meteor(["no pleural effusion ."], ["No pleural effusion."]) == pytest.approx(1 - 0.5 * (1 / 4) ** 3)
+    # METEOR by hand: 2 of 3 words match in one chunk; P = 2/3, R = 2/2
+    p_, r_ = 2 / 3, 1.0
+    expected = p_ * r_ / (0.9 * p_ + 0.1 * r_) * (1 - 0.5 * (1 / 2) ** 3)
+    assert M.meteor(["heart is enlarged"], ["heart is"]) == pytest.approx(expected)
+    assert M.meteor(["nothing"], ["heart"]) == 0.0

@@ -104,7 +104,7 @@ def evaluate(bundle: str, data: str, n_boot: int = 1000, seed: int = 0, syntheti
             if c[key]:
                 P = np.stack(c[key])
                 refuse_non_finite(P, names, f"{title.replace('_auc', '')} scores of {bundle}")
-                res[title] = M.bootstrap(M.mean_auc, Y, P, n=n_boot, seed=seed)
+                res[title] = M.bootstrap_mean_auc(Y, P, names, n=n_boot, seed=seed)
                 res[title + "_per_label"] = M.auc_per_label(Y, P, names)
                 if key == "zero_shot":
                     res["zero_shot_source"] = SOURCE_TITLES[c["zero_shot_source"][0]]
@@ -126,6 +126,8 @@ def evaluate(bundle: str, data: str, n_boot: int = 1000, seed: int = 0, syntheti
         for k in range(1, 5):
             res[f"bleu{k}"] = M.bootstrap(lambda a, b, k=k: M.bleu(list(a), list(b), k), gen, ref, n=min(n_boot, 200), seed=seed)
         res["rougeL"] = M.bootstrap(lambda a, b: M.rouge_l(list(a), list(b)), gen, ref, n=min(n_boot, 200), seed=seed)
+        res["meteor"] = M.bootstrap(lambda a, b: M.meteor(list(a), list(b)), gen, ref, n=min(n_boot, 200), seed=seed)
+        res["text_tokenisation"] = M.TEXT_TOKENISATION
         res["examples"] = [{"generated": g, "reference": r} for g, r in list(zip(gen, ref))[:3]]
     return res
 
@@ -140,12 +142,18 @@ def format_table(res: dict) -> str:
         return f"{100 * v['value']:.2f} (chance {100 * v['chance']:.2f})"
 
     cols = [("Dice (%)", "dice"), ("AUC (%)", "classifier_auc"), ("BLEU-1", "bleu1"), ("BLEU-2", "bleu2"),
-            ("BLEU-3", "bleu3"), ("BLEU-4", "bleu4"), ("ROUGE-L", "rougeL"), ("zero-shot AUC (%)", "zero_shot_auc")]
+            ("BLEU-3", "bleu3"), ("BLEU-4", "bleu4"), ("METEOR", "meteor"), ("ROUGE-L", "rougeL"),
+            ("zero-shot AUC (%)", "zero_shot_auc")]
     cols += [(f"Recall@{k}", f"recall@{k}") for k in (5, 10, 50, 100) if f"recall@{k}" in res]
     head = "| " + " | ".join(c for c, _ in cols) + " |"
     sep = "|" + "|".join("---" for _ in cols) + "|"
     row = "| " + " | ".join(cell(k) for _, k in cols) + " |"
     source = f"; zero-shot scores from {res['zero_shot_source']}" if res.get("zero_shot_source") else ""
+    for key in ("classifier_auc", "zero_shot_auc"):
+        if key in res and "n_labels" in res[key]:
+            source += f"; {key.replace('_auc', '').replace('_', '-')} AUC: mean over {res[key]['n_labels']} findings with both classes"
+    if "text_tokenisation" in res:
+        source += f"; text metrics on {res['text_tokenisation']} tokens, METEOR exact-match only"
     return f"{head}\n{sep}\n{row}\n\n(n = {res['n_volumes']} volumes; 95% bootstrap intervals in brackets{source})"
 
 

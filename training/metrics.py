@@ -65,11 +65,47 @@ def mean_defined(values) -> float:
     return float(np.mean(kept)) if kept else float("nan")
 
 
-def bleu(candidates: list[str], references: list[str], n: int = 4) -> float:
-    """Corpus BLEU-n (uniform weights up to n), one reference per candidate, lower-cased."""
-    from torchmetrics.functional.text import bleu_score
+TEXT_TOKENISATION = "sacreBLEU 13a (punctuation split from words), lower-cased"
 
-    return float(bleu_score([c.lower() for c in candidates], [[r.lower()] for r in references], n_gram=n))
+
+def _tokens(text: str) -> list[str]:
+    """The tokens every text metric here compares: sacreBLEU's 13a tokenisation, lower-cased."""
+    from torchmetrics.functional.text.sacre_bleu import _SacreBLEUTokenizer
+
+    return _SacreBLEUTokenizer.tokenize(text.lower(), "13a")
+
+
+def bleu(candidates: list[str], references: list[str], n: int = 4) -> float:
+    """Corpus BLEU-n (uniform weights up to n), one reference per candidate, tokenised as
+    TEXT_TOKENISATION says (so "effusion." and "effusion ." are the same words)."""
+    from torchmetrics.functional.text import sacre_bleu_score
+
+    return float(sacre_bleu_score([c.lower() for c in candidates], [[r.lower()] for r in references], n_gram=n,
+                                  tokenize="13a"))
+
+
+def meteor(candidates: list[str], references: list[str], alpha: float = 0.9, beta: float = 3.0,
+           gamma: float = 0.5) -> float:
+    """Mean METEOR (Banerjee & Lavie 2005) with its exact-match stage only (no stemming or synonyms, which
+    need WordNet): F = P R / (alpha P + (1 - alpha) R) over aligned unigrams, times 1 - gamma (chunks /
+    matches)^beta; the alignment pairs each candidate word with the first unused equal reference word."""
+    scores = []
+    for cand, ref in zip(candidates, references):
+        c, r = _tokens(cand), _tokens(ref)
+        used, pairs = set(), []
+        for i, word in enumerate(c):
+            j = next((j for j, w in enumerate(r) if w == word and j not in used), None)
+            if j is not None:
+                used.add(j)
+                pairs.append((i, j))
+        if not pairs:
+            scores.append(0.0)
+            continue
+        precision, recall = len(pairs) / len(c), len(pairs) / len(r)
+        f_mean = precision * recall / (alpha * precision + (1 - alpha) * recall)
+        chunks = 1 + sum(1 for (i0, j0), (i1, j1) in zip(pairs, pairs[1:]) if not (i1 == i0 + 1 and j1 == j0 + 1))
+        scores.append(f_mean * (1 - gamma * (chunks / len(pairs)) ** beta))
+    return float(np.mean(scores)) if scores else float("nan")
 
 
 def rouge_l(candidates: list[str], references: list[str]) -> float:
@@ -82,11 +118,37 @@ def rouge_l(candidates: list[str], references: list[str]) -> float:
 
 def recall_at_k(similarity: np.ndarray, k: int) -> float:
     """Report->volume retrieval: similarity[i, j] of report i and volume j, the match of report i is
-    volume i; fraction of reports whose volume ranks in the top k."""
+    volume i; fraction of reports whose volume ranks in the top k. Ranks are pessimistic: a volume that
+    ties with the match ranks above it, so a collapsed encoder (all similarities equal) scores 0, not 1."""
     s = np.asarray(similarity)
     own = s[np.arange(len(s)), np.arange(len(s))]
-    rank = (s > own[:, None]).sum(1)  # ties count in the report's favour
+    rank = (s >= own[:, None]).sum(1) - 1  # the other volumes at least as similar as the match
     return float((rank < k).mean())
+
+
+def bootstrap_mean_auc(labels: np.ndarray, scores: np.ndarray, names: Sequence[str], n: int = 1000, seed: int = 0,
+                       alpha: float = 0.05) -> dict:
+    """Mean AUC over a fixed label set (those with both classes among all the volumes) with its bootstrap
+    interval; a resample in which one of those labels has a single class is skipped, never averaged over
+    fewer labels. Reports the labels and how many resamples were used."""
+    labels, scores = np.asarray(labels), np.asarray(scores)
+    keep = [j for j in range(labels.shape[1]) if 0 < labels[:, j].sum() < len(labels)]
+    if not keep:
+        return {"value": float("nan"), "low": float("nan"), "high": float("nan"), "n_labels": 0, "labels": [],
+                "resamples": 0}
+    y, p = labels[:, keep], scores[:, keep]
+    value = float(np.mean([auc(y[:, j], p[:, j]) for j in range(len(keep))]))
+    rng = np.random.default_rng(seed)
+    samples = []
+    for _ in range(n):
+        idx = rng.integers(0, len(y), len(y))
+        ys = y[idx]
+        if ((ys.sum(0) == 0) | (ys.sum(0) == len(ys))).any():
+            continue
+        samples.append(np.mean([auc(ys[:, j], p[idx, j]) for j in range(len(keep))]))
+    low, high = (np.quantile(samples, [alpha / 2, 1 - alpha / 2]) if samples else (float("nan"), float("nan")))
+    return {"value": value, "low": float(low), "high": float(high), "n_labels": len(keep),
+            "labels": [names[j] for j in keep], "resamples": len(samples)}
 
 
 def bootstrap(metric: Callable[..., float], *arrays, n: int = 1000, seed: int = 0, alpha: float = 0.05) -> dict:

@@ -147,7 +147,10 @@ class MG3DPretrainer(nn.Module):
             fused_vol, _ = m.volume_fusion(full.tokens, txt.sentences, None, txt.sentence_valid)
             fused_txt, _ = m.text_fusion(txt.words, full.tokens, txt.word_mask, None)
             h_image = fused_vol.mean(dim=1)
-            h_text = m.pool_fused_text(fused_txt, txt.word_mask)
+            # H̄_T as the paper pools it (eq. 8): over sentence-level features, each the mean of its fused words
+            member = sentence_membership(text.word_sentence, text.sentence_valid.shape[1]).to(fused_txt.dtype)
+            fused_sentences = torch.einsum("bsw,bwd->bsd", member, fused_txt) / member.sum(-1, keepdim=True).clamp_min(1)
+            h_text = m.pool_fused_text(fused_sentences, txt.sentence_valid)
             out["cml"] = self._nce(h_image, global_visual) + self._nce(h_text, m.global_text(txt))
 
         if on & {"ssm", "dfa", "sva"}:
