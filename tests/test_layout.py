@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ast
-import configparser
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,14 +63,42 @@ def test_the_core_imports_neither_napari_qt_the_generator_nor_training():
             assert not top & {"napari", "qtpy", "PyQt5", "PyQt6", "training"}, (m, top)
 
 
+def _pyproject() -> dict:
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
 def test_experiments_are_outside_the_installed_packages():
     from setuptools import find_packages
 
-    cfg = configparser.ConfigParser()
-    cfg.read(ROOT / "setup.cfg")
-    include = cfg["options.packages.find"]["include"].split()
+    include = _pyproject()["tool"]["setuptools"]["packages"]["find"]["include"]
     packages = find_packages(str(ROOT), include=include)
     assert "napari_mg3d" in packages and "training" in packages
     assert not [p for p in packages if p.startswith(("experiments", "tests", "bench"))]
     assert (ROOT / "experiments" / "synthetic_proof.py").is_file()
     assert not (ROOT / "training" / "synthetic_proof.py").exists()
+
+
+def test_the_wheel_holds_the_licence_the_console_scripts_and_no_experiments(tmp_path):
+    import subprocess
+    import sys
+    import zipfile
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path)], check=True, capture_output=True, cwd=tmp_path)
+    wheel = next(tmp_path.glob("napari_mg3d-*.whl"))
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+        entry_points = zf.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+        metadata = zf.read(next(n for n in names if n.endswith("METADATA"))).decode()
+    assert any(n.endswith("LICENSE") for n in names) and "napari_mg3d/py.typed" in names
+    assert not [n for n in names if n.startswith(("experiments/", "tests/", "bench/"))]
+    for script in ("mg3d-demo", "mg3d-predict", "mg3d-pretrain", "mg3d-finetune", "mg3d-evaluate", "mg3d-check-data"):
+        assert f"{script} = " in entry_points, script
+    assert "napari-mg3d = napari_mg3d:napari.yaml" in entry_points
+    from napari_mg3d import __version__
+
+    assert f"Version: {__version__}" in metadata and "Programming Language :: Python :: 3.11" in metadata
+    extras = _pyproject()["project"]["optional-dependencies"]
+    assert not [d for d in extras["all"] + extras["napari"] + extras["train"] if d.startswith(("pytest", "magicgui"))]
