@@ -209,6 +209,30 @@ def save_bundle(
     return path
 
 
+HUB_PREFIX = "hf://"
+
+
+def resolve_bundle(name_or_path: str | Path) -> Path:
+    """A bundle's local path: a folder or .zip as given, or a Hugging Face Hub repository (``hf://owner/name``,
+    or a plain ``owner/name`` that is not a local path) fetched with ``huggingface_hub.snapshot_download``
+    into its cache (offline with HF_HUB_OFFLINE=1: the cached snapshot)."""
+    text = str(name_or_path)
+    local = Path(text).expanduser()
+    is_hub = text.startswith(HUB_PREFIX) or (not local.exists() and text.count("/") == 1
+                                             and not text.startswith((".", "/", "~")))
+    if not is_hub:
+        return local
+    repo = text[len(HUB_PREFIX):] if text.startswith(HUB_PREFIX) else text
+    repo, _, revision = repo.partition("@")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id=repo, revision=revision or None))
+    except Exception as err:  # noqa: BLE001 - offline, unknown repository, no cache: one message
+        raise BundleError(f"model bundle {text}: could not get Hub repository {repo!r} ({type(err).__name__}: "
+                          f"{err}); download it where the Hub is reachable, or give a local folder") from err
+
+
 def _open_bundle_dir(path: Path, workdir: list[Path]) -> Path:
     if not path.exists():
         raise BundleError(f"model bundle {path} does not exist")
@@ -270,8 +294,9 @@ def read_model_card(path: str | Path) -> tuple[str, dict[str, Any]]:
 
 
 def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
-    """Load a bundle written by :func:`save_bundle`; missing/unexpected keys are logged, not fatal."""
-    path = Path(path).expanduser()
+    """Load a bundle written by :func:`save_bundle` (a folder, a .zip, or a Hub repository: see
+    :func:`resolve_bundle`); missing/unexpected keys are logged, not fatal."""
+    path = resolve_bundle(path)
     workdir: list[Path] = []
     try:
         root = _open_bundle_dir(path, workdir)

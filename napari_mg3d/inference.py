@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import Bundle, load_bundle
+from .checkpoint import Bundle, load_bundle, resolve_bundle
 from .cuda_graphs import GraphedCall
 from .domain import check_domain, refusals
 from .labels import LABELS
@@ -209,7 +209,7 @@ class Predictor:
         self.precision = auto_precision(self.device) if precision == "auto" else precision
         self.class_by_class = class_by_class
         if not isinstance(bundle, Bundle):
-            path = Path(bundle) if bundle is not None else default_bundle_path()
+            path = resolve_bundle(bundle) if bundle is not None else default_bundle_path()
             if not path.exists():
                 raise PredictorError(
                     f"model bundle {path} not found. Make the demo bundle with `python -m training.make_demo_bundle`, "

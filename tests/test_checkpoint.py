@@ -185,3 +185,28 @@ def test_a_misspelt_config_key_is_warned_naming_it_and_errors_name_the_users_zip
     with pytest.raises(BundleError) as err:
         load_bundle(bad)
     assert str(err.value).startswith(f"{bad}: its model.safetensors could not be read") and "mg3d-bundle-" not in str(err.value)
+
+
+def test_a_bundle_by_hub_name_loads_from_the_hub_cache_offline(tiny_model, tmp_path, monkeypatch):
+    import shutil
+
+    from napari_mg3d.checkpoint import resolve_bundle
+
+    cache = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / "models--mg3d--tiny-demo"
+    save_bundle(tmp_path / "b", tiny_model, meta={"labels": ["Lung nodule"]})
+    shutil.copytree(tmp_path / "b", repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    for name in ("hf://mg3d/tiny-demo", "mg3d/tiny-demo"):
+        assert resolve_bundle(name) == repo / "snapshots" / commit
+        assert load_bundle(name).labels == ["Lung nodule"]
+    with pytest.raises(BundleError, match="hf://mg3d/missing: could not get Hub repository 'mg3d/missing'"):
+        load_bundle("hf://mg3d/missing")
