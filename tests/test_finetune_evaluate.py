@@ -213,3 +213,16 @@ def test_metrics_cannot_flatter():
     expected = p_ * r_ / (0.9 * p_ + 0.1 * r_) * (1 - 0.5 * (1 / 2) ** 3)
     assert M.meteor(["heart is enlarged"], ["heart is"]) == pytest.approx(expected)
     assert M.meteor(["nothing"], ["heart"]) == 0.0
+
+
+def test_evaluate_draws_its_figures_beside_the_json(chained, tmp_path):
+    import imageio.v3 as iio
+
+    res = evaluate(str(chained), "synthetic:6", n_boot=10, synthetic_shape=SHAPE, figures_dir=tmp_path)
+    assert set(res["figures"]) >= {"roc_classifier.png", "recall_at_k.png", "dice_per_class.png", "results.md"}
+    for name in res["figures"]:
+        if name.endswith(".png"):
+            image = iio.imread(tmp_path / name)
+            assert image.shape[0] > 200 and image[..., :3].std() > 5, name  # drawn, not blank
+    assert (tmp_path / "results.md").read_text().startswith("| Dice (%)")
+    assert set(res["dice_per_class"]) <= set(load_bundle(chained).meta["classes"][1:])

@@ -349,3 +349,19 @@ def test_the_training_clis_say_a_user_error_in_one_line_and_exit_2(tmp_path, cap
         assert exit_info.value.code == 2 and message in err and "Traceback" not in err, (main, err)
     with pytest.raises(FileNotFoundError):  # --debug: the traceback, for a bug report
         pretrain.main(cases[0][1] + ["--debug"])
+
+
+def test_pretraining_and_fine_tuning_draw_their_loss_curves(tmp_path, tiny_text_encoder_dir, gui_bundle):
+    import imageio.v3 as iio
+
+    from training.finetune import FinetuneParams
+    from training.finetune import run as finetune
+
+    run(_params(tmp_path / "pre", tiny_text_encoder_dir, max_steps=3))
+    image = iio.imread(tmp_path / "pre" / "loss_curves.png")
+    assert image.shape[0] > 200 and image[..., :3].std() > 5
+    finetune(FinetuneParams(task="classify", bundle=str(gui_bundle), data="synthetic:4", steps=3, batch_size=2,
+                            synthetic_shape=[40, 48, 56], out_dir=str(tmp_path / "ft"), log_every=1))
+    rows = (tmp_path / "ft" / "loss_history.csv").read_text().splitlines()
+    assert rows[0] == "step,loss" and [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3"]
+    assert (tmp_path / "ft" / "loss_curve.png").is_file() and list((tmp_path / "ft" / "tb").glob("events.*"))

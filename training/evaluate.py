@@ -30,6 +30,7 @@ from napari_mg3d.inference import Predictor
 from napari_mg3d.model.scoring import SOURCE_TITLES, choose_score_source, finding_scores
 from napari_mg3d.model.text import tokenize_reports
 
+from . import figures as G
 from . import metrics as M
 from .data import build_dataset, collate
 from .params import run_cli
@@ -59,7 +60,7 @@ def collect(predictor: Predictor, data: str, seed: int, synthetic_shape, limit: 
     names = predictor.label_names
     zero_shot = choose_score_source(heads, cfg, zero_shot=True)
     out: dict[str, list] = {k: [] for k in ("labels", "zero_shot", "classifier", "global_v", "global_t",
-                                            "dice", "generated", "reference")}
+                                            "dice", "dice_per_class", "generated", "reference")}
     out["zero_shot_source"] = [zero_shot]
     dev = predictor.device
     for i, batch in enumerate(loader):
@@ -82,6 +83,7 @@ def collect(predictor: Predictor, data: str, seed: int, synthetic_shape, limit: 
         if "segmentation" in heads and batch["mask"] is not None:
             pred = heads["segmentation"](x, enc.features).argmax(1)[0].cpu()
             per_class = M.dice_per_class(pred, batch["mask"][0], len(predictor.class_names) or int(pred.max()) + 1)
+            out["dice_per_class"].append(per_class)
             volume_dice = M.mean_defined(per_class)
             if volume_dice == volume_dice:  # a volume with no class in prediction or target has no Dice
                 out["dice"].append(volume_dice)
@@ -93,8 +95,14 @@ def collect(predictor: Predictor, data: str, seed: int, synthetic_shape, limit: 
 
 
 def evaluate(bundle: str, data: str, n_boot: int = 1000, seed: int = 0, synthetic_shape=(96, 128, 160),
-             limit: int = 0, device: str = "auto") -> dict:
+             limit: int = 0, device: str = "auto", figures_dir: str | Path | None = None) -> dict:
+    """The metrics as a dict; with ``figures_dir``, also ROC curves per finding, the Recall@K curve, Dice per
+    class (PNG) and the table (markdown) there."""
     predictor = Predictor(bundle, device=device)
+    figures = Path(figures_dir) if figures_dir else None
+    if figures:
+        figures.mkdir(parents=True, exist_ok=True)
+    drawn: list[str] = []
     c = collect(predictor, data, seed, synthetic_shape, limit)
     names = predictor.label_names
     res: dict = {"bundle": str(bundle), "data": data, "n_volumes": len(c["global_v"])}
@@ -106,6 +114,9 @@ def evaluate(bundle: str, data: str, n_boot: int = 1000, seed: int = 0, syntheti
                 refuse_non_finite(P, names, f"{title.replace('_auc', '')} scores of {bundle}")
                 res[title] = M.bootstrap_mean_auc(Y, P, names, n=n_boot, seed=seed)
                 res[title + "_per_label"] = M.auc_per_label(Y, P, names)
+                if figures and G.roc_grid(Y, P, names, figures / f"roc_{key}.png",
+                                          f"ROC per finding: {key.replace('_', '-')} scores, n = {len(Y)} volumes"):
+                    drawn.append(f"roc_{key}.png")
                 if key == "zero_shot":
                     res["zero_shot_source"] = SOURCE_TITLES[c["zero_shot_source"][0]]
                 if key == "classifier":
@@ -119,8 +130,15 @@ def evaluate(bundle: str, data: str, n_boot: int = 1000, seed: int = 0, syntheti
         for k in (5, 10, 50, 100):
             if k < n:
                 res[f"recall@{k}"] = {"value": M.recall_at_k(S, k), "chance": k / n}
+        if figures:
+            drawn.append(G.recall_curve(S, figures / "recall_at_k.png", M.recall_at_k).name)
     if c["dice"]:
         res["dice"] = M.bootstrap(lambda d: float(np.mean(d)), np.array(c["dice"]), n=n_boot, seed=seed)
+        classes = predictor.class_names[1:] or [f"class {k}" for k in range(1, len(c["dice_per_class"][0]) + 1)]
+        res["dice_per_class"] = {name: (None if v != v else v) for name, v in
+                                 zip(classes, (M.mean_defined(col) for col in zip(*c["dice_per_class"])))}
+        if figures and G.dice_bars(res["dice_per_class"], figures / "dice_per_class.png"):
+            drawn.append("dice_per_class.png")
     if c["generated"]:
         gen, ref = c["generated"], c["reference"]
         for k in range(1, 5):
@@ -129,6 +147,9 @@ def evaluate(bundle: str, data: str, n_boot: int = 1000, seed: int = 0, syntheti
         res["meteor"] = M.bootstrap(lambda a, b: M.meteor(list(a), list(b)), gen, ref, n=min(n_boot, 200), seed=seed)
         res["text_tokenisation"] = M.TEXT_TOKENISATION
         res["examples"] = [{"generated": g, "reference": r} for g, r in list(zip(gen, ref))[:3]]
+    if figures:
+        (figures / "results.md").write_text(format_table(res) + "\n")
+        res["figures"] = drawn + ["results.md"]
     return res
 
 
@@ -172,10 +193,12 @@ def _main(argv: list[str]) -> dict:
     ap.add_argument("--seed", type=int, default=12345, help="seed (synthetic data and bootstrap)")
     ap.add_argument("--synthetic-shape", type=int, nargs=3, default=[96, 128, 160])
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--out", default="", help="write the results as JSON here")
+    ap.add_argument("--out", default="", help="write the results as JSON here, and beside it the ROC curves, the "
+                    "Recall@K curve, Dice per class (PNG) and results.md")
     ap.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     a = ap.parse_args(argv)
-    res = evaluate(a.bundle, a.data, a.bootstrap, a.seed, a.synthetic_shape, a.limit, a.device)
+    res = evaluate(a.bundle, a.data, a.bootstrap, a.seed, a.synthetic_shape, a.limit, a.device,
+                   figures_dir=Path(a.out).parent if a.out else None)
     print(format_table(res))
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=2, default=float))

@@ -256,23 +256,33 @@ def run(p: FinetuneParams) -> Path:
     task_step.train()
     model.text.eval()  # frozen, and without dropout
 
+    from tqdm import tqdm
+
     t0, history = time.perf_counter(), []
     batches = _infinite(loader)
+    bar = tqdm(total=p.steps, desc=f"fine-tuning ({p.task})", disable=not fabric.is_global_zero)
     for step in range(1, p.steps + 1):
         step_module.encoder_frozen = step <= p.freeze_encoder_steps
         loss = task_step(next(batches))
+        if not bool(torch.isfinite(loss.detach())):
+            raise SystemExit(f"fine-tuning diverged at step {step}: the {p.task} loss is {float(loss)}; no bundle "
+                             "was written. Try a lower --lr / --lr-encoder")
         opt.zero_grad(set_to_none=True)
         fabric.backward(loss)
         opt.step()
         history.append(float(loss.detach()))
+        bar.update(1)
+        bar.set_postfix(loss=f"{history[-1]:.4f}")
         if step % p.log_every == 0 or step == p.steps:
             fabric.print(f"step {step}/{p.steps} loss {np.mean(history[-p.log_every:]):.4f} "
                          f"({(time.perf_counter() - t0) / step:.2f} s/step)", flush=True)
+    bar.close()
 
     fabric.barrier()
     out = Path(p.out_dir)
     if not fabric.is_global_zero:
         return out / "bundle"
+    write_loss_history(out, history, p.task)
     metrics = {"final_loss": float(np.mean(history[-max(1, p.log_every):]))}
     if p.task in ("classify", "prognosis"):
         with fabric.autocast():
@@ -303,6 +313,25 @@ def run(p: FinetuneParams) -> Path:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(f"fine-tuning ({p.task}) finished; bundle: {bundle.resolve()}", flush=True)
     return bundle
+
+
+def write_loss_history(out: Path, history: list[float], task: str) -> None:
+    """The loss of every step: loss_history.csv, TensorBoard events under OUT/tb and loss_curve.png."""
+    from . import figures
+
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "loss_history.csv", "w") as fh:
+        fh.write("step,loss\n" + "".join(f"{k},{v:.6g}\n" for k, v in enumerate(history, start=1)))
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+
+        with SummaryWriter(str(out / "tb")) as writer:
+            for k, v in enumerate(history, start=1):
+                writer.add_scalar(f"train/{task}_loss", v, k)
+    except ImportError:  # tensorboard is in the [train] extra
+        log.info("tensorboard is not installed: the loss history is in loss_history.csv only")
+    figures.loss_curves({f"{task} loss": list(enumerate(history, start=1))}, out / "loss_curve.png",
+                        f"fine-tuning ({task}) loss per step")
 
 
 RECALIBRATION_VOLUMES = 256

@@ -173,6 +173,9 @@ def run(p: PretrainParams) -> Path:
             print(f"warning: {skipped} of {used + skipped} samples ({100 * share:.0f}%) failed to load and were "
                   "skipped; the bundle's provenance records it", flush=True)
         save_pretrained_bundle(bundle, module, pre_cfg, trainer.global_step, metrics)
+        from . import figures
+
+        figures.loss_curves(logged_losses(out), out / "loss_curves.png", "pre-training losses per step")
         (out / "params.json").write_text(json.dumps(p.to_dict(), indent=2))
         print(f"pre-training finished at step {trainer.global_step}; bundle: {bundle.resolve()}", flush=True)
     return bundle
@@ -205,6 +208,20 @@ def resume_checkpoint(p: PretrainParams, out: Path) -> str | None:
         raise SystemExit(f"--resume {p.resume}: checkpoint {ckpt} is empty or corrupt ({type(err).__name__}: "
                          f"{err}){hint}") from None
     return str(ckpt)
+
+
+def logged_losses(out: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every train/<loss> the CSV logger wrote under OUT/logs, as (step, value) per loss."""
+    import csv
+
+    curves: dict[str, dict[int, float]] = {}
+    for path in sorted((out / "logs").glob("version_*/metrics.csv")):
+        with open(path, newline="") as fh:
+            for row in csv.DictReader(fh):
+                for key, value in row.items():
+                    if key.startswith("train/") and value not in ("", None) and row.get("step"):
+                        curves.setdefault(key[len("train/"):], {})[int(row["step"])] = float(value)
+    return {name: sorted(points.items()) for name, points in curves.items()}
 
 
 def diverged_message(err: NonFiniteLossError, out: Path) -> str:
