@@ -19,6 +19,7 @@ from .io import write_nifti
 from .volume import Volume
 
 OWN_FILES = ("result.json", "scores.csv", "scores.json", "report.txt", "heatmaps.json", "segmentation.nii.gz",
+             "segmentation.dcm",
              "segmentation_classes.json", "timings.json", "heatmap_*.nii.gz")
 
 
@@ -53,12 +54,30 @@ def _remove_earlier_export(folder: Path) -> None:
             file.unlink()
 
 
+def _dicom_seg(result, volume: Volume, folder: Path, written: list[Path]) -> dict[str, str]:
+    from .dicom_seg import DicomSegError, write_dicom_seg
+
+    try:
+        path, notes = write_dicom_seg(result.labels, result.class_names, volume, folder / "segmentation.dcm",
+                                      result.bundle_name)
+    except DicomSegError as err:
+        result.messages.append(f"no DICOM SEG written: {err}")
+        return {}
+    result.messages.extend(notes)
+    written.append(path)
+    return {"segmentation_dicom_seg": path.name}
+
+
 def result_record(result, volume: Volume, files: dict[str, str], report_text: str) -> dict:
     """The run as one JSON-able record: what ran, on what, what it found and how far to trust it."""
     return {
         "package_version": __version__,
         "bundle": {"name": result.bundle_name, "model_card": result.model_card},
         "source": {"path": str(volume.metadata.get("source", "")), "shape": list(volume.shape),
+                   "format": volume.metadata.get("format", ""),
+                   "study_instance_uid": (volume.metadata.get("tags") or {}).get("StudyInstanceUID"),
+                   "series_instance_uid": (volume.metadata.get("tags") or {}).get("SeriesInstanceUID"),
+                   "intensity_units": volume.metadata.get("intensity_units", "unknown"),
                    "spacing_mm": [round(s, 6) for s in volume.spacing], "affine_ras": np.asarray(volume.affine).tolist()},
         "domain_warnings": list(result.domain_warnings),
         "overrides": list(result.overrides),
@@ -66,7 +85,8 @@ def result_record(result, volume: Volume, files: dict[str, str], report_text: st
         "scores": {"source": result.score_source, "heading": result.score_heading, "values": dict(result.scores)},
         "report": report_text,
         "sentences": [{"text": s, "heatmap": files.get(f"heatmap_{i:02d}")} for i, s in enumerate(result.sentences)],
-        "segmentation": {"file": files.get("segmentation"), "classes": list(result.class_names)},
+        "segmentation": {"file": files.get("segmentation"), "dicom_seg": files.get("segmentation_dicom_seg"),
+                         "classes": list(result.class_names)},
         "timings_s": dict(result.timings),
     }
 
@@ -90,6 +110,8 @@ def write_result(result, volume: Volume, folder: str | Path, report_text: str | 
         written.append(write_nifti(folder / "segmentation.nii.gz", result.labels, volume, label=True))
         files["segmentation"] = "segmentation.nii.gz"
         text_file("segmentation_classes.json", json.dumps(dict(enumerate(result.class_names)), indent=1))
+        if volume.metadata.get("format") == "dicom":  # DICOM in: a DICOM SEG out, beside the NIfTI
+            files.update(_dicom_seg(result, volume, folder, written))
     for i in range(len(result.sentences)):
         written.append(write_nifti(folder / f"heatmap_{i:02d}.nii.gz", result.heatmap(i), volume, label=False))
         files[f"heatmap_{i:02d}"] = f"heatmap_{i:02d}.nii.gz"

@@ -28,7 +28,7 @@ SUPPORTED = "NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd) 
 # Tags kept as source metadata (no patient-identifying fields).
 DICOM_TAGS = ("Modality", "SeriesDescription", "SeriesInstanceUID", "StudyInstanceUID", "Manufacturer",
               "ManufacturerModelName", "KVP", "SliceThickness", "ConvolutionKernel", "PatientPosition",
-              "RescaleType", "BodyPartExamined", "ImageType")
+              "RescaleType", "BodyPartExamined", "ImageType", "FrameOfReferenceUID")
 
 
 class VolumeReadError(ValueError):
@@ -311,12 +311,12 @@ def read_dicom_series(
     headers, skipped, unreadable = [], defaultdict(int), []
     for f in files:
         try:
-            ds = pydicom.dcmread(str(f), stop_before_pixels=True)
+            ds = pydicom.dcmread(str(f))  # once: the pixels are decoded later from this same dataset
         except (InvalidDicomError, OSError, EOFError, ValueError):
             skipped["not DICOM"] += 1
             unreadable.append(f.name)
             continue
-        if "PixelData" not in ds and not hasattr(ds, "Rows"):
+        if not hasattr(ds, "Rows"):
             skipped["no pixel data"] += 1
             continue
         if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds:
@@ -386,11 +386,8 @@ def read_dicom_series(
     shape = (n, *sizes.pop())
     check_declared_size(shape, Path(label))
     pixels = np.empty(shape, np.float32)
-    for k, (f, header) in enumerate(slices):
-        try:
-            ds = pydicom.dcmread(str(f))
-        except Exception as err:  # noqa: BLE001 - it read as a header a moment ago
-            raise VolumeReadError(f"{f}: the file could not be read again ({err}); it may be truncated") from err
+    for k, (f, ds) in enumerate(slices):
+        header = ds
         if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
             raise VolumeReadError(f"{f} has no pixel data (a header without an image); remove it from the series "
                                   "folder or export the series again")
@@ -420,7 +417,9 @@ def read_dicom_series(
     first = slices[0][1]
     meta = {"source": label, "format": "dicom", "n_files": n, "skipped": dict(skipped), "stored_dtype": stored,
             "transfer_syntax": str(getattr(getattr(first, "file_meta", None), "TransferSyntaxUID", "")),
-            "tags": {t: _jsonable(first.get(t)) for t in DICOM_TAGS if t in first}}
+            "tags": {t: _jsonable(first.get(t)) for t in DICOM_TAGS if t in first},
+            # per slice, in the volume's a0 order: what a DICOM SEG of this volume must reference
+            "slices": [{"file": str(f), "sop_instance_uid": str(ds.get("SOPInstanceUID", ""))} for f, ds in slices]}
     return Volume(pixels, affine, meta)
 
 

@@ -333,3 +333,16 @@ def test_a_sentence_longer_than_the_encoder_reads_is_said_to_be_cut(gui_bundle, 
     result = Predictor(gui_bundle, device="cpu").run(vol, sentences=["Short one.", long], outputs=("heatmaps",))
     cut = [m for m in result.messages if "reads only the first" in m]
     assert len(cut) == 1 and cut[0].startswith("sentence 2 has") and result.heatmaps_model.shape[0] == 2
+
+
+def test_predict_on_a_dicom_series_writes_a_dicom_seg_and_the_series_in_result_json(gui_bundle, tmp_path, shared_data):
+    pytest.importorskip("highdicom")
+    from napari_mg3d.predict import main
+
+    out = main([str(shared_data / "ct" / "example_ct_dicom"), "--out", str(tmp_path / "o"), "--bundle", str(gui_bundle),
+                "--device", "cpu", "--outputs", "segmentation", "scores"])
+    record = json.loads((out / "result.json").read_text())
+    assert record["segmentation"]["dicom_seg"] == "segmentation.dcm" and (out / "segmentation.dcm").is_file()
+    assert record["source"]["format"] == "dicom" and record["source"]["intensity_units"] == "HU"
+    assert any("generated UIDs" in m for m in record["messages"])  # the shared series is anonymised
+    assert any(w.startswith("warning:") for w in record["domain_warnings"])  # 40 mm of abdomen, not a chest

@@ -389,3 +389,55 @@ def test_an_rgb_nifti_gets_the_readers_own_message(tmp_path):
     nib.save(nib.Nifti1Image(rgb, np.eye(4)), str(tmp_path / "rgb.nii.gz"))
     with pytest.raises(VolumeReadError, match="rgb.nii.gz holds RGB/vector voxels"):
         read_volume(tmp_path / "rgb.nii.gz")
+
+
+def test_dicom_in_gives_a_dicom_seg_that_references_the_source_series(tmp_path, shared_data):
+    pytest.importorskip("highdicom")
+    import highdicom as hd
+    from pydicom.uid import generate_uid
+
+    from napari_mg3d.dicom_seg import write_dicom_seg
+
+    series = read_volume(shared_data / "ct" / "example_ct_dicom")  # real, anonymised: it carries no SOP UIDs
+    assert len(series.metadata["slices"]) == 20 and series.metadata["slices"][0]["file"].startswith(str(shared_data))
+    labels = np.zeros(series.shape, np.int32)
+    labels[2:9, 100:300, 120:260] = 3  # "heart"
+    labels[12:15, 40:90, 300:420] = 19  # a lesion class
+    names = ["background", "body", "lung_right", "heart"] + [f"c{k}" for k in range(4, 19)] + ["Lung nodule"]
+    path, notes = write_dicom_seg(labels, names, series, tmp_path / "seg.dcm", bundle_name="demo")
+    assert notes and "SOPInstanceUID" in notes[0] and "generated UIDs" in notes[0]
+    seg = hd.seg.segread(str(path))
+    assert [d.SegmentLabel for d in seg.SegmentSequence] == ["heart", "Lung nodule"]
+    assert seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0].AlgorithmName == "MG-3D (demo)"
+    source_uids = [generate_uid(entropy_srcs=[s["file"]]) for s in series.metadata["slices"]]  # the files' own
+    referenced = {r.ReferencedSOPInstanceUID for r in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
+    assert referenced == set(source_uids) and len(referenced) == 20
+    again, _ = write_dicom_seg(labels, names, series, tmp_path / "seg2.dcm", bundle_name="demo")
+    assert hd.seg.segread(str(again)).ReferencedSeriesSequence[0].SeriesInstanceUID == \
+        seg.ReferencedSeriesSequence[0].SeriesInstanceUID  # the same made-up UIDs at every export
+    for number, value in ((1, 3), (2, 19)):  # every frame against the label map, slice by slice
+        frames = seg.get_pixels_by_source_instance(source_sop_instance_uids=source_uids, segment_numbers=[number])
+        np.testing.assert_array_equal(frames[..., 0].astype(bool), labels == value)
+
+
+def test_a_series_with_its_uids_is_referenced_as_it_is(tmp_path):
+    pytest.importorskip("highdicom")
+    import highdicom as hd
+    import pydicom
+
+    from napari_mg3d.dicom_seg import write_dicom_seg
+
+    _write_series(tmp_path / "s", n=4)
+    for f in (tmp_path / "s").glob("*.dcm"):  # give the hand-made series the study and frame UIDs it lacks
+        ds = pydicom.dcmread(f)
+        ds.StudyInstanceUID, ds.FrameOfReferenceUID = "1.2.3.9", "1.2.3.10"
+        ds.save_as(f)
+    series = read_volume(tmp_path / "s")
+    labels = np.zeros(series.shape, np.int32)
+    labels[1:3, 4:8, 5:9] = 2
+    _, notes = write_dicom_seg(labels, ["background", "body", "heart"], series, tmp_path / "seg.dcm")
+    assert notes == []
+    seg = hd.seg.segread(str(tmp_path / "seg.dcm"))
+    assert seg.StudyInstanceUID == "1.2.3.9" and seg.ReferencedSeriesSequence[0].SeriesInstanceUID == "1.2.3.4"
+    referenced = {r.ReferencedSOPInstanceUID for r in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
+    assert referenced == {s["sop_instance_uid"] for s in series.metadata["slices"]}
