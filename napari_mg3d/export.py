@@ -11,12 +11,16 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import __version__
 from .io import write_nifti
 from .volume import Volume
+
+if TYPE_CHECKING:
+    from .inference import Result
 
 OWN_FILES = ("result.json", "scores.csv", "scores.json", "report.txt", "heatmaps.json", "segmentation.nii.gz",
              "segmentation.dcm",
@@ -54,7 +58,7 @@ def _remove_earlier_export(folder: Path) -> None:
             file.unlink()
 
 
-def _dicom_seg(result, volume: Volume, folder: Path, written: list[Path]) -> dict[str, str]:
+def _dicom_seg(result: Result, volume: Volume, folder: Path, written: list[Path]) -> dict[str, str]:
     from .dicom_seg import DicomSegError, write_dicom_seg
 
     try:
@@ -68,7 +72,21 @@ def _dicom_seg(result, volume: Volume, folder: Path, written: list[Path]) -> dic
     return {"segmentation_dicom_seg": path.name}
 
 
-def result_record(result, volume: Volume, files: dict[str, str], report_text: str) -> dict:
+def _spans(sentences: list[str], report: str) -> list[list[int] | None]:
+    """Each sentence's [start, end) character span in ``report`` (searched in order), None where it is not
+    there (a typed sentence, or the report was edited)."""
+    spans, start = [], 0
+    for sentence in sentences:
+        at = report.find(sentence, start)
+        if at < 0:
+            at = report.find(sentence)
+        spans.append([at, at + len(sentence)] if at >= 0 else None)
+        if at >= 0:
+            start = at + len(sentence)
+    return spans
+
+
+def result_record(result: Result, volume: Volume, files: dict[str, str], report_text: str) -> dict:
     """The run as one JSON-able record: what ran, on what, what it found and how far to trust it."""
     return {
         "package_version": __version__,
@@ -84,14 +102,16 @@ def result_record(result, volume: Volume, files: dict[str, str], report_text: st
         "messages": list(result.messages),
         "scores": {"source": result.score_source, "heading": result.score_heading, "values": dict(result.scores)},
         "report": report_text,
-        "sentences": [{"text": s, "heatmap": files.get(f"heatmap_{i:02d}")} for i, s in enumerate(result.sentences)],
+        "sentences": [{"text": s, "span": span, "heatmap": files.get(f"heatmap_{i:02d}")}
+                      for i, (s, span) in enumerate(zip(result.sentences, _spans(result.sentences, report_text)))],
+        "options": dict(result.options),
         "segmentation": {"file": files.get("segmentation"), "dicom_seg": files.get("segmentation_dicom_seg"),
                          "classes": list(result.class_names)},
         "timings_s": dict(result.timings),
     }
 
 
-def write_result(result, volume: Volume, folder: str | Path, report_text: str | None = None,
+def write_result(result: Result, volume: Volume, folder: str | Path, report_text: str | None = None,
                  overwrite: bool = False) -> list[Path]:
     """Files written: segmentation.nii.gz (+ class names), heatmap_NN.nii.gz (+ heatmaps.json: file ->
     sentence), report.txt (``report_text`` if given, e.g. as edited, else the draft), scores.csv/json, and

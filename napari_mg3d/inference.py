@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from .checkpoint import Bundle, load_bundle, resolve_bundle
 from .cuda_graphs import GraphedCall
 from .domain import check_domain, refusals
 from .labels import LABELS
+from .model.config import MG3DConfig
 from .model.heads import GenerationSettings, use_channels_last
 from .model.mg3d import VolumeEncoding
 from .model.scoring import SOURCE_TITLES, choose_score_source, finding_scores
@@ -92,7 +94,7 @@ def available_memory_bytes() -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
-def estimate_memory_bytes(shape: tuple[int, int, int], config=None, weight_bytes: int = 0,
+def estimate_memory_bytes(shape: tuple[int, int, int], config: MG3DConfig | None = None, weight_bytes: int = 0,
                           class_by_class: bool = False) -> int:
     """Peak host memory of one run on a volume of ``shape`` voxels, beyond the volume itself (bytes).
 
@@ -130,6 +132,7 @@ class Result:
     overrides: list[str] = field(default_factory=list)
     model_card: dict = field(default_factory=dict)
     bundle_name: str = ""
+    options: dict = field(default_factory=dict)
 
     @property
     def score_heading(self) -> str:
@@ -406,10 +409,10 @@ class Predictor:
     def run(
         self,
         volume: Volume,
-        sentences: list[str] | None = None,
+        sentences: list[str] | str | None = None,
         outputs: tuple[str, ...] = OUTPUTS,
         progress: ProgressFn | None = None,
-        cancel=None,
+        cancel: threading.Event | None = None,
         generation: GenerationSettings | None = None,
     ) -> Result:
         """Run the chosen outputs. ``sentences`` get heat maps (default: the drafted report's sentences).
@@ -422,7 +425,10 @@ class Predictor:
         if unknown:
             raise PredictorError(f"unknown outputs {sorted(unknown)}; choose from {OUTPUTS}")
         caps = self.capabilities()
-        result = Result(volume_shape=volume.shape, model_card=self.model_card, bundle_name=self.bundle.name)
+        result = Result(volume_shape=volume.shape, model_card=self.model_card, bundle_name=self.bundle.name,
+                        options={"outputs": list(outputs), "device": str(self.device), "precision": self.precision,
+                                 "allow_out_of_domain": self.allow_out_of_domain,
+                                 "sentences_given": sentences is not None})
         self.check_volume(volume)  # memory and shape, from the header alone
         result.domain_warnings, result.overrides = self.check_domain(
             volume, str(volume.metadata.get("source") or "the volume"))

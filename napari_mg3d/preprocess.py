@@ -13,11 +13,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from .model.config import MG3DConfig
 
 from .volume import Volume
 
@@ -45,7 +50,7 @@ class PreprocessConfig:
         return hashlib.sha1(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
 
 
-def preprocess_config_of(meta: dict | None, config) -> PreprocessConfig:
+def preprocess_config_of(meta: dict | None, config: MG3DConfig) -> PreprocessConfig:
     """The one source of a model's preprocessing: what its bundle's ``config.json`` records under
     "preprocessing" (``meta``), else the contract's defaults at the model's input size (``config``: an
     MG3DConfig). Training, evaluation and the Predictor all call this."""
@@ -82,7 +87,8 @@ class PreprocessRecord:
         return tuple(float(v) for v in np.linalg.norm(np.asarray(self.model_affine)[:3, :3], axis=0))  # type: ignore
 
 
-def orientation_transform(affine: np.ndarray, axcodes=CANONICAL_AXCODES) -> np.ndarray:
+def orientation_transform(affine: np.ndarray, axcodes: tuple[str, str, str] = CANONICAL_AXCODES) -> np.ndarray:
+    """nibabel orientation transform from ``affine``'s axes to ``axcodes``."""
     import nibabel as nib
 
     return nib.orientations.ornt_transform(nib.orientations.io_orientation(affine),
@@ -110,7 +116,8 @@ def _invert_ornt(array: np.ndarray, ornt: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(out)
 
 
-def centre_crop_box(shape, ratios) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def centre_crop_box(shape: Sequence[int], ratios: Sequence[float]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(start, stop) voxel indices of the centred box holding ``ratios`` of ``shape`` per axis."""
     size = [max(1, int(round(n * r))) for n, r in zip(shape, ratios)]
     start = [(n - s) // 2 for n, s in zip(shape, size)]
     return tuple(start), tuple(a + s for a, s in zip(start, size))
@@ -241,7 +248,7 @@ def _source_index(n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor]:
     return i0, (c - i0).float()
 
 
-def upsampled_argmax(scores: torch.Tensor, size, antialias: bool = False, chunk: int = 4096) -> torch.Tensor:
+def upsampled_argmax(scores: torch.Tensor, size: Sequence[int], antialias: bool = False, chunk: int = 4096) -> torch.Tensor:
     """argmax over classes of ``scores`` (C, z, y, x) resized trilinearly to ``size``, without resizing every
     class: the same labels as resizing each class and taking the argmax (int32, ``size``).
 
@@ -365,7 +372,7 @@ def labels_to_model(labels: np.ndarray, record: PreprocessRecord, representation
     raise ValueError(f"representation must be 'sdf', 'probabilities' or 'labels', got {representation!r}")
 
 
-def canonical_affine(affine: np.ndarray, ornt: np.ndarray, shape) -> np.ndarray:
+def canonical_affine(affine: np.ndarray, ornt: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     """Affine of the canonical (re-oriented) grid of a volume with ``affine`` and ``shape``."""
     import nibabel as nib
 

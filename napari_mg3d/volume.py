@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 # RAS (x, y, z) -> napari world (S, P, L) = (z, -y, -x)
 RAS_TO_NAPARI = np.array([[0, 0, 1, 0], [0, -1, 0, 0], [-1, 0, 0, 0], [0, 0, 0, 1]], dtype=float)
@@ -62,12 +63,12 @@ class Volume:
 
         return tuple(nib.orientations.aff2axcodes(self.affine))  # type: ignore[return-value]
 
-    def index_to_world(self, index) -> np.ndarray:
+    def index_to_world(self, index: ArrayLike) -> np.ndarray:
         """(..., 3) voxel indices (a0, a1, a2) -> (..., 3) RAS mm."""
         idx = np.asarray(index, dtype=float)
         return idx @ self.affine[:3, :3].T + self.affine[:3, 3]
 
-    def world_to_index(self, world) -> np.ndarray:
+    def world_to_index(self, world: ArrayLike) -> np.ndarray:
         """(..., 3) RAS mm -> (..., 3) fractional voxel indices."""
         inv = np.linalg.inv(self.affine)
         return np.asarray(world, dtype=float) @ inv[:3, :3].T + inv[:3, 3]

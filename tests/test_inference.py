@@ -346,3 +346,24 @@ def test_predict_on_a_dicom_series_writes_a_dicom_seg_and_the_series_in_result_j
     assert record["source"]["format"] == "dicom" and record["source"]["intensity_units"] == "HU"
     assert any("generated UIDs" in m for m in record["messages"])  # the shared series is anonymised
     assert any(w.startswith("warning:") for w in record["domain_warnings"])  # 40 mm of abdomen, not a chest
+
+
+def test_result_json_is_the_one_record_of_a_run(gui_bundle, sample, tmp_path):
+    from napari_mg3d import __version__
+    from napari_mg3d.export import write_result
+
+    _, vol = sample
+    result = Predictor(gui_bundle, device="cpu").run(vol, sentences=["Nodule in the right upper lobe.", "Typed."],
+                                                     outputs=("segmentation", "scores", "heatmaps"))
+    write_result(result, vol, tmp_path / "o", report_text="Nodule in the right upper lobe. No effusion.")
+    record = json.loads((tmp_path / "o" / "result.json").read_text())
+    assert set(record) >= {"package_version", "bundle", "source", "domain_warnings", "overrides", "messages", "scores",
+                           "report", "sentences", "segmentation", "timings_s", "options"}
+    assert record["package_version"] == __version__ and record["bundle"]["model_card"]["trained_on"]["modality"] == "CT"
+    assert record["sentences"][0] == {"text": "Nodule in the right upper lobe.", "span": [0, 31], "heatmap": "heatmap_00.nii.gz"}
+    assert record["sentences"][1]["span"] is None  # not in the report
+    assert record["options"]["outputs"] == ["segmentation", "scores", "heatmaps"] and record["options"]["device"] == "cpu"
+    assert record["scores"]["source"] == "classifier" and set(record["scores"]["values"]) == set(LABELS)
+    scores = json.loads((tmp_path / "o" / "scores.json").read_text())  # written from the same record
+    assert scores["scores"] == record["scores"]["values"] and scores["heading"] == record["scores"]["heading"]
+    assert record["source"]["shape"] == list(vol.shape)

@@ -102,3 +102,30 @@ def test_the_wheel_holds_the_licence_the_console_scripts_and_no_experiments(tmp_
     assert f"Version: {__version__}" in metadata and "Programming Language :: Python :: 3.11" in metadata
     extras = _pyproject()["project"]["optional-dependencies"]
     assert not [d for d in extras["all"] + extras["napari"] + extras["train"] if d.startswith(("pytest", "magicgui"))]
+
+
+def test_every_public_function_of_the_core_has_type_hints():
+    import importlib
+    import inspect
+
+    modules = ["napari_mg3d." + m for m in ("io", "volume", "preprocess", "inference", "checkpoint", "reports",
+                                             "domain", "export", "model_card", "dicom_seg", "model.config",
+                                             "model.mg3d", "model.pretraining", "model.heads", "model.text",
+                                             "model.fusion", "model.vision", "model.losses", "model.scoring")]
+    missing = []
+    for name in modules:
+        module = importlib.import_module(name)
+        for attr, obj in vars(module).items():
+            if attr.startswith("_") or getattr(obj, "__module__", None) != name:
+                continue
+            functions = [(attr, obj)] if inspect.isfunction(obj) else [
+                (f"{attr}.{k}", v) for k, v in vars(obj).items()
+                if inspect.isfunction(v) and (not k.startswith("_") or k == "__init__")] if inspect.isclass(obj) else []
+            for label, fn in functions:
+                sig = inspect.signature(fn)
+                params = [p for p in sig.parameters.values()
+                          if p.name not in ("self", "cls") and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+                if any(p.annotation is inspect.Parameter.empty for p in params) or (
+                        sig.return_annotation is inspect.Signature.empty and not label.endswith("__init__")):
+                    missing.append(f"{name}.{label}")
+    assert missing == []

@@ -365,3 +365,22 @@ def test_pretraining_and_fine_tuning_draw_their_loss_curves(tmp_path, tiny_text_
     rows = (tmp_path / "ft" / "loss_history.csv").read_text().splitlines()
     assert rows[0] == "step,loss" and [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3"]
     assert (tmp_path / "ft" / "loss_curve.png").is_file() and list((tmp_path / "ft" / "tb").glob("events.*"))
+
+
+def test_print_config_round_trips_and_the_shipped_configs_parse(tmp_path, capsys):
+    from training.finetune import FinetuneParams
+    from training.params import parse_params
+
+    with pytest.raises(SystemExit) as done:
+        parse_params(["--print-config", "--max-steps", "7", "--objectives", "mim", "sva"], "pretrain", "")
+    assert done.value.code == 0
+    (tmp_path / "c.yaml").write_text(capsys.readouterr().out)
+    again = parse_params(["--config", str(tmp_path / "c.yaml")], "pretrain", "")
+    assert again == PretrainParams(max_steps=7, objectives=["mim", "sva"])
+    shipped = sorted((ROOT / "configs").glob("*.yaml"))
+    assert {p.name for p in shipped} >= {"pretrain_ctrate_base.yaml", "finetune_classify.yaml", "finetune_segment.yaml",
+                                         "finetune_report.yaml", "finetune_vocabfine.yaml"}
+    for path in shipped:
+        cls = PretrainParams if path.name.startswith("pretrain") else FinetuneParams
+        params = parse_params(["--config", str(path)], "x", "", cls)
+        assert params.data.startswith(("ctrate:", "msd:")), path.name

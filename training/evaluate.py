@@ -56,7 +56,9 @@ def collect(predictor: Predictor, data: str, seed: int, synthetic_shape, limit: 
     if getattr(ds, "target", None) is not None and "segmentation" in heads:
         classes = predictor.class_names
         ds.target = "all" if len(classes) > 19 else ("organs" if "lung_right" in classes else "lesions")
-    loader = DataLoader(ds, batch_size=1, collate_fn=collate)
+    from tqdm import tqdm
+
+    loader = tqdm(DataLoader(ds, batch_size=1, collate_fn=collate), desc="evaluating", total=len(ds))
     names = predictor.label_names
     zero_shot = choose_score_source(heads, cfg, zero_shot=True)
     out: dict[str, list] = {k: [] for k in ("labels", "zero_shot", "classifier", "global_v", "global_t",

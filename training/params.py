@@ -205,6 +205,9 @@ def build_parser(prog: str, description: str, params_cls=PretrainParams) -> argp
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=str, default="", help="YAML file with any of the options below")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print every option (defaults < --config < command line) as YAML and exit; edit it "
+                             "and pass it back with --config")
     for f in dataclasses.fields(params_cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         text = f.metadata.get("help", "")
@@ -226,7 +229,10 @@ def parse_params(argv: list[str] | None, prog: str, description: str, params_cls
             raise SystemExit(f"{args.config}: unknown options {sorted(unknown)}; see --help")
         fields = {f.name: f for f in dataclasses.fields(params_cls)}
         values.update({k: _coerce(fields[k], v, args.config) for k, v in loaded.items()})
-    values.update({k: v for k, v in vars(args).items() if v is not None and k not in ("config", "debug")})
+    values.update({k: v for k, v in vars(args).items() if v is not None and k not in ("config", "debug", "print_config")})
     params = params_cls(**values)
     validate_params(params)
+    if args.print_config:
+        print(yaml.safe_dump(params.to_dict(), sort_keys=False), end="")
+        raise SystemExit(0)
     return params

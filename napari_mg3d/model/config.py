@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -190,7 +191,7 @@ ARCHITECTURE_FIELDS = ("input_size", "feature_size", "depths", "num_heads", "win
 
 
 def build_model_config(preset: str, overrides: dict[str, Any] | None = None, base: MG3DConfig | None = None,
-                       base_name: str = "the bundle", spell=str) -> MG3DConfig:
+                       base_name: str = "the bundle", spell: Callable[[str], str] = str) -> MG3DConfig:
     """The one way to make a model config: preset ``preset`` (or ``base``, a trained model's config) with
     ``overrides``. Overriding an architecture field of ``base`` with another value is refused, naming it as
     ``spell(field)`` spells it (e.g. as a command-line option)."""

@@ -11,12 +11,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrUpBlock
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from .config import MG3DConfig
+    from .mg3d import MG3DModel, VolumeEncoding
+    from .text import TextBatch
 
 PROMPT_PAIR = ("{finding} is present.", "{finding} is not present.")
 CLASSIFIER_NORMS = ("layer", "batch")
@@ -57,7 +67,7 @@ class LinearClassifier(nn.Module):
         return self.linear(self.norm(pooled))
 
     @torch.no_grad()
-    def recalibrate_statistics(self, encodings) -> int:
+    def recalibrate_statistics(self, encodings: Iterable[VolumeEncoding]) -> int:
         """Re-estimate a "batch" norm's running statistics from ``encodings`` (``VolumeEncoding`` batches of
         at least two volumes, made by the final encoder); returns the volumes used (0: nothing changed).
         While the encoder trains, the running statistics average the last ~10 batches, each from a slightly
@@ -83,7 +93,7 @@ class LinearClassifier(nn.Module):
         return seen
 
     @torch.no_grad()
-    def init_prior(self, prevalence) -> None:
+    def init_prior(self, prevalence: Sequence[float] | np.ndarray) -> None:
         """Set the bias so that a volume the features say nothing about gets each label's prevalence (the
         fraction of training volumes with it): log-odds for multi-label, log-probability for one class per
         volume. A zero bias (p = 0.5) makes a head on rare labels spend its first hundreds of steps learning
@@ -94,7 +104,7 @@ class LinearClassifier(nn.Module):
         prior = torch.log(p / (1 - p)) if self.multilabel else torch.log(p / p.sum())
         self.linear.bias.copy_(prior.to(self.linear.bias.dtype))
 
-    def classify(self, encoding) -> torch.Tensor:
+    def classify(self, encoding: VolumeEncoding) -> torch.Tensor:
         """Logits (B, n_classes) from a ``VolumeEncoding``."""
         return self(encoding.global_feature)
 
@@ -281,7 +291,7 @@ def prompt_texts(findings: list[str], pair: tuple[str, str] = PROMPT_PAIR) -> li
     return [[pair[0].format(finding=f), pair[1].format(finding=f)] for f in findings]
 
 
-def prompt_batch(tokenizer, findings: list[str], pair: tuple[str, str] = PROMPT_PAIR):
+def prompt_batch(tokenizer: PreTrainedTokenizerBase, findings: list[str], pair: tuple[str, str] = PROMPT_PAIR) -> TextBatch:
     """The prompt pairs as a TextBatch of F "reports" of 2 sentences; ``model.encode_sentences_separately``
     then gives (F, 2, ·) features, each prompt encoded on its own."""
     from .text import tokenize_reports
@@ -289,7 +299,7 @@ def prompt_batch(tokenizer, findings: list[str], pair: tuple[str, str] = PROMPT_
     return tokenize_reports(tokenizer, prompt_texts(findings, pair), max_sentences=2)
 
 
-def build_head(spec: dict, config, vocab_size: int) -> nn.Module:
+def build_head(spec: dict, config: MG3DConfig, vocab_size: int) -> nn.Module:
     """Rebuild a head from its bundle description ``{"type": ..., ...}`` (config: MG3DConfig)."""
     kind = spec.get("type")
     if kind == "classifier":
@@ -320,7 +330,7 @@ def build_head(spec: dict, config, vocab_size: int) -> nn.Module:
 
 
 @torch.no_grad()
-def alignment_zero_shot_margins(model, tokens: torch.Tensor, findings: list[str],
+def alignment_zero_shot_margins(model: MG3DModel, tokens: torch.Tensor, findings: list[str],
                                 pair: tuple[str, str] = PROMPT_PAIR) -> torch.Tensor:
     """(F,) logit margin "present" minus "not present" per finding for one volume from the "sva" objective:
     each prompt of the pair is read out over the volume tokens (1, N, d) and compared with itself (cosine),
@@ -329,7 +339,7 @@ def alignment_zero_shot_margins(model, tokens: torch.Tensor, findings: list[str]
     return logits[:, 0] - logits[:, 1]
 
 
-def alignment_prompt_logits(model, tokens: torch.Tensor, findings: list[str],
+def alignment_prompt_logits(model: MG3DModel, tokens: torch.Tensor, findings: list[str],
                             pair: tuple[str, str] = PROMPT_PAIR) -> torch.Tensor:
     """(F, 2) sentence-volume score of each prompt of the pair over the volume tokens (1, N, d), divided by
     the training temperature (see alignment_zero_shot_margins)."""
@@ -345,7 +355,7 @@ def margins_to_scores(margins: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def alignment_zero_shot_scores(model, tokens: torch.Tensor, findings: list[str],
+def alignment_zero_shot_scores(model: MG3DModel, tokens: torch.Tensor, findings: list[str],
                                pair: tuple[str, str] = PROMPT_PAIR) -> torch.Tensor:
     """p(present) per finding for one volume, with no fine-tuning (see alignment_zero_shot_margins and
     margins_to_scores). Returns (F,)."""
@@ -353,7 +363,7 @@ def alignment_zero_shot_scores(model, tokens: torch.Tensor, findings: list[str],
 
 
 @torch.no_grad()
-def zero_shot_scores(model, mlm_head: nn.Module, tokens: torch.Tensor, findings: list[str],
+def zero_shot_scores(model: MG3DModel, mlm_head: nn.Module, tokens: torch.Tensor, findings: list[str],
                      pair: tuple[str, str] = PROMPT_PAIR) -> torch.Tensor:
     """p(present) per finding for one volume, with no fine-tuning: for each prompt of the pair, the mean
     log-probability of its words when each is masked in turn and predicted by the pre-trained MLM head

@@ -94,7 +94,7 @@ class MG3DModel(nn.Module):
         self.pool_fused_text = SelfAttentionPooling(d)
         self.pool_sentence_visual = SelfAttentionPooling(d)
 
-    def trainable_named_parameters(self):
+    def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """Parameters an optimiser may touch: everything but the frozen text encoder."""
         return [(n, p) for n, p in self.named_parameters() if not n.startswith("text.")]
 

@@ -100,7 +100,7 @@ class MG3DPretrainer(nn.Module):
         self.mlm_head = MLMHead(self.config.fusion_dim, model.text.vocab_size)
         self.gather = gather
 
-    def trainable_named_parameters(self):
+    def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.named_parameters() if not n.startswith("model.text.")]
 
     def _nce(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .config import MG3DConfig
 from .heads import alignment_zero_shot_scores, prompt_batch, zero_shot_scores
 from .mg3d import MG3DModel, VolumeEncoding
 
@@ -23,14 +24,14 @@ SOURCE_TITLES = {
 }
 
 
-def available_score_sources(heads: dict[str, nn.Module], config) -> list[str]:
+def available_score_sources(heads: dict[str, nn.Module], config: MG3DConfig) -> list[str]:
     """The sources a model with ``heads`` and ``config`` (MG3DConfig) can score with, in policy order."""
     have = {"classifier": "classifier" in heads, "prompt": "prompt" in heads,
             "sva": "sva" in config.objectives, "mlm": "mlm_head" in heads}
     return [s for s in SCORE_SOURCES if have[s]]
 
 
-def choose_score_source(heads: dict[str, nn.Module], config, zero_shot: bool = False) -> str | None:
+def choose_score_source(heads: dict[str, nn.Module], config: MG3DConfig, zero_shot: bool = False) -> str | None:
     """The source to score with (``zero_shot``: among the label-free read-outs only), or None."""
     allowed = ZERO_SHOT_SOURCES if zero_shot else SCORE_SOURCES
     return next((s for s in available_score_sources(heads, config) if s in allowed), None)

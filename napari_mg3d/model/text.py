@@ -12,11 +12,15 @@ import logging
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .config import DEFAULT_TEXT_ENCODER
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +54,7 @@ def resolve_text_encoder(name_or_path: str | os.PathLike) -> str:
     return name
 
 
-def load_hf_text_model(name_or_path: str | os.PathLike):
+def load_hf_text_model(name_or_path: str | os.PathLike) -> tuple[PreTrainedTokenizerBase, nn.Module]:
     """Load (tokenizer, model) with transformers' Auto classes, offline first."""
     from transformers import AutoModel, AutoTokenizer
 
@@ -157,7 +161,7 @@ def _pack_windows(report_pieces, first_window: int, max_words: int, cls_id: int,
 
 
 def tokenize_reports(
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     reports: list[list[str]],
     max_words: int = 256,
     max_sentences: int = 32,
@@ -259,7 +263,8 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
 class FrozenTextEncoder(nn.Module):
     """A Hugging Face encoder that never trains: eval mode, no gradients, excluded from optimisers."""
 
-    def __init__(self, name_or_path: str = DEFAULT_TEXT_ENCODER, tokenizer=None, model=None) -> None:
+    def __init__(self, name_or_path: str = DEFAULT_TEXT_ENCODER, tokenizer: PreTrainedTokenizerBase | None = None,
+                 model: nn.Module | None = None) -> None:
         super().__init__()
         if model is None or tokenizer is None:
             tokenizer, model = load_hf_text_model(name_or_path)
