@@ -178,5 +178,11 @@ def main(argv: list[str] | None = None) -> None:
          "(segmentation/heat maps as NIfTI on the CT grid, report, scores, screenshots, summary.json)")
 
 
+
+def cli() -> None:
+    """The console script: ``main`` without its return value (which the script would print as an error)."""
+    main()
+
+
 if __name__ == "__main__":
     main()

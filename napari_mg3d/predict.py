@@ -73,5 +73,11 @@ def main(argv: list[str] | None = None) -> Path:
         raise SystemExit(2) from None
 
 
+
+def cli() -> None:
+    """The console script: ``main`` without its return value (which the script would print as an error)."""
+    main()
+
+
 if __name__ == "__main__":
     main()

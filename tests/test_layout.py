@@ -96,6 +96,13 @@ def test_the_wheel_holds_the_licence_the_console_scripts_and_no_experiments(tmp_
     assert not [n for n in names if n.startswith(("experiments/", "tests/", "bench/"))]
     for script in ("mg3d-demo", "mg3d-predict", "mg3d-pretrain", "mg3d-finetune", "mg3d-evaluate", "mg3d-check-data"):
         assert f"{script} = " in entry_points, script
+        target = entry_points.split(f"{script} = ")[1].splitlines()[0]
+        module, _, function = target.partition(":")  # a script exits with what its function returns: None
+        import importlib
+        import inspect
+
+        fn = getattr(importlib.import_module(module), function)
+        assert not inspect.signature(fn).parameters and inspect.signature(fn).return_annotation in (None, "None"), target
     assert "napari-mg3d = napari_mg3d:napari.yaml" in entry_points
     from napari_mg3d import __version__
 

@@ -138,5 +138,11 @@ def main(argv: list[str] | None = None) -> dict:
     return run_cli(_main, argv)
 
 
+
+def cli() -> None:
+    """The console script: ``main`` without its return value (which the script would print as an error)."""
+    main()
+
+
 if __name__ == "__main__":
     main()

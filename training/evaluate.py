@@ -208,5 +208,11 @@ def _main(argv: list[str]) -> dict:
     return res
 
 
+
+def cli() -> None:
+    """The console script: ``main`` without its return value (which the script would print as an error)."""
+    main()
+
+
 if __name__ == "__main__":
     main()

@@ -408,5 +408,11 @@ def main(argv: list[str] | None = None) -> None:
     run_cli(lambda args: run(parse_params(args, "python -m training.finetune", __doc__, FinetuneParams)), argv)
 
 
+
+def cli() -> None:
+    """The console script: ``main`` without its return value (which the script would print as an error)."""
+    main()
+
+
 if __name__ == "__main__":
     main()

@@ -260,5 +260,11 @@ def main(argv: list[str] | None = None) -> None:
     run_cli(lambda args: run(parse_params(args, "python -m training.pretrain", __doc__)), argv)
 
 
+
+def cli() -> None:
+    """The console script: ``main`` without its return value (which the script would print as an error)."""
+    main()
+
+
 if __name__ == "__main__":
     main()
