@@ -144,10 +144,10 @@ def run_demo(out: Path, bundle: Path, seed: int) -> dict:
             heat = result.heatmap(i)
             peak = np.unravel_index(int(np.argmax(heat)), heat.shape)
             hits.append({"sentence": sentence, "peak_in_lesion": bool(any(sample.lesions[n][peak] for n in linked))})
-    summary = {"model_card": result.model_card, "domain_warnings": result.domain_warnings,
-               "timings_s": {"generate + read": t_read, **result.timings}, "scores": result.scores,
-               "score_source": result.score_source, "report_draft": result.report, "messages": result.messages,
-               "pointing": hits, "files": [str(f) for f in files + shots]}
+    # the run's one record (result.json), with what only the demo knows: the sample's truth and the pointing
+    summary = {**json.loads((out / "result.json").read_text()),
+               "timings_s": {"generate + read": t_read, **result.timings}, "report_draft": result.report,
+               "sample_report": sample.report, "pointing": hits, "files": [str(f) for f in files + shots]}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
@@ -160,9 +160,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     summary = run_demo(args.out, args.bundle or default_bundle_path(), args.seed)
-    ranked = sorted(summary["scores"].items(), key=lambda kv: -kv[1])
+    ranked = sorted(summary["scores"]["values"].items(), key=lambda kv: -kv[1])
     if ranked:
-        _say(f"\nabnormality scores ({summary['score_source']}), top 5 of {len(LABELS)}:")
+        _say(f"\n{summary['scores']['heading']}, top 5 of {len(LABELS)}:")
         for name, p in ranked[:5]:
             _say(f"  {p:5.2f}  {name}")
     if summary["report_draft"]:

@@ -90,7 +90,7 @@ def result_record(result: Result, volume: Volume, files: dict[str, str], report_
     """The run as one JSON-able record: what ran, on what, what it found and how far to trust it."""
     return {
         "package_version": __version__,
-        "bundle": {"name": result.bundle_name, "model_card": result.model_card},
+        "bundle": {"name": result.bundle_name, "path": result.bundle_path, "model_card": result.model_card},
         "source": {"path": str(volume.metadata.get("source", "")), "shape": list(volume.shape),
                    "format": volume.metadata.get("format", ""),
                    "study_instance_uid": (volume.metadata.get("tags") or {}).get("StudyInstanceUID"),

@@ -132,6 +132,7 @@ class Result:
     overrides: list[str] = field(default_factory=list)
     model_card: dict = field(default_factory=dict)
     bundle_name: str = ""
+    bundle_path: str = ""
     options: dict = field(default_factory=dict)
 
     @property
@@ -426,6 +427,7 @@ class Predictor:
             raise PredictorError(f"unknown outputs {sorted(unknown)}; choose from {OUTPUTS}")
         caps = self.capabilities()
         result = Result(volume_shape=volume.shape, model_card=self.model_card, bundle_name=self.bundle.name,
+                        bundle_path=str(self.bundle.path or ""),
                         options={"outputs": list(outputs), "device": str(self.device), "precision": self.precision,
                                  "allow_out_of_domain": self.allow_out_of_domain,
                                  "sentences_given": sentences is not None})
