@@ -198,6 +198,12 @@ def read_nrrd(path: str | Path, nan_policy: str = "raise") -> Volume:
 
     path = Path(path)
     try:
+        declared = nrrd.read_header(str(path)).get("sizes")
+    except Exception as err:
+        raise VolumeReadError(f"{path} could not be read as NRRD: {err}") from err
+    if declared is not None:
+        check_declared_size(declared, path)
+    try:
         data, header = nrrd.read(str(path))
     except Exception as err:
         raise VolumeReadError(f"{path} could not be read as NRRD: {err}") from err
@@ -233,6 +239,13 @@ def read_metaimage(path: str | Path, nan_policy: str = "raise") -> Volume:
         import SimpleITK as sitk
     except ImportError as err:
         raise VolumeReadError(f"{path}: reading MetaImage needs SimpleITK: pip install SimpleITK") from err
+    try:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+    except RuntimeError as err:
+        raise VolumeReadError(f"{path} could not be read as MetaImage: {str(err).strip().splitlines()[-1]}") from err
+    check_declared_size(reader.GetSize(), path)
     try:
         img = sitk.ReadImage(str(path))
     except RuntimeError as err:

@@ -441,3 +441,21 @@ def test_a_series_with_its_uids_is_referenced_as_it_is(tmp_path):
     assert seg.StudyInstanceUID == "1.2.3.9" and seg.ReferencedSeriesSequence[0].SeriesInstanceUID == "1.2.3.4"
     referenced = {r.ReferencedSOPInstanceUID for r in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
     assert referenced == {s["sop_instance_uid"] for s in series.metadata["slices"]}
+
+
+def test_nrrd_and_metaimage_headers_that_declare_a_huge_volume_are_refused_before_reading(tmp_path):
+    import nrrd
+
+    path = tmp_path / "huge.nhdr"
+    nrrd.write(str(path), np.zeros((2, 2, 2), np.int16), detached_header=True)
+    text = path.read_text().replace("sizes: 2 2 2", "sizes: 4000 4000 4000")
+    path.write_text(text)
+    with pytest.raises(VolumeReadError, match=r"huge.nhdr: its header declares \(4000, 4000, 4000\) voxels"):
+        read_volume(path)
+    pytest.importorskip("SimpleITK")
+    mhd = tmp_path / "huge.mhd"
+    mhd.write_text("ObjectType = Image\nNDims = 3\nDimSize = 4000 4000 4000\nElementType = MET_SHORT\n"
+                   "ElementSpacing = 1 1 1\nElementDataFile = huge.raw\n")
+    (tmp_path / "huge.raw").write_bytes(b"\0" * 16)
+    with pytest.raises(VolumeReadError, match=r"huge.mhd: its header declares \(4000, 4000, 4000\) voxels"):
+        read_volume(mhd)

@@ -130,10 +130,13 @@ class PretrainModule(L.LightningModule):
                 f"sentences cut to {cfg.max_sentence_words} tokens")
 
     def on_train_end(self) -> None:
-        counts = torch.tensor([self.samples_used, self.samples_skipped], dtype=torch.long, device=self.device)
-        if self._world_size() > 1:
+        keys = ("reports", "sentences", "sentences_dropped", "sentences_cut", "reports_truncated")
+        counts = torch.tensor([self.samples_used, self.samples_skipped, *(self.text_stats.get(k, 0) for k in keys)],
+                              dtype=torch.long, device=self.device)
+        if self._world_size() > 1:  # every device's counts, summed
             counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
         self.sample_counts = (int(counts[0]), int(counts[1]))
+        self.text_stats = {k: int(v) for k, v in zip(keys, counts[2:])}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["mg3d_samples"] = [self.samples_used, self.samples_skipped]
