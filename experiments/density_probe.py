@@ -16,7 +16,6 @@ import argparse
 import json
 
 import torch
-import torch.nn.functional as F
 
 from napari_mg3d.model import preset_config
 from napari_mg3d.model.vision import SwinVisionEncoder
