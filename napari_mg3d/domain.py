@@ -57,7 +57,7 @@ def check_domain(data: np.ndarray, affine: np.ndarray, modality: str = "CT", nam
     issues: list[DomainIssue] = []
     issues += _geometry_issues(data.shape, np.asarray(affine, float), name)
     sample = _subsample(data)
-    if np.issubdtype(sample.dtype, np.floating) and not np.isfinite(sample).all() or _has_non_finite(data):
+    if _has_non_finite(data):
         n = int((~np.isfinite(data)).sum())
         return issues + [DomainIssue("non_finite", "refuse", f"{name} has {n} NaN/inf voxels; replace them (e.g. "
                                                              "with -1000 HU for air) before running")]
@@ -66,6 +66,13 @@ def check_domain(data: np.ndarray, affine: np.ndarray, modality: str = "CT", nam
         if not any(i.severity == "refuse" for i in issues):
             issues += _chest_issues(sample.astype(np.float32), name)
     return issues
+
+
+def looks_like_hu(data: np.ndarray) -> bool:
+    """Whether values are Hounsfield units as far as they show: the 0.5th percentile (over a subsample) is air,
+    between -1100 HU and NO_AIR_HU. Readers and the training loaders decide ``intensity_units`` with it."""
+    sample = _subsample(data)
+    return bool(sample.size) and -1100 <= float(np.percentile(sample, 0.5)) <= NO_AIR_HU
 
 
 def refusals(issues: list[DomainIssue]) -> list[DomainIssue]:

@@ -242,21 +242,23 @@ class Predictor:
     # ----- heads --------------------------------------------------------------------------------------
     def capabilities(self) -> dict[str, str]:
         """Each output -> '' if available, else why not."""
-        h, failed = self.heads, self.bundle.failed_heads
-        if "segmentation" in failed:
-            segmentation = f"the bundle's segmentation head cannot be used: {failed['segmentation']}"
-        else:
-            segmentation = "" if "segmentation" in h else "the bundle has no segmentation head (fine-tune with --task segment)"
+        h = self.heads
         return {
-            "segmentation": segmentation,
+            "segmentation": self._why_no_head("segmentation", "segment"),
             "scores": "" if choose_score_source(h, self.config) else
                       "the bundle has neither a classifier, a prompt head, the MLM head nor sentence-volume "
                       "alignment pre-training for zero-shot scores",
-            "report": "" if "report" in h else (f"the bundle's report head cannot be used: {failed['report']}"
-                                                if "report" in failed else
-                                                "the bundle has no report head (fine-tune with --task report)"),
+            "report": self._why_no_head("report", "report"),
             "heatmaps": "",
         }
+
+    def _why_no_head(self, head: str, task: str) -> str:
+        """'' when the bundle's ``head`` is usable, else why not: it is missing, or it does not fit."""
+        if head in self.heads:
+            return ""
+        if head in self.bundle.failed_heads:
+            return f"the bundle's {head} head cannot be used: {self.bundle.failed_heads[head]}"
+        return f"the bundle has no {head} head (fine-tune with --task {task})"
 
     @property
     def class_names(self) -> list[str]:

@@ -63,9 +63,9 @@ def _intensity_units(volume: Volume) -> str:
         if tags.get("Modality") == "CT" and tags.get("RescaleType", "HU") in ("HU", "", None):
             return "HU"
         return "unknown"
-    data = volume.data
-    sample = np.asarray(data[:: max(1, data.shape[0] // 16), ::4, ::4])
-    return "HU" if sample.size and -1100 <= float(np.percentile(sample, 0.5)) <= -500 else "unknown"
+    from .domain import looks_like_hu
+
+    return "HU" if looks_like_hu(volume.data) else "unknown"
 
 
 def check_declared_size(shape: Sequence[int], path: Path, bytes_per_voxel: int = 4) -> None:

@@ -36,7 +36,7 @@ def derive_model_card(meta: dict) -> dict[str, Any]:
     return {
         "trained_on": {
             "modality": "CT", "body_region": "chest", "data": data or ["unknown"], "synthetic": synthetic,
-            "steps": {str(s.get("stage")): s.get("steps") for s in stages if s.get("stage")},
+            "steps": [{"stage": str(s.get("stage")), "steps": s.get("steps")} for s in stages if s.get("stage")],
             "preset": model.get("preset", "unknown"),
         },
         "quality": quality,
@@ -67,7 +67,7 @@ def trained_on_synthetic(card: dict) -> bool:
 def summary_line(card: dict, name: str = "") -> str:
     """One line for a panel, a console or a report: what the model is and how far to trust it."""
     t = card.get("trained_on") or {}
-    steps = sum(v for v in (t.get("steps") or {}).values() if isinstance(v, (int, float)))
+    steps = sum(s.get("steps") or 0 for s in t.get("steps") or [] if isinstance(s, dict))
     data = ", ".join(t.get("data") or ["unknown data"])
     head = f"{name}: " if name else ""
     return (f"{head}{t.get('preset', '?')} {t.get('modality', 'CT')} model, {t.get('body_region', '?')}, trained "

@@ -142,7 +142,7 @@ def test_a_bundle_with_non_finite_weights_is_refused_naming_the_tensors(tiny_mod
 
 
 def test_every_bundle_has_a_model_card_written_or_derived_from_its_provenance(tiny_model, tmp_path):
-    from napari_mg3d.model_card import score_heading, summary_line
+    from napari_mg3d.model_card import derive_model_card, score_heading, summary_line
 
     synthetic = load_bundle(save_bundle(tmp_path / "s", tiny_model, meta={
         "provenance": {"stage": "pretrain", "data": "synthetic:2000", "steps": 300,
@@ -150,7 +150,8 @@ def test_every_bundle_has_a_model_card_written_or_derived_from_its_provenance(ti
     written = json.loads((tmp_path / "s" / "config.json").read_text())["model_card"]
     assert written == synthetic.model_card
     assert written["trained_on"] == {"modality": "CT", "body_region": "chest", "data": ["synthetic:2000"],
-                                     "synthetic": True, "steps": {"pretrain": 300}, "preset": "tiny"}
+                                     "synthetic": True, "steps": [{"stage": "pretrain", "steps": 300}],
+                                     "preset": "tiny"}
     assert written["quality"] == [{"metric": "mean_auc", "value": 0.6, "stage": "pretrain", "on": "synthetic:16"}]
     assert written["clinical_use"] == "not for clinical use: trained on synthetic phantoms only"
     assert "tiny CT model, chest, trained 300 steps on synthetic:2000; not for clinical use" in summary_line(written)
@@ -164,6 +165,10 @@ def test_every_bundle_has_a_model_card_written_or_derived_from_its_provenance(ti
     del meta["model_card"]
     legacy.write_text(json.dumps(meta))
     assert load_bundle(tmp_path / "s").model_card == written
+    chain = {"provenance_chain": [{"stage": "pretrain", "data": "synthetic:8", "steps": 300},
+                                  {"stage": "finetune-segment", "data": "synthetic:8", "steps": 200}],
+             "provenance": {"stage": "finetune-segment", "data": "synthetic:8", "steps": 200}}
+    assert "trained 700 steps" in summary_line(derive_model_card(chain))  # a stage done twice counts twice
 
 
 def test_a_misspelt_config_key_is_warned_naming_it_and_errors_name_the_users_zip(tiny_model, tmp_path, caplog):

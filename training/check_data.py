@@ -64,8 +64,8 @@ def check(spec: str, preset: str = "tiny", sample: int = 0, seed: int = 0, text_
         try:
             volume, report, name = _volume_and_report(dataset, i)
         except (ValueError, OSError) as err:
-            name = getattr(dataset, "records", [None] * (i + 1))[i]
-            unreadable.append({"path": getattr(name, "volume", str(i)), "reason": str(err)})
+            records = getattr(dataset, "records", None)
+            unreadable.append({"path": records[i].volume if records else str(i), "reason": str(err)})
             continue
         sentences = sentence_texts(report) if report.strip() else []
         if sentences:

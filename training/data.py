@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from napari_mg3d.domain import looks_like_hu
 from napari_mg3d.io import VolumeReadError, header_rescales, read_volume
 from napari_mg3d.labels import LABELS, ORGANS
 from napari_mg3d.preprocess import PreprocessConfig, labels_to_model, preprocess
@@ -179,7 +180,7 @@ def load_record_volume(r: Record) -> Volume:
         meta["rescale_source"] = "metadata"
     else:
         meta["rescale_source"] = "none"
-        if r.extra.get("metadata_missing") and not _looks_like_hu(data):
+        if r.extra.get("metadata_missing") and not looks_like_hu(data):
             raise VolumeReadError(f"{r.volume}: its VolumeName has no row in the metadata CSV, the NIfTI header has "
                                   "no rescale, and its values are not Hounsfield units (no air near -1000); add "
                                   "its RescaleSlope/RescaleIntercept to the metadata")
@@ -192,11 +193,6 @@ def load_record_volume(r: Record) -> Volume:
         if r.spacing is not None:
             affine[:3, :3] = vol.direction * np.asarray(r.spacing)
     return Volume(data, affine, meta)
-
-
-def _looks_like_hu(data: np.ndarray) -> bool:
-    sample = np.asarray(data[:: max(1, data.shape[0] // 16), ::4, ::4])
-    return bool(sample.size) and -1100 <= float(np.percentile(sample, 0.5)) <= -500
 
 
 def _header_orients(vol: Volume) -> bool:

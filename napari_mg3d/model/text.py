@@ -125,7 +125,7 @@ def _pad_2d(rows: list[list[int]], value: int, length: int | None = None) -> tor
     return out
 
 
-def select_sentences(sentences: list[str], max_sentences: int) -> list[str]:
+def select_sentences(sentences: list, max_sentences: int) -> list:
     """The sentences a report keeps when it has more than ``max_sentences``: the first ones and the last
     quarter of the budget, so that the impression (which ends a findings + impression report) is always
     kept; sentences in between are dropped (and counted by :func:`tokenize_reports`)."""
@@ -187,24 +187,22 @@ def tokenize_reports(
              "reports_truncated": 0}
     kept_sentences, pieces = [], []
     for i, sentences in enumerate(reports):
-        sentences = [s.strip() for s in sentences if s and s.strip()]
-        encoded = tokenizer(sentences, add_special_tokens=False) if sentences else {"input_ids": []}
+        raw = [s.strip() for s in sentences if s and s.strip()]
+        encoded = tokenizer(raw, add_special_tokens=False) if raw else {"input_ids": []}
         keep = [k for k, ids in enumerate(encoded["input_ids"]) if ids]  # a sentence with no token is no sentence
-        sentences = [sentences[k] for k in keep]
+        sentences = [raw[k] for k in keep]
         if not sentences:
             raise ValueError(f"report {i} is empty: MG-3D needs at least one sentence of report text")
-        chosen = select_sentences(sentences, max_sentences)
+        chosen = select_sentences(keep, max_sentences)  # indices into the tokenised sentences
         stats["sentences"] += len(sentences)
         stats["sentences_dropped"] += len(sentences) - len(chosen)
         stats["reports_truncated"] += int(len(chosen) < len(sentences))
-        ids_of = {s: encoded_ids for s, encoded_ids in zip(sentences, (encoded["input_ids"][k] for k in keep))}
-        word_ids_of = {s: encoded.word_ids(k) for s, k in zip(sentences, keep)}
         report_pieces = []
-        for s in chosen:
-            ids, words = ids_of[s], word_ids_of[s]
+        for k in chosen:
+            ids, words = encoded["input_ids"][k], encoded.word_ids(k)
             stats["sentences_cut"] += int(len(ids) > body)
             report_pieces.append((ids[:body], words[:body]))
-        kept_sentences.append(chosen)
+        kept_sentences.append([raw[k] for k in chosen])
         pieces.append(report_pieces)
 
     streams, n_windows = [], 0
