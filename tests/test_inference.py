@@ -367,3 +367,26 @@ def test_result_json_is_the_one_record_of_a_run(gui_bundle, sample, tmp_path):
     scores = json.loads((tmp_path / "o" / "scores.json").read_text())  # written from the same record
     assert scores["scores"] == record["scores"]["values"] and scores["heading"] == record["scores"]["heading"]
     assert record["source"]["shape"] == list(vol.shape)
+
+
+class _Untouchable(np.ndarray):
+    """A volume array that fails as soon as anything reads its voxels (shape and dtype are fine)."""
+
+    def __getitem__(self, item):
+        raise AssertionError("voxels were read")
+
+    def ravel(self, *args, **kwargs):
+        raise AssertionError("voxels were read")
+
+    def __array__(self, *args, **kwargs):
+        raise AssertionError("voxels were read")
+
+
+def test_the_memory_check_comes_before_anything_reads_the_voxels(gui_bundle):
+    big = Volume(np.zeros((2, 2, 2), np.float32), np.eye(4))
+    big.data = np.broadcast_to(np.float32(0), (300, 512, 512)).view(_Untouchable)
+    pred = Predictor(gui_bundle, device="cpu", memory_limit_bytes=300 * 2**20)
+    with pytest.raises(PredictorError, match="GiB are available"):
+        pred.run(big)
+    with pytest.raises(PredictorError, match="GiB are available"):
+        pred.encode(big)

@@ -391,3 +391,21 @@ def test_progress_reaches_napari_activity_dock(viewer_with_sample, gui_bundle, q
     _run(widget, qtbot)
     assert len(bars) == 1 and bars[0].total == 100 and bars[0].closed
     assert ("MG-3D: encode", 0) in bars[0].values and any(t == "MG-3D: heatmaps" for t, _ in bars[0].values)
+
+
+def test_an_updated_segmentation_layer_moves_above_its_newer_image(viewer_with_sample, gui_bundle, qtbot):
+    from napari_mg3d._layers import volume_to_layer_data
+
+    viewer, _ = viewer_with_sample
+    widget = _widget(viewer, gui_bundle, qtbot)
+    _run(widget, qtbot)
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=30_000)
+    s = generate_sample(6, shape=(48, 64, 80))
+    data, kwargs, _ = volume_to_layer_data(Volume(s.volume, s.affine), name="second")
+    viewer.add_image(data, **kwargs)  # opened later: on top of the segmentation layer
+    widget.image_combo.setCurrentText("second")
+    _run(widget, qtbot)
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=30_000)
+    layers = viewer.layers
+    assert layers.index(layers[LABELS_LAYER]) > layers.index(layers["second"])
+    assert layers.index(widget.layers.heatmap_layer) > layers.index(layers["second"])
