@@ -40,13 +40,13 @@ def contrast(image: np.ndarray, mask: np.ndarray) -> float:
     return float(abs(image[mask].mean() - image[shell].mean())) if shell.any() else 0.0
 
 
-def finding_sizes(input_size, n: int = 40, shape=(80, 112, 144), seed: int = HELD_OUT_SEED) -> dict:
+def finding_sizes(input_size, n: int = 40, shape=(80, 112, 144), seed: int = HELD_OUT_SEED, tier: str = "hard") -> dict:
     """Per finding label: volumes, median source voxels, median model voxels, median contrast (HU)."""
     config = PreprocessConfig(target_size=tuple(input_size))
     hu_per_unit = config.hu_window[1] - config.hu_window[0]
     rows: dict[str, list[tuple[int, int, float]]] = defaultdict(list)
     for i in range(n):
-        s = generate_sample(seed + i, shape=tuple(shape))
+        s = generate_sample(seed + i, shape=tuple(shape), tier=tier)
         x, record = preprocess(Volume(s.volume, s.affine), config)
         image = x[0].numpy()
         for name, lesion in s.lesions.items():
@@ -57,7 +57,8 @@ def finding_sizes(input_size, n: int = 40, shape=(80, 112, 144), seed: int = HEL
     for label, values in sorted(rows.items()):
         a = np.array(values, dtype=float)
         out[label] = {"volumes": len(a), "median_source_voxels": float(np.median(a[:, 0])),
-                      "median_model_voxels": float(np.median(a[:, 1])), "median_contrast_hu": float(np.median(a[:, 2]))}
+                      "median_model_voxels": float(np.median(a[:, 1])), "min_model_voxels": float(a[:, 1].min()),
+                      "median_contrast_hu": float(np.median(a[:, 2])), "min_contrast_hu": float(a[:, 2].min())}
     return out
 
 
@@ -67,13 +68,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--input-size", type=int, nargs=3, default=[64, 64, 64], help="model input (z, y, x) voxels")
     ap.add_argument("--n", type=int, default=40, help="held-out synthetic volumes (seeds 900000..)")
     ap.add_argument("--shape", type=int, nargs=3, default=[80, 112, 144], help="voxels of the synthetic CTs")
+    ap.add_argument("--tier", default="hard", choices=("hard", "visible"), help="the generator's finding style")
     ap.add_argument("--out", default="", help="write the table as JSON here")
     a = ap.parse_args(argv)
-    table = finding_sizes(a.input_size, a.n, a.shape)
-    print(f"{'finding':34s} {'volumes':>7s} {'source vox':>10s} {'model vox':>9s} {'contrast HU':>11s}")
+    table = finding_sizes(a.input_size, a.n, a.shape, tier=a.tier)
+    print(f"{'finding':34s} {'volumes':>7s} {'source vox':>10s} {'model vox: median':>17s} {'min':>5s} "
+          f"{'contrast HU: median':>19s} {'min':>5s}")
     for label, r in table.items():
-        print(f"{label:34s} {r['volumes']:7d} {r['median_source_voxels']:10.0f} {r['median_model_voxels']:9.0f} "
-              f"{r['median_contrast_hu']:11.0f}")
+        print(f"{label:34s} {r['volumes']:7d} {r['median_source_voxels']:10.0f} {r['median_model_voxels']:17.0f} "
+              f"{r['min_model_voxels']:5.0f} {r['median_contrast_hu']:19.0f} {r['min_contrast_hu']:5.0f}")
     if a.out:
         with open(a.out, "w") as f:
             json.dump(table, f, indent=1)

@@ -1,6 +1,7 @@
 """How much does an encoder's volume representation say about each finding? A supervised linear probe.
 
     python -m experiments.linear_probe --bundle runs/proof/full/bundle --out runs/probe.json
+    python -m experiments.linear_probe --bundle random:tiny --tier visible --train 5 20 100   # label efficiency
 
 The tokens F_I (B, N, d) of synthetic volumes are pooled over N (mean, max, or both), standardised with the
 training set's statistics, and an L2-regularised logistic regression per finding is fitted on training
@@ -67,14 +68,39 @@ def fit_logistic(features: torch.Tensor, labels: np.ndarray, c: float, iteration
     return LogisticFit(mean, std, weight.detach(), bias.detach())
 
 
-def probe(bundle: str | Path, n_train: int = 200, n_val: int = 100, n_test: int = 100, shape=(80, 112, 144),
-          cs: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)) -> dict:
-    """Held-out AUC per finding and mean for each pooling, with the regularisation chosen on validation."""
-    model = load_bundle(bundle).model.eval()
-    train = token_features(model, 0, n_train, shape)
-    val = token_features(model, VALIDATION_SEED, n_val, shape)
-    test = token_features(model, HELD_OUT_SEED, n_test, shape)
-    out: dict = {"bundle": str(bundle), "n_train": n_train, "n_val": n_val, "n_test": n_test, "poolings": {}}
+def load_encoder(bundle: str | Path):
+    """The model of a bundle, or ``random:PRESET``: that preset at a fixed random initialisation (seed 0)."""
+    text = str(bundle)
+    if text.startswith("random:"):
+        from napari_mg3d.model import MG3DModel
+        from napari_mg3d.model.config import preset_config
+
+        torch.manual_seed(0)
+        return MG3DModel(preset_config(text.partition(":")[2])).eval()
+    return load_bundle(bundle).model.eval()
+
+
+def probe(bundle: str | Path, n_train: int | list[int] = 200, n_val: int = 100, n_test: int = 100,
+          shape=(80, 112, 144), cs: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0), tier: str = "hard",
+          cache_dir: str | None = None) -> dict:
+    """Held-out AUC per finding and mean for each pooling, with the regularisation chosen on validation;
+    ``n_train`` a list: one probe per training-set size (the first n of the same training volumes)."""
+    model = load_encoder(bundle)
+    sizes = [n_train] if isinstance(n_train, int) else list(n_train)
+    train_all = token_features(model, 0, max(sizes), shape, tier, cache_dir)
+    val = token_features(model, VALIDATION_SEED, n_val, shape, tier, cache_dir)
+    test = token_features(model, HELD_OUT_SEED, n_test, shape, tier, cache_dir)
+    out: dict = {"bundle": str(bundle), "tier": tier, "n_val": n_val, "n_test": n_test, "by_train_size": {}}
+    for n in sizes:
+        train = (train_all[0][:n], train_all[1][:n])
+        out["by_train_size"][str(n)] = _probe_poolings(train, val, test, cs)
+    if isinstance(n_train, int):  # the single-size layout earlier results use
+        out.update(n_train=n_train, poolings=out.pop("by_train_size")[str(n_train)])
+    return out
+
+
+def _probe_poolings(train, val, test, cs) -> dict:
+    out: dict = {}
     for name, pool in POOLINGS.items():
         x_train, x_val, x_test = pool(train[0]), pool(val[0]), pool(test[0])
         fits = {c: fit_logistic(x_train, train[1], c) for c in cs}
@@ -82,7 +108,7 @@ def probe(bundle: str | Path, n_train: int = 200, n_val: int = 100, n_test: int 
                    for c, f in fits.items()}
         best = max(val_auc, key=val_auc.get)
         per = metrics.auc_per_label(test[1], fits[best].logits(x_test).numpy(), LABELS)
-        out["poolings"][name] = {"c": best, "validation_mean_auc": val_auc, "held_out_mean_auc": float(np.mean(list(per.values()))),
+        out[name] = {"c": best, "validation_mean_auc": val_auc, "held_out_mean_auc": float(np.mean(list(per.values()))),
                                  "held_out_auc_per_finding": per}
     return out
 
@@ -90,17 +116,24 @@ def probe(bundle: str | Path, n_train: int = 200, n_val: int = 100, n_test: int 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m experiments.linear_probe", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bundle", required=True, help="model bundle (directory or .zip) whose encoder is probed")
-    ap.add_argument("--train", type=int, default=200, help="training volumes (seeds 0..)")
+    ap.add_argument("--bundle", required=True,
+                    help="model bundle (directory or .zip) whose encoder is probed, or random:PRESET")
+    ap.add_argument("--train", type=int, nargs="+", default=[200],
+                    help="training volumes (seeds 0..); several sizes give one probe each (label efficiency)")
     ap.add_argument("--val", type=int, default=100, help="validation volumes for the regularisation (seeds 800000..)")
     ap.add_argument("--held-out", type=int, default=100, help="held-out volumes (seeds 900000..)")
     ap.add_argument("--shape", type=int, nargs=3, default=[80, 112, 144], help="voxels of the synthetic CTs")
+    ap.add_argument("--tier", default="hard", choices=("hard", "visible"), help="the generator's finding style")
+    ap.add_argument("--cache-dir", default="", help="preprocessed-volume cache shared with the training runs")
     ap.add_argument("--out", default="", help="write the results as JSON here")
     a = ap.parse_args(argv)
-    result = probe(a.bundle, a.train, a.val, a.held_out, a.shape)
-    for name, r in result["poolings"].items():
-        print(f"{name:9s} held-out mean AUC {r['held_out_mean_auc']:.3f} (C={r['c']}); " + ", ".join(
-            f"{f} {v:.2f}" for f, v in r["held_out_auc_per_finding"].items()), flush=True)
+    sizes = a.train[0] if len(a.train) == 1 else a.train
+    result = probe(a.bundle, sizes, a.val, a.held_out, a.shape, tier=a.tier, cache_dir=a.cache_dir or None)
+    by_size = result.get("by_train_size") or {str(result["n_train"]): result["poolings"]}
+    for n, poolings in by_size.items():
+        for name, r in poolings.items():
+            print(f"train {n:>4s} {name:9s} held-out mean AUC {r['held_out_mean_auc']:.3f} (C={r['c']}); " + ", ".join(
+                f"{f} {v:.2f}" for f, v in r["held_out_auc_per_finding"].items()), flush=True)
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(result, indent=1))

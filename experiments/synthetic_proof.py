@@ -48,8 +48,8 @@ VALIDATION_SEED = 800_000  # for choices such as the zero-shot scoring rule; dis
 
 
 @torch.no_grad()
-def probe(bundle: str | Path, n: int, shape, seed: int = HELD_OUT_SEED) -> dict:
-    """(a), (b) and (d) on ``n`` held-out samples."""
+def probe(bundle: str | Path, n: int, shape, seed: int = HELD_OUT_SEED, tier: str = "hard") -> dict:
+    """(a), (b) and (d) on ``n`` held-out samples of ``tier``."""
     b = load_bundle(bundle)
     model = b.model.eval()
     cfg = model.config
@@ -62,7 +62,7 @@ def probe(bundle: str | Path, n: int, shape, seed: int = HELD_OUT_SEED) -> dict:
     scores: dict[str, list] = {"zero_shot_mlm": [], "zero_shot_sva": [], "zero_shot_sva_centred": []}
     labels, gv, gt, tokens, sentences, owners, hits, chance = ([] for _ in range(8))
     for i in range(n):
-        s = generate_sample(seed + i, shape=tuple(shape))
+        s = generate_sample(seed + i, shape=tuple(shape), tier=tier)
         x, rec = preprocess(Volume(s.volume, s.affine), pre_cfg)
         enc = model.encode_volume(x[None])
         text = tokenize_reports(model.text.tokenizer, [s.sentences], cfg.max_words, cfg.max_sentences,
@@ -114,27 +114,30 @@ def probe(bundle: str | Path, n: int, shape, seed: int = HELD_OUT_SEED) -> dict:
 
 
 @torch.no_grad()
-def token_features(model, first_seed: int, n: int, shape) -> tuple[torch.Tensor, np.ndarray]:
+def token_features(model, first_seed: int, n: int, shape, tier: str = "hard",
+                   cache_dir: str | None = None) -> tuple[torch.Tensor, np.ndarray]:
     """Tokens (n, N, d) of synthetic volumes ``first_seed``.. (``shape`` voxels, preprocessed to the model's
-    input) and their 0/1 finding labels (n, len(LABELS))."""
-    pre_cfg = preprocess_config_of(None, model.config)
+    input, through the training cache when ``cache_dir`` is given) and their 0/1 finding labels (n, len(LABELS))."""
+    from training.data import SyntheticDataset
+
+    data = SyntheticDataset(n, preprocess_config_of(None, model.config), seed=first_seed, shape=tuple(shape),
+                            with_mask=False, tier=tier, cache_dir=cache_dir)
     tokens, labels = [], []
     for i in range(n):
-        s = generate_sample(first_seed + i, shape=tuple(shape))
-        x, _ = preprocess(Volume(s.volume, s.affine), pre_cfg)
-        tokens.append(model.encode_volume(x[None]).tokens[0].float())
-        labels.append([s.labels[k] for k in LABELS])
+        item = data[i]
+        tokens.append(model.encode_volume(item["volume"][None]).tokens[0].float())
+        labels.append(item["labels"].numpy())
     return torch.stack(tokens), np.array(labels, dtype=np.float32)
 
 
 @torch.no_grad()
-def scoring_rules(bundle: str | Path, n: int, shape, seed: int = VALIDATION_SEED) -> dict:
+def scoring_rules(bundle: str | Path, n: int, shape, seed: int = VALIDATION_SEED, tier: str = "hard") -> dict:
     """Zero-shot AUC of four read-outs of the sva score on ``n`` volumes from ``seed`` (by default validation
     volumes, never the held-out ones, so that a rule chosen here can be reported on the held-out set): the prompt
     pair's margin, that margin centred per volume over the 18 findings, the "present" prompt alone, and that
     prompt centred."""
     model = load_bundle(bundle).model.eval()
-    tokens, Y = token_features(model, seed, n, shape)
+    tokens, Y = token_features(model, seed, n, shape, tier)
     P = torch.stack([alignment_prompt_logits(model, t[None], LABELS) for t in tokens])
     pair, present = P[:, :, 0] - P[:, :, 1], P[:, :, 0]
     rules = {"pair": pair, "pair centred": torch.stack([margins_to_scores(m - m.mean()) for m in pair]),
@@ -157,21 +160,22 @@ def report_volume_alignment(model, tokens: list[torch.Tensor], sentences: list[t
     return (per_report / torch.bincount(owner, minlength=len(tokens))[:, None].clamp_min(1)).numpy()
 
 
-def pretrain_params(out: Path, pairs: int, steps: int, objectives, shape, batch: int, **kw) -> PretrainParams:
+def pretrain_params(out: Path, pairs: int, steps: int, objectives, shape, batch: int, tier: str = "hard",
+                    **kw) -> PretrainParams:
     """The benchmark's pre-training recipe; ``kw`` adds or overrides PretrainParams fields (e.g. the
-    ``num_workers`` and ``precision`` of :func:`runtime`)."""
-    recipe = dict(data=f"synthetic:{pairs}", max_steps=steps, batch_size=batch, out_dir=str(out),
+    ``num_workers``, ``precision`` and ``cache_dir`` of :func:`runtime`)."""
+    recipe = dict(data=f"synthetic:{pairs},{tier}", max_steps=steps, batch_size=batch, out_dir=str(out),
                   synthetic_shape=list(shape), objectives=list(objectives), warmup_steps=max(1, steps // 10),
                   lr_vision=2e-4, lr_fusion=5e-4, checkpoint_every=max(1, steps // 4), log_every=5, progress=False,
                   num_workers=1)
     return PretrainParams(**{**recipe, **kw})
 
 
-def runtime(num_workers: int = 1, precision: str = "32-true") -> dict:
+def runtime(num_workers: int = 1, precision: str = "32-true", cache_dir: str = "") -> dict:
     """How the benchmark's runs execute, not what they compute: data-loading workers (synthetic volumes are
-    made on the fly, ~13 per second per core, so a GPU needs many) and the numeric precision of every
-    pre-training and fine-tuning run."""
-    return {"num_workers": num_workers, "precision": precision}
+    made on the fly, ~13 per second per core, so a GPU needs many), the numeric precision of every
+    pre-training and fine-tuning run, and the folder where each volume is kept once made (float16)."""
+    return {"num_workers": num_workers, "precision": precision, "cache_dir": cache_dir}
 
 
 def run_pretrain(out: Path, pairs: int, steps: int, objectives, shape, batch: int, snapshot: int = 0,
@@ -185,6 +189,45 @@ def run_pretrain(out: Path, pairs: int, steps: int, objectives, shape, batch: in
         resume = "last" if (out / "checkpoints" / "last.ckpt").exists() else ""
         pretrain.run(pretrain_params(out, pairs, steps, objectives, shape, batch, resume=resume, **kw))
     return bundles
+
+
+def learning_curve(out: Path, pairs: int, steps: int, stops: list[int], objectives, shape, batch: int,
+                   held_out: int, tier: str = "hard", **kw) -> dict[int, dict]:
+    """Pre-train on the ``steps``-step schedule, stopping at each of ``stops`` to export a bundle and probe it
+    on ``held_out`` volumes; each probe is kept in OUT/probe_step{N}.json, so an interrupted curve continues
+    where it stopped (the run itself resumes from its last checkpoint, with the same data order)."""
+    results: dict[int, dict] = {}
+    for stop in sorted(set(stops) | {steps}):
+        saved = out / f"probe_step{stop}.json"
+        if saved.is_file():
+            results[stop] = json.loads(saved.read_text())
+            continue
+        bundle = out / "bundle" if stop == steps else out / "bundle_step" / f"{stop}"
+        if not (bundle / "config.json").is_file():
+            last_ckpt = out / "checkpoints" / "last.ckpt"
+            resume = "last" if last_ckpt.exists() else ""
+            done = _checkpoint_step(last_ckpt) if resume else 0
+            until = 0 if stop == steps else stop - done  # stop_after_steps counts from where the run resumes
+            t0 = time.perf_counter()
+            if stop < steps and until <= 0:  # a killed run checkpointed past this stop: take what it left
+                pretrain.bundle_from_checkpoint(last_ckpt, bundle)
+            else:
+                last = pretrain.run(pretrain_params(out, pairs, steps, objectives, shape, batch, tier=tier,
+                                                    resume=resume, stop_after_steps=until, **kw))
+                if stop < steps:
+                    pretrain.bundle_from_checkpoint(last, bundle)
+            print(f"pre-training to step {stop}: {time.perf_counter() - t0:.0f} s", flush=True)
+        t0 = time.perf_counter()
+        results[stop] = {"steps": stop, **probe(bundle, held_out, shape, tier=tier),
+                         "probe_s": None}
+        results[stop]["probe_s"] = time.perf_counter() - t0
+        saved.write_text(json.dumps(results[stop], indent=1))
+        print(f"step {stop}: {json.dumps({k: v for k, v in results[stop].items() if not isinstance(v, dict)})}", flush=True)
+    return results
+
+
+def _checkpoint_step(path: Path) -> int:
+    return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["global_step"])
 
 
 def continue_cycles(out: Path, first: Path, cycles: int, pairs: int, steps: int, objectives, shape,
@@ -226,10 +269,10 @@ def random_init_bundle(out: Path, like: Path) -> Path:
 
 def seg_compare(pretrained: Path, out: Path, steps: int, shape, preset_size, seeds=(7,),
                 freeze_steps: int = 0, target: str = "all", preset: str = "tiny",
-                run_with: dict | None = None) -> dict:
+                run_with: dict | None = None, tier: str = "hard") -> dict:
     """Both arms once per seed (initialisation of the decoder, data order); Dice means over the seeds.
     ``run_with``: :func:`runtime` settings for both arms."""
-    common = dict(task="segment", data="synthetic:20", val_data="synthetic:10", steps=steps, batch_size=2,
+    common = dict(task="segment", data=f"synthetic:20,{tier}", val_data=f"synthetic:10,{tier}", steps=steps, batch_size=2,
                   seg_target=target, synthetic_shape=list(shape), lr=1e-3, lr_encoder=1e-4, log_every=20,
                   freeze_encoder_steps=freeze_steps, **(run_with or {}))
     res = {}
@@ -310,7 +353,12 @@ def main(argv: list[str] | None = None) -> dict:
                     help="segmentation: train only the decoder for the first N steps (both arms)")
     ap.add_argument("--seg-target", default="all", choices=("all", "organs", "lesions"),
                     help="segmentation classes: organs and lesions (28), organs (9) or the 18 findings' lesions")
-    ap.add_argument("--held-out", type=int, default=100)
+    ap.add_argument("--held-out", type=int, default=200)
+    ap.add_argument("--tier", default="visible", choices=("hard", "visible"),
+                    help="synthetic finding style of every run and probe: visible (large, contrasted) or hard")
+    ap.add_argument("--cache-dir", default="runs/cache", help="keep each generated, preprocessed volume here (float16)")
+    ap.add_argument("--curve-steps", type=int, nargs="*", default=[],
+                    help="also probe the full run at these steps (a learning curve; each probe kept, resumable)")
     ap.add_argument("--num-workers", type=int, default=1,
                     help="data-loading workers of every run (synthetic volumes are made on the fly: ~13 per second "
                          "per core; a GPU needs ~10 to keep up)")
@@ -324,14 +372,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--skip-ablation", action="store_true")
     ap.add_argument("--skip-segmentation", action="store_true")
     a = ap.parse_args(argv)
-    run_with = runtime(a.num_workers, a.precision)
+    run_with = runtime(a.num_workers, a.precision, a.cache_dir)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     if a.scoring_rules:
         if not a.pretrained:
             raise SystemExit("--scoring-rules compares scoring rules of a trained bundle: give it with --pretrained")
-        rules = {"bundle": a.pretrained, **scoring_rules(a.pretrained, a.held_out, a.shape)}
+        rules = {"bundle": a.pretrained, **scoring_rules(a.pretrained, a.held_out, a.shape, tier=a.tier)}
         (out / "zero_shot_scoring_validation.json").write_text(json.dumps(rules, indent=1))
         for name, r in rules["variants"].items():
             print(f"{name}: mean AUC {r['mean_auc']:.3f}")
@@ -341,11 +389,17 @@ def main(argv: list[str] | None = None) -> dict:
     if a.pretrained:
         runs = {"given bundle": (Path(a.pretrained), None)}
     else:
-        bundles = run_pretrain(out / "full", a.pairs, a.steps, full, a.shape, a.batch_size,
-                               snapshot=0 if a.skip_ablation else half, preset=a.preset, **run_with)
+        curve = {}
+        if a.curve_steps:
+            curve = learning_curve(out / "full", a.pairs, a.steps, a.curve_steps + ([] if a.skip_ablation else [half]),
+                                   full, a.shape, a.batch_size, a.held_out, tier=a.tier, preset=a.preset, **run_with)
+            bundles = {a.steps: out / "full" / "bundle", half: out / "full" / "bundle_step" / f"{half}"}
+        else:
+            bundles = run_pretrain(out / "full", a.pairs, a.steps, full, a.shape, a.batch_size,
+                                   snapshot=0 if a.skip_ablation else half, preset=a.preset, tier=a.tier, **run_with)
         runs = {"random init": (None, 0), "full (six + sva)": (bundles[a.steps], a.steps)}
         for bundle, steps in continue_cycles(out / "full", bundles[a.steps], a.cycles, a.pairs, a.steps, full,
-                                             a.shape, a.batch_size, **run_with):
+                                             a.shape, a.batch_size, tier=a.tier, **run_with):
             runs[f"full (six + sva), {steps // a.steps} cycles"] = (bundle, steps)
         snapshot = out / "full" / "bundle_step" / f"{half}"
         if a.skip_ablation and snapshot.exists():  # left by an earlier run with ablations
@@ -357,18 +411,21 @@ def main(argv: list[str] | None = None) -> dict:
                                      ("no MIM+MLM", ("sfr", "cml", "ssm", "dfa", "sva"))):
                 folder = out / name.split(" (")[0].replace("'", "").replace(" ", "_").replace("+", "_")
                 runs[name] = (snapshot_run(folder, a.pairs, a.steps, half, objectives, a.shape, a.batch_size,
-                                           preset=a.preset, **run_with), half)
+                                           preset=a.preset, tier=a.tier, **run_with), half)
         runs["random init"] = (random_init_bundle(out / "random_init", bundles[a.steps]), 0)
     results: dict = {"runs": {}}
+    if not a.pretrained and curve:
+        results["learning_curve"] = {str(k): v for k, v in curve.items()}
     for name, (bundle, steps) in runs.items():
-        results["runs"][name] = {"steps": steps, **probe(bundle, a.held_out, a.shape)}
+        known = curve.get(steps) if not a.pretrained and curve and name.startswith("full") else None
+        results["runs"][name] = known or {"steps": steps, **probe(bundle, a.held_out, a.shape, tier=a.tier)}
         print(name, json.dumps(results["runs"][name]), flush=True)
     if not a.skip_segmentation:
         main_bundle = max(runs.values(), key=lambda run: run[1] or 0)[0]  # the most trained
         main_config = load_bundle(main_bundle).config
         size = main_config.input_size
         results["segmentation"] = seg_compare(main_bundle, out, a.seg_steps, a.shape, size, tuple(a.seg_seeds),
-                                              a.seg_freeze_steps, a.seg_target, main_config.preset, run_with)
+                                              a.seg_freeze_steps, a.seg_target, main_config.preset, run_with, a.tier)
     results["settings"] = vars(a)
     results["wall_clock_s"] = time.perf_counter() - t0
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))

@@ -165,3 +165,29 @@ def test_label_prevalence_comes_from_the_records_or_the_generator_without_loadin
     # the generator's design: 1-4 of the 18 findings, uniformly, so 2.5 per sample (60 samples: sd 0.14)
     counts = [sum(generate_sample(seed, shape=(24, 32, 40)).labels.values()) for seed in range(60)]
     assert finding_prevalence() == pytest.approx(2.5 / 18) and abs(np.mean(counts) - 2.5) < 0.45
+
+
+def test_synthetic_spec_takes_a_tier_and_a_bad_one_is_named():
+    ds = D.build_dataset("synthetic:3,visible", CFG)
+    assert isinstance(ds, D.SyntheticDataset) and len(ds) == 3 and ds.tier == "visible"
+    assert D.build_dataset("synthetic:3", CFG).tier == "hard"
+    with pytest.raises(ValueError, match="unknown synthetic tier 'easy'"):
+        D.build_dataset("synthetic:3,easy", CFG)
+    with pytest.raises(ValueError, match="synthetic:N,TIER"):
+        D.build_dataset("synthetic:many", CFG)
+
+
+def test_synthetic_examples_are_made_once_and_then_read_from_the_cache(tmp_path, monkeypatch):
+    ds = D.SyntheticDataset(2, CFG, seed=5, shape=(40, 48, 56), tier="visible", cache_dir=tmp_path)
+    first = ds[1]
+    assert len(list((tmp_path / "synthetic").rglob("*.npz"))) == 1
+    monkeypatch.setattr(D, "generate_sample", lambda *a, **k: pytest.fail("a cached example was made again"))
+    again = D.SyntheticDataset(2, CFG, seed=5, shape=(40, 48, 56), tier="visible", cache_dir=tmp_path)[1]
+    # float16 storage: the [0, 1] intensities survive to ~1e-3
+    assert torch.allclose(first["volume"], again["volume"], atol=1e-3)
+    assert again["report"] == first["report"] and again["sentences"] == first["sentences"]
+    assert torch.equal(again["mask"], first["mask"]) and torch.equal(again["labels"], first["labels"])
+    monkeypatch.undo()
+    other_tier = D.SyntheticDataset(2, CFG, seed=5, shape=(40, 48, 56), cache_dir=tmp_path)[1]
+    assert len(list((tmp_path / "synthetic").rglob("*.npz"))) == 2  # the hard tier is its own entry
+    assert not torch.allclose(other_tier["volume"], first["volume"], atol=1e-3)

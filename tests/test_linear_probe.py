@@ -42,3 +42,26 @@ def test_probe_reports_held_out_auc_per_pooling(gui_bundle):
         assert set(r["held_out_auc_per_finding"]) <= set(LABELS)
         assert all(0.0 <= v <= 1.0 for v in r["held_out_auc_per_finding"].values())
         assert r["held_out_mean_auc"] == pytest.approx(np.mean(list(r["held_out_auc_per_finding"].values())))
+
+
+def test_probe_by_training_set_size_uses_the_first_volumes_of_one_set(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_features(model, first_seed, n, shape, tier="hard", cache_dir=None):
+        calls.append((first_seed, n, tier))
+        g = torch.Generator().manual_seed(first_seed)
+        x = torch.randn(n, 3, 4, generator=g)
+        y = np.zeros((n, len(LABELS)), np.float32)
+        y[:, 0] = (x[:, :, 0].mean(1) > 0).numpy()
+        y[: n // 2, 1] = 1
+        return x, y
+
+    monkeypatch.setattr(linear_probe, "token_features", fake_features)
+    out = linear_probe.probe("random:tiny", n_train=[5, 20], n_val=30, n_test=40, cs=(1.0,), tier="visible")
+    assert calls[0] == (0, 20, "visible") and len(calls) == 3  # the training volumes are read once, for the largest
+    assert set(out["by_train_size"]) == {"5", "20"} and out["tier"] == "visible"
+    for size in ("5", "20"):
+        assert set(out["by_train_size"][size]) == {"mean", "max", "mean+max"}
+    # the informative finding is learnt better from 20 volumes than from 5
+    assert (out["by_train_size"]["20"]["mean"]["held_out_auc_per_finding"][LABELS[0]]
+            >= out["by_train_size"]["5"]["mean"]["held_out_auc_per_finding"][LABELS[0]])

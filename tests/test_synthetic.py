@@ -119,3 +119,45 @@ def test_varied_geometry_changes_slices_and_orientation_but_not_the_manifest_con
         mask = read_volume(tmp_path / r["mask"])
         assert mask.shape == v.shape and np.allclose(mask.affine, v.affine)
         assert sorted(v.spacing)[0] > 0.5
+
+
+# ----- tiers: "hard" (realistic sizes) and "visible" (every finding seen at a 64³ model grid) ---------------
+
+def _model_voxels_and_contrast(sample, name: str) -> tuple[int, float]:
+    """Model-grid (64³) voxels at least half covered by the lesion, and its HU contrast to a 2-voxel shell."""
+    from scipy import ndimage
+
+    from napari_mg3d.preprocess import PreprocessConfig, labels_to_model, preprocess
+
+    config = PreprocessConfig(target_size=(64, 64, 64))
+    x, record = preprocess(Volume(sample.volume, sample.affine), config)
+    inside = labels_to_model(sample.lesions[name].astype(np.uint8), record, representation="probabilities")[1] >= 0.5
+    image = x[0].numpy() * (config.hu_window[1] - config.hu_window[0])
+    shell = ndimage.binary_dilation(inside, iterations=2) & ~inside
+    return int(inside.sum()), float(abs(image[inside].mean() - image[shell].mean())) if inside.any() else 0.0
+
+
+def test_the_visible_tier_draws_every_finding_large_and_contrasted_at_the_model_grid():
+    sizes = {}
+    for label in LABELS:
+        hard = generate_sample(21, findings=[label], shape=(80, 112, 144))
+        visible = generate_sample(21, findings=[label], shape=(80, 112, 144), tier="visible")
+        name = next(iter(visible.lesions))
+        sizes[label] = (_model_voxels_and_contrast(hard, name), _model_voxels_and_contrast(visible, name))
+    for label, (_, (voxels, contrast)) in sizes.items():
+        assert voxels >= 10, (label, voxels)
+        if label != "Cardiomegaly":  # a larger heart: a finding of shape, not of density
+            assert contrast >= 100, (label, contrast)
+    # the hard tier is what made the benchmark undecidable: some findings fill no model voxel there
+    assert min(v for (v, _), _ in sizes.values()) < 10
+
+
+def test_both_tiers_share_anatomy_and_findings_per_seed_and_an_unknown_tier_is_refused():
+    hard, visible = generate_sample(5, shape=SHAPE), generate_sample(5, shape=SHAPE, tier="visible")
+    assert hard.labels == visible.labels and list(hard.lesions) == list(visible.lesions)
+    for organ in ("lung_right", "heart", "spine"):
+        np.testing.assert_array_equal(hard.organs[organ], visible.organs[organ])
+    nodule = generate_sample(2, findings=["Lung nodule"], tier="visible").findings[0]
+    assert nodule["size"] >= 18 and nodule["kind"] == "solid"
+    with pytest.raises(ValueError, match="unknown synthetic tier 'easy'.*hard.*visible"):
+        generate_sample(5, shape=SHAPE, tier="easy")

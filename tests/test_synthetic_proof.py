@@ -146,11 +146,63 @@ def test_workers_and_precision_reach_every_pre_training_and_fine_tuning_run(tmp_
     monkeypatch.setattr(finetune, "run", fake_finetune)
     monkeypatch.setattr(synthetic_proof, "load_bundle", lambda path: bundle)
     monkeypatch.setattr(synthetic_proof, "random_init_bundle", lambda out, like: out)
-    monkeypatch.setattr(synthetic_proof, "probe", lambda b, n, shape: {
+    tiers = []
+    monkeypatch.setattr(synthetic_proof, "probe", lambda b, n, shape, tier: tiers.append(tier) or {
         "recall@10_global": 0.1, "recall@10_chance": 0.1, "pointing_hit_rate": 0.1, "pointing_random_baseline": 0.1})
     synthetic_proof.main(["--out", str(tmp_path / "proof"), "--steps", "8", "--cycles", "2", "--num-workers", "12",
-                          "--precision", "bf16-mixed"])
+                          "--precision", "bf16-mixed", "--tier", "visible", "--cache-dir", str(tmp_path / "cache")])
     # full run (snapshot at 4, then to 8), cycle 2, three ablations; then both segmentation arms
     assert len(pre) == 6 and len(fine) == 2
-    assert {(p.num_workers, p.precision) for p in pre + fine} == {(12, "bf16-mixed")}
+    assert {(p.num_workers, p.precision, p.cache_dir) for p in pre + fine} == {(12, "bf16-mixed", str(tmp_path / "cache"))}
+    # every run and every probe is on the tier asked for
+    assert {p.data.split(",")[1] for p in pre + fine} | {p.val_data.split(",")[1] for p in fine} == {"visible"}
+    assert set(tiers) == {"visible"} and len(tiers) == 7
     assert synthetic_proof.pretrain_params(tmp_path, 10, 8, ["mim"], (8, 8, 8), 2).num_workers == 1  # the CPU default
+
+
+def test_learning_curve_stops_at_each_step_count_and_an_interrupted_curve_continues(tmp_path, monkeypatch):
+    import torch
+
+    runs, probed = [], []
+    state = {"step": 0}
+
+    def fake_run(params):
+        runs.append((params.stop_after_steps, params.resume, params.data))
+        state["step"] = params.max_steps if not params.stop_after_steps else state["step"] + params.stop_after_steps
+        ckpt = tmp_path / "full" / "checkpoints" / "last.ckpt"
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"global_step": state["step"]}, ckpt)
+        if not params.stop_after_steps:
+            (tmp_path / "full" / "bundle").mkdir(parents=True, exist_ok=True)
+            (tmp_path / "full" / "bundle" / "config.json").write_text("{}")
+            return tmp_path / "full" / "bundle"
+        return ckpt
+
+    def fake_export(ckpt, bundle):
+        bundle.mkdir(parents=True)
+        (bundle / "config.json").write_text(json.dumps({"step": state["step"]}))
+        return bundle
+
+    def fake_probe(bundle, n, shape, tier="hard"):
+        probed.append((bundle.name, tier))
+        return {"recall@10_sva": 0.1 * len(probed), "n": n}
+
+    monkeypatch.setattr(synthetic_proof.pretrain, "run", fake_run)
+    monkeypatch.setattr(synthetic_proof.pretrain, "bundle_from_checkpoint", fake_export)
+    monkeypatch.setattr(synthetic_proof, "probe", fake_probe)
+    out = tmp_path / "full"
+    curve = synthetic_proof.learning_curve(out, 40, 6, [2, 4], ("mim", "sva"), (40, 48, 56), 2, held_out=5,
+                                           tier="visible")
+    # to step 2 (a new run), 2 more steps (resumed), then the rest of the schedule; one probe per step count
+    assert runs == [(2, "", "synthetic:40,visible"), (2, "last", "synthetic:40,visible"), (0, "last", "synthetic:40,visible")]
+    assert sorted(curve) == [2, 4, 6] and [p[1] for p in probed] == ["visible"] * 3
+    assert json.loads((out / "probe_step4.json").read_text())["steps"] == 4
+    # interrupted after the probe at step 2: the others are made again, that one is read back
+    (out / "probe_step4.json").unlink()
+    (out / "probe_step6.json").unlink()
+    runs.clear()
+    probed.clear()
+    again = synthetic_proof.learning_curve(out, 40, 6, [2, 4], ("mim", "sva"), (40, 48, 56), 2, held_out=5,
+                                           tier="visible")
+    assert runs == [] and [p[0] for p in probed] == ["4", "bundle"]  # the bundles exist: only the probes rerun
+    assert again[2] == curve[2]

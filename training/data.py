@@ -13,6 +13,7 @@ it is loaded (``collate`` drops it) -- both are counted and logged, never a cras
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import logging
@@ -32,7 +33,7 @@ from napari_mg3d.io import VolumeReadError, header_rescales, read_volume
 from napari_mg3d.labels import LABELS, ORGANS
 from napari_mg3d.preprocess import PreprocessConfig, labels_to_model, preprocess
 from napari_mg3d.reports import sentence_texts
-from napari_mg3d.synthetic import finding_prevalence, generate_sample
+from napari_mg3d.synthetic import finding_prevalence, finding_style, generate_sample
 from napari_mg3d.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -381,30 +382,86 @@ def msd_records(dataset_json: str | Path, split: str = "training") -> tuple[list
     return records, names
 
 
+@functools.cache
+def generator_fingerprint() -> str:
+    """A hash of the synthetic generator's source: a cached example made by another version of the generator
+    is never read as this one's."""
+    import napari_mg3d.synthetic as synthetic
+
+    digest = hashlib.sha1()
+    for path in sorted(Path(synthetic.__file__).parent.glob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 class SyntheticDataset(Dataset):
-    """Report-conditioned synthetic chest CTs generated on the fly, deterministic per index."""
+    """Report-conditioned synthetic chest CTs generated on the fly, deterministic per index. ``tier``: the
+    generator's finding style ("hard" or "visible"). With ``cache_dir`` each example is generated and
+    preprocessed once and kept as float16 (volume), uint8 (mask) and its report, so later epochs and later
+    runs with the same settings read it instead of making it again."""
 
     def __init__(self, n: int, preprocess_config: PreprocessConfig, seed: int = 0,
-                 shape: tuple[int, int, int] = (96, 128, 160), with_mask: bool = True) -> None:
-        self.n, self.config, self.seed, self.shape, self.with_mask = n, preprocess_config, seed, shape, with_mask
+                 shape: tuple[int, int, int] = (96, 128, 160), with_mask: bool = True, tier: str = "hard",
+                 cache_dir: str | Path | None = None) -> None:
+        finding_style(tier)  # an unknown tier fails here, with the choices
+        self.n, self.config, self.seed, self.shape, self.with_mask = n, preprocess_config, seed, tuple(shape), with_mask
+        self.tier = tier
         self.target = "lesions"  # "organs", or "all" (organs, with lesions drawn over them): the "mask"
+        self.cache_root = Path(cache_dir) / "synthetic" / preprocess_config.fingerprint() if cache_dir else None
 
     def __len__(self) -> int:
         return self.n
 
     def sample(self, index: int):
         """The synthetic sample behind item ``index`` (source grid, HU)."""
-        return generate_sample(self.seed + index, shape=self.shape)
+        return generate_sample(self.seed + index, shape=self.shape, tier=self.tier)
+
+    def _cache_path(self, index: int) -> Path | None:
+        if self.cache_root is None:
+            return None
+        key = f"{generator_fingerprint()}|{self.tier}|{self.seed + index}|{self.shape}|{self.target}"
+        return self.cache_root / f"{hashlib.sha1(key.encode()).hexdigest()}.npz"
+
+    def _make(self, index: int) -> dict:
+        s = self.sample(index)
+        x, record = preprocess(Volume(s.volume, s.affine), self.config)
+        mask = None
+        if self.with_mask:
+            label_map = combined_label_map(s) if self.target == "all" else (
+                s.organ_label_map() if self.target == "organs" else s.lesion_label_map())
+            mask = labels_to_model(label_map, record, representation="labels")
+        return {"volume": x.numpy(), "mask": mask, "report": s.report, "sentences": s.sentences,
+                "labels": [s.labels[n] for n in LABELS]}
+
+    def _read_or_make(self, index: int) -> dict:
+        path = self._cache_path(index)
+        if path is not None and path.exists():
+            try:
+                with np.load(path) as z:
+                    if not self.with_mask or "mask" in z.files:  # an entry made without the mask is made again
+                        text = json.loads(str(z["text"]))
+                        return {"volume": z["volume"], "mask": z["mask"] if self.with_mask else None, **text}
+            except (OSError, ValueError, KeyError):
+                pass  # a damaged entry is made again
+        item = self._make(index)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            arrays = {"volume": item["volume"].astype(np.float16),
+                      "text": json.dumps({k: item[k] for k in ("report", "sentences", "labels")})}
+            if item["mask"] is not None:
+                arrays["mask"] = item["mask"].astype(np.uint8)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
+            os.close(fd)
+            np.savez(tmp, **arrays)
+            os.replace(tmp, path)  # atomic: parallel workers never see half a file
+        return item
 
     def __getitem__(self, index: int) -> dict:
-        s = self.sample(index)
-        vol = Volume(s.volume, s.affine)
-        x, record = preprocess(vol, self.config)
-        label_map = combined_label_map(s) if self.target == "all" else (
-            s.organ_label_map() if self.target == "organs" else s.lesion_label_map())
-        mask = labels_to_model(label_map, record, representation="labels") if self.with_mask else None
-        return {"id": f"synthetic_{self.seed + index}", "volume": x, "report": s.report, "sentences": s.sentences,
-                "labels": torch.tensor([s.labels[n] for n in LABELS], dtype=torch.float32),
+        item = self._read_or_make(index)
+        mask = item["mask"]
+        return {"id": f"synthetic_{self.seed + index}", "volume": torch.from_numpy(np.asarray(item["volume"], np.float32)),
+                "report": item["report"], "sentences": list(item["sentences"]),
+                "labels": torch.tensor(item["labels"], dtype=torch.float32),
                 "mask": torch.from_numpy(mask.astype(np.int64)) if mask is not None else None}
 
 
@@ -476,13 +533,19 @@ class StepIndexedSampler(torch.utils.data.Sampler):
 
 def build_dataset(spec: str, preprocess_config: PreprocessConfig, cache_dir: str | None = None, seed: int = 0,
                   synthetic_shape: tuple[int, int, int] = (96, 128, 160), with_mask: bool = True) -> Dataset:
-    """A dataset from a spec string: synthetic:N | manifest:PATH | ctrate:VOLS,REPORTS[,META[,LABELS]] |
+    """A dataset from a spec string: synthetic:N[,TIER] | manifest:PATH | ctrate:VOLS,REPORTS[,META[,LABELS]] |
     ctrg:JSON,VOLS | msd:DATASET_JSON. ``with_mask=False`` skips making label maps for synthetic data
-    (pre-training does not use them)."""
+    (pre-training does not use them). TIER: the synthetic generator's finding style, hard (default) or visible."""
     kind, _, arg = spec.partition(":")
     parts = [p for p in arg.split(",") if p]
     if kind == "synthetic":
-        return SyntheticDataset(int(arg or 256), preprocess_config, seed=seed, shape=synthetic_shape, with_mask=with_mask)
+        count = parts[0] if parts else "256"
+        if not count.isdigit() or len(parts) > 2:
+            raise ValueError(f"cannot read data spec {spec!r}; expected synthetic:N or synthetic:N,TIER "
+                             "(N a number of volumes, TIER hard or visible)")
+        tier = parts[1] if len(parts) == 2 else "hard"
+        return SyntheticDataset(int(count), preprocess_config, seed=seed, shape=synthetic_shape, with_mask=with_mask,
+                                tier=tier, cache_dir=cache_dir)
     if kind == "manifest" and parts:
         return VolumeReportDataset(manifest_records(parts[0]), preprocess_config, cache_dir, name=parts[0])
     if kind == "ctrate" and len(parts) >= 2:

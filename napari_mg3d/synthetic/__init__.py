@@ -7,11 +7,20 @@ real-report mode), dataset (NIfTI + manifest on disk), contact_sheet (a picture 
 """
 
 from .dataset import save_sample, write_dataset
-from .phantom import CANONICAL_AXCODES, SyntheticSample, canonical_affine, reorient
+from .phantom import (
+    CANONICAL_AXCODES,
+    TIERS,
+    FindingStyle,
+    SyntheticSample,
+    canonical_affine,
+    finding_style,
+    reorient,
+)
 from .sample import DEFAULT_N_FINDINGS, finding_prevalence, generate_sample, real_report_sample
 from .vocabulary import link_sentence
 
 __all__ = [
-    "CANONICAL_AXCODES", "DEFAULT_N_FINDINGS", "SyntheticSample", "canonical_affine", "finding_prevalence",
+    "CANONICAL_AXCODES", "DEFAULT_N_FINDINGS", "TIERS", "FindingStyle", "SyntheticSample", "canonical_affine",
+    "finding_prevalence", "finding_style",
     "generate_sample", "link_sentence", "real_report_sample", "reorient", "save_sample", "write_dataset",
 ]

@@ -42,23 +42,23 @@ def _sample_geometry(seed: int, shape: tuple[int, int, int], vary: bool):
 
 
 def _write_one(args) -> dict:
-    out_dir, seed, shape, vary = args
+    out_dir, seed, shape, vary, tier = args
     sample_shape, axcodes = _sample_geometry(seed, shape, vary)
-    return save_sample(generate_sample(seed, shape=sample_shape, axcodes=axcodes), out_dir, f"synth_{seed:06d}")
+    return save_sample(generate_sample(seed, shape=sample_shape, axcodes=axcodes, tier=tier), out_dir, f"synth_{seed:06d}")
 
 
 def write_dataset(out_dir: str | Path, n: int, seed: int = 0, shape=(96, 128, 160), progress: bool = True,
-                  vary_geometry: bool = False, workers: int = 0) -> Path:
+                  vary_geometry: bool = False, workers: int = 0, tier: str = "hard") -> Path:
     """Write ``n`` samples plus ``manifest.jsonl`` (the training loaders read it). Returns the manifest.
 
     ``vary_geometry`` varies slice count and source orientation per sample; ``workers`` > 0 uses that many
-    processes (the output does not depend on it)."""
+    processes (the output does not depend on it); ``tier`` is the finding style (hard or visible)."""
     from tqdm import tqdm
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = out_dir / "manifest.jsonl"
-    jobs = [(out_dir, seed + i, tuple(shape), vary_geometry) for i in range(n)]
+    jobs = [(out_dir, seed + i, tuple(shape), vary_geometry, tier) for i in range(n)]
     with open(manifest, "w") as fh:
         if workers > 0:
             import multiprocessing as mp

@@ -18,6 +18,78 @@ from .vocabulary import LOBES
 CANONICAL_AXCODES = ("S", "P", "L")
 
 
+@dataclass(frozen=True)
+class FindingStyle:
+    """How large and how contrasted the findings are drawn (mm, HU). Two tiers: ``HARD`` (the default, sizes
+    as in real CTs, several findings smaller than a voxel of a 64³ model input) and ``VISIBLE`` (every finding
+    large and contrasted enough to be seen at a 64³ model grid of a ~250 x 250 x 330 mm field: a voxel of
+    ~4 x 4 x 5 mm). Both tiers draw the same random numbers in the same order, so a seed gives the same
+    anatomy, findings and report templates in either; only sizes (also those the sentences quote) and densities
+    differ."""
+
+    name: str
+    nodule_sizes_mm: tuple[float, ...]
+    solid_nodules_only: bool
+    opacity_size_mm: tuple[float, float]
+    emphysema_hu: float
+    emphysema_texture_vox: float
+    mosaic_hu: tuple[float, float]
+    mosaic_texture_vox: float
+    septal_period_mm: tuple[float, float]
+    septal_half_width_vox: float
+    septal_hu: float
+    septal_rim_mm: float
+    strand_radius_mm: float
+    airway_lumen_wall_mm: dict[str, tuple[float, float]]
+    effusion_depth_mm: tuple[float, float]
+    pericardial_thickness_mm: tuple[float, float]
+    pericardial_hu: float
+    calcification_radius_mm: float
+    calcification_hu: float
+    arterial_calcification_hu: float
+    arterial_calcification_threshold: float
+    node_size_mm: tuple[float, float]
+    hernia_size_mm: tuple[float, float]
+    hernia_air_level_mm: float  # the air-fluid level, anterior(-)/posterior(+) of the sac's centre
+    line_radius_mm: float
+
+
+HARD = FindingStyle(
+    name="hard", nodule_sizes_mm=(6, 8, 10, 12, 15, 20, 25), solid_nodules_only=False,
+    opacity_size_mm=(25, 45), emphysema_hu=-975.0, emphysema_texture_vox=4.0, mosaic_hu=(-920.0, -720.0),
+    mosaic_texture_vox=5.0, septal_period_mm=(12, 15), septal_half_width_vox=0.6, septal_hu=-250.0,
+    septal_rim_mm=20.0, strand_radius_mm=1.8,
+    airway_lumen_wall_mm={"Bronchiectasis": (4.0, 6.0), "Peribronchial thickening": (1.8, 4.8)},
+    effusion_depth_mm=(15, 35), pericardial_thickness_mm=(6, 12), pericardial_hu=10.0,
+    calcification_radius_mm=2.5, calcification_hu=700.0, arterial_calcification_hu=600.0,
+    arterial_calcification_threshold=0.3, node_size_mm=(15, 25), hernia_size_mm=(30, 45), hernia_air_level_mm=-3.0,
+    line_radius_mm=1.5,
+)
+
+# Larger lesions; density findings pushed >=150 HU from lung in patches a few model voxels wide; thin lines and
+# calcifications thick enough to fill a 4-5 mm voxel; nodules solid (a ground-glass nodule keeps its words).
+VISIBLE = FindingStyle(
+    name="visible", nodule_sizes_mm=(18, 20, 22, 25, 28, 30, 32), solid_nodules_only=True,
+    opacity_size_mm=(45, 65), emphysema_hu=-1000.0, emphysema_texture_vox=9.0, mosaic_hu=(-1000.0, -600.0),
+    mosaic_texture_vox=10.0, septal_period_mm=(16, 20), septal_half_width_vox=1.6, septal_hu=20.0,
+    septal_rim_mm=24.0, strand_radius_mm=4.5,
+    airway_lumen_wall_mm={"Bronchiectasis": (7.0, 11.0), "Peribronchial thickening": (2.0, 8.0)},
+    effusion_depth_mm=(25, 45), pericardial_thickness_mm=(14, 22), pericardial_hu=0.0,
+    calcification_radius_mm=5.0, calcification_hu=1000.0, arterial_calcification_hu=1000.0,
+    arterial_calcification_threshold=-0.2, node_size_mm=(28, 40), hernia_size_mm=(45, 60), hernia_air_level_mm=8.0,
+    line_radius_mm=4.0,
+)
+
+TIERS = {"hard": HARD, "visible": VISIBLE}
+
+
+def finding_style(tier: str) -> FindingStyle:
+    """The FindingStyle of ``tier`` ("hard" or "visible")."""
+    if tier not in TIERS:
+        raise ValueError(f"unknown synthetic tier {tier!r}; choose one of {sorted(TIERS)}")
+    return TIERS[tier]
+
+
 @dataclass
 class SyntheticSample:
     """One sample. ``volume`` float32 HU (a0, a1, a2); ``affine`` 4x4 array index -> RAS mm.
@@ -117,8 +189,9 @@ def _smooth_noise(rng: np.random.Generator, shape, scale_vox: float) -> np.ndarr
 class PhantomBuilder:
     """Builds the normal anatomy, then adds findings; keeps masks for every structure."""
 
-    def __init__(self, rng: np.random.Generator, shape, spacing) -> None:
+    def __init__(self, rng: np.random.Generator, shape, spacing, style: FindingStyle = HARD) -> None:
         self.rng = rng
+        self.style = style
         self.c = _Canvas(shape, spacing)
         self.hu = np.full(shape, -1000.0, np.float32)
         self.organs: dict[str, np.ndarray] = {}
@@ -254,7 +327,7 @@ class PhantomBuilder:
     # ----- findings ----------------------------------------------------------------------------
     def finding(self, label: str, loc: str | None = None) -> dict:
         """Render one finding; returns its description values (loc, size, kind, side)."""
-        c, rng, k = self.c, self.rng, self.size
+        c, rng, k, st = self.c, self.rng, self.size, self.style
         lungs = self.organs["lung_right"] | self.organs["lung_left"]
         loc = loc or str(rng.choice(list(LOBES)))
         side = LOBES[loc][0]
@@ -262,16 +335,19 @@ class PhantomBuilder:
         info: dict = {"label": label, "loc": loc, "side": side}
         name = label.lower().replace(" ", "_")
         if label == "Lung nodule":
-            size = float(rng.choice([6, 8, 10, 12, 15, 20, 25]))
+            size = float(rng.choice(list(st.nodule_sizes_mm)))
             kind = str(rng.choice(["solid", "ground-glass"]))
+            if st.solid_nodules_only:  # the draw is kept so both tiers stay in step
+                kind = "solid"
             centre = self._point_in(lobe, size / 2 + 3)
             mask = c.ellipsoid(centre, (size / 2,) * 3) & lungs
             self.add(name, label, mask, 35.0 if kind == "solid" else -450.0)
             info.update(size=int(size), kind=kind)
         elif label in ("Consolidation", "Lung opacity", "Atelectasis"):
-            size = float(rng.uniform(25, 45))
+            size = float(rng.uniform(*st.opacity_size_mm))
             if label == "Atelectasis":
-                centre = self._point_in(lobe & (c.p > 30), 8)
+                dependent = lobe & (c.p > 30)  # the posterior part; the middle lobe has none, so the whole lobe
+                centre = self._point_in(dependent if dependent.any() else lobe, 8)
                 mask = c.ellipsoid(centre, (size * 0.4, size * 0.25, size * 0.6)) & lobe
                 hu = 30.0
             else:
@@ -285,34 +361,34 @@ class PhantomBuilder:
             self.add(name, label, mask, hu_map)
             info.update(size=int(size))
         elif label == "Emphysema":
-            tex = _smooth_noise(rng, c.shape, 4.0)
+            tex = _smooth_noise(rng, c.shape, st.emphysema_texture_vox)
             mask = lobe & (tex > 0.1)
-            self.add(name, label, mask, -975.0)
+            self.add(name, label, mask, st.emphysema_hu)
         elif label == "Mosaic attenuation pattern":
-            tex = _smooth_noise(rng, c.shape, 5.0)
+            tex = _smooth_noise(rng, c.shape, st.mosaic_texture_vox)
             mask = lobe
-            hu = np.where(tex > 0, -920.0, -720.0).astype(np.float32)
+            hu = np.where(tex > 0, *st.mosaic_hu).astype(np.float32)
             self.add(name, label, mask, hu)
         elif label == "Interlobular septal thickening":
             # Polygonal lines ~1 voxel thick, 12-15 mm apart, in the subpleural rim of the lobe.
             from scipy.ndimage import binary_erosion
 
-            period = float(rng.uniform(12, 15))
-            half = 0.6 * float(np.mean(c.spacing))
+            period = float(rng.uniform(*st.septal_period_mm))
+            half = st.septal_half_width_vox * float(np.mean(c.spacing))
             # oblique planes, so no axial slice lies inside one of them
             u, v, w = c.s + 0.5 * c.p + 0.3 * c.l, c.p - 0.45 * c.l + 0.35 * c.s, c.l + 0.4 * c.s - 0.3 * c.p
             grid = ((np.abs((u % period) - period / 2) < half) | (np.abs((v % period) - period / 2) < half)
                     | (np.abs((w % period) - period / 2) < half))
-            rim_vox = max(1, int(round(20.0 / max(c.spacing))))
+            rim_vox = max(1, int(round(st.septal_rim_mm / max(c.spacing))))
             rim = lobe & ~binary_erosion(lobe, iterations=rim_vox)
             mask = rim & grid
-            self.add(name, label, mask, -250.0)
+            self.add(name, label, mask, st.septal_hu)
         elif label == "Pulmonary fibrotic sequela":
             mask = np.zeros(c.shape, bool)
             for _ in range(4):
                 a = self._point_in(lobe, 4)
                 b = np.add(a, rng.uniform(-25, 25, 3))
-                mask |= c.segment(a, b, 1.8)
+                mask |= c.segment(a, b, st.strand_radius_mm)
             mask &= lobe
             self.add(name, label, mask, 20.0)
         elif label in ("Bronchiectasis", "Peribronchial thickening"):
@@ -321,8 +397,7 @@ class PhantomBuilder:
             for _ in range(3):
                 a = self._point_in(lobe, 10)
                 b = np.add(a, rng.uniform(-25, 25, 3))
-                lumen = 4.0 if label == "Bronchiectasis" else 1.8
-                wall = lumen + (2.0 if label == "Bronchiectasis" else 3.0)
+                lumen, wall = st.airway_lumen_wall_mm[label]
                 mask |= c.segment(a, b, wall)
                 air |= c.segment(a, b, lumen)
             mask &= lobe
@@ -331,7 +406,7 @@ class PhantomBuilder:
             self.add(name, label, mask, hu)
         elif label == "Pleural effusion":
             lung = self.organs[f"lung_{side}"]
-            depth = float(rng.uniform(15, 35))
+            depth = float(rng.uniform(*st.effusion_depth_mm))
             posterior_edge = np.where(lung.any(axis=1, keepdims=True),
                                       lung.shape[1] - 1 - np.argmax(lung[:, ::-1, :], axis=1)[:, None, :], -1)
             p_idx = np.arange(lung.shape[1])[None, :, None]
@@ -341,10 +416,10 @@ class PhantomBuilder:
         elif label == "Pericardial effusion":
             cs, cp, cl = self.heart_centre
             r = self.heart_scale
-            thick = float(rng.uniform(6, 12))
+            thick = float(rng.uniform(*st.pericardial_thickness_mm))
             outer = c.ellipsoid(self.heart_centre, (55 * k * r + thick, 42 * k * r + thick, 55 * k * r + thick))
             mask = outer & ~self.organs["heart"] & (c.s > self.dome_s - 10) & ~self.organs["spine"]
-            self.add(name, label, mask, 10.0)
+            self.add(name, label, mask, st.pericardial_hu)
             info.update(size=int(thick), loc="pericardium")
         elif label == "Cardiomegaly":
             self.add(name, label, self.organs["heart"].copy())
@@ -355,28 +430,28 @@ class PhantomBuilder:
             mask = np.zeros(c.shape, bool)
             for angle in rng.uniform(0, np.pi, 4):
                 centre = (cs + 30 * k * r, cp - 40 * k * r * np.sin(angle), cl + 45 * k * r * np.cos(angle))
-                mask |= c.ellipsoid(centre, (2.5, 2.5, 2.5))
-            self.add(name, label, mask, 700.0)
+                mask |= c.ellipsoid(centre, (st.calcification_radius_mm,) * 3)
+            self.add(name, label, mask, st.calcification_hu)
             info.update(loc="coronary arteries")
         elif label == "Arterial wall calcification":
             aorta = self.aorta
             shell = aorta & ~np.roll(aorta, 2, axis=2) | aorta & ~np.roll(aorta, -2, axis=1)
-            mask = shell & (_smooth_noise(rng, c.shape, 3.0) > 0.3)
+            mask = shell & (_smooth_noise(rng, c.shape, 3.0) > st.arterial_calcification_threshold)
             if not mask.any():
                 mask = shell
-            self.add(name, label, mask, 600.0)
+            self.add(name, label, mask, st.arterial_calcification_hu)
             info.update(loc="aorta")
         elif label == "Lymphadenopathy":
-            size = float(rng.uniform(15, 25))
+            size = float(rng.uniform(*st.node_size_mm))
             centre = (self.extent_s * 0.15, -5 * k, float(rng.choice([-22, 22])) * k)
             mask = c.ellipsoid(centre, (size / 2, size / 2.4, size / 2.2)) & ~self.organs["trachea"] & ~self.aorta
             self.add(name, label, mask, 42.0)
             info.update(size=int(size), loc="mediastinum")
         elif label == "Hiatal hernia":
-            size = float(rng.uniform(30, 45))
+            size = float(rng.uniform(*st.hernia_size_mm))
             centre = (float(self.dome_s.max()) - 5, 35 * k, 8 * k)
             sac = c.ellipsoid(centre, (size / 2, size / 2.5, size / 2.2))
-            air = sac & (c.p < centre[1] - 3)
+            air = sac & (c.p < centre[1] + st.hernia_air_level_mm)
             hu = np.full(c.shape, 25.0, np.float32)
             hu[air] = -800.0
             mask = sac & ~self.organs["spine"] & ~self.aorta
@@ -385,7 +460,7 @@ class PhantomBuilder:
         elif label == "Medical material":
             tip = (self.heart_centre[0] + 55, -20 * k, -12 * k)
             entry = (self.extent_s * 0.8, -35 * k, -55 * k)
-            mask = c.segment(entry, tip, 1.5)
+            mask = c.segment(entry, tip, st.line_radius_mm)
             self.add(name, label, mask, 1500.0)
             info.update(loc="superior vena cava")
         else:  # pragma: no cover - LABELS and this function are kept in step by a test

@@ -7,7 +7,14 @@ from pathlib import Path
 import numpy as np
 
 from ..labels import LABELS
-from .phantom import CANONICAL_AXCODES, PhantomBuilder, SyntheticSample, canonical_affine, reorient
+from .phantom import (
+    CANONICAL_AXCODES,
+    PhantomBuilder,
+    SyntheticSample,
+    canonical_affine,
+    finding_style,
+    reorient,
+)
 from .vocabulary import NEGATIVES, NORMAL_FILLER, describe, link_sentence
 
 DEFAULT_N_FINDINGS = (1, 4)  # a sample shows this many of the 18 findings (inclusive range, uniform)
@@ -28,16 +35,20 @@ def generate_sample(
     report: str | None = None,
     noise_hu: float | None = None,
     axcodes: tuple[str, str, str] = CANONICAL_AXCODES,
+    tier: str = "hard",
 ) -> SyntheticSample:
     """One deterministic sample for ``seed``.
 
     shape is (a0, a1, a2) = (superior-inferior, anterior-posterior, left-right) voxels of the canonical
     grid; spacing in mm (default: random, covering a ~250 x 250 x 320 mm field). ``findings`` fixes which of
     LABELS appear (default: a random 1-4). ``report`` (real-report mode) uses that text as the report and
-    links its sentences to the rendered findings by keyword. ``axcodes`` re-orients the output.
+    links its sentences to the rendered findings by keyword. ``axcodes`` re-orients the output. ``tier``:
+    "hard" (realistic sizes) or "visible" (every finding large and contrasted enough for a 64³ model grid;
+    same anatomy and findings per seed, see :class:`FindingStyle`).
     """
     from ..reports import sentence_texts
 
+    style = finding_style(tier)
     rng = np.random.default_rng(seed)
     if spacing is None:
         fov = (rng.uniform(230, 280), 250.0, 330.0)
@@ -48,7 +59,7 @@ def generate_sample(
     unknown = [f for f in findings if f not in LABELS]
     if unknown:
         raise ValueError(f"unknown findings {unknown}; choose from the 18 CT-RATE labels {LABELS}")
-    builder = PhantomBuilder(rng, shape, spacing)
+    builder = PhantomBuilder(rng, shape, spacing, style)
     builder.build_anatomy(cardiomegaly="Cardiomegaly" in findings)
     infos = [builder.finding(label) for label in findings]
     volume = builder.finish(noise_hu if noise_hu is not None else float(rng.uniform(8, 20)))
