@@ -400,13 +400,14 @@ class Predictor:
         return to_original(logits, self._record, kind="scores", class_by_class=self.class_by_class)
 
     def _draft(self, settings: GenerationSettings | None) -> list[str]:
+        from .model.words import report_text
         from .reports import split_sentences
 
         head = self.heads["report"]
         with self._autocast():
             ids = head.generate(self._encoding.tokens, settings)[0]
-        text = self.model.text.tokenizer.decode(ids, skip_special_tokens=True).strip()
-        text = ". ".join(part.strip().capitalize() for part in text.split(" . ") if part.strip())
+        spec = self.bundle.meta.get("head_specs", {}).get("report", {})
+        text = report_text(ids, spec, self.model.text.tokenizer)
         return [s.text for s in split_sentences(text)] if text else []
 
     def run(

@@ -38,6 +38,9 @@ def test_each_task_writes_a_bundle_and_heads_accumulate(chained):
     b = load_bundle(chained)
     assert {"segmentation", "classifier", "report", "prompt"} <= set(b.heads)
     assert b.meta["head_specs"]["segmentation"]["classes"][1] == "body"
+    words = b.meta["head_specs"]["report"]["vocabulary"]["words"]  # the decoder's vocabulary: report words
+    assert "effusion" in words and "." in words and not any(w.startswith("##") for w in words)
+    assert b.meta["head_specs"]["report"]["vocab_size"] == len(words) + 4
     assert [p["stage"] for p in b.meta["provenance_chain"]][-3:] == ["finetune-segment", "finetune-classify",
                                                                       "finetune-report"]
     assert b.meta["provenance"]["stage"] == "finetune-vocabfine"
@@ -106,12 +109,14 @@ def test_segmentation_needs_an_input_of_64(tmp_path, tiny_config):
 
 def test_evaluate_reports_every_metric_it_can(chained):
     res = evaluate(str(chained), "synthetic:6", n_boot=20, synthetic_shape=SHAPE)
-    for key in ("classifier_auc", "dice", "bleu1", "bleu4", "rougeL", "recall@5"):
+    for key in ("classifier_auc", "dice", "bleu1", "bleu4", "rougeL", "recall@5", "finding_f1"):
         assert key in res, key
     assert 0 <= res["dice"]["value"] <= 1 and res["dice"]["low"] <= res["dice"]["high"]
     assert res["recall@5"]["chance"] == pytest.approx(5 / 6)
     table = format_table(res)
     assert table.startswith("| Dice (%) | AUC (%) | BLEU-1") and "n = 6 volumes" in table
+    assert "finding F1 of drafts (macro)" in table
+    assert set(res["finding_f1"]["per_finding"]) == set(load_bundle(chained).meta["head_specs"]["classifier"]["labels"])
 
 
 def test_evaluate_names_its_zero_shot_source_and_refuses_nan_scores(chained, monkeypatch):

@@ -456,6 +456,17 @@ class SyntheticDataset(Dataset):
             os.replace(tmp, path)  # atomic: parallel workers never see half a file
         return item
 
+    def report(self, index: int) -> str:
+        """The report of item ``index``, from the cache when it is there (no volume is preprocessed)."""
+        path = self._cache_path(index)
+        if path is not None and path.exists():
+            try:
+                with np.load(path) as z:
+                    return json.loads(str(z["text"]))["report"]
+            except (OSError, ValueError, KeyError):
+                pass
+        return self.sample(index).report
+
     def __getitem__(self, index: int) -> dict:
         item = self._read_or_make(index)
         mask = item["mask"]
@@ -463,6 +474,21 @@ class SyntheticDataset(Dataset):
                 "report": item["report"], "sentences": list(item["sentences"]),
                 "labels": torch.tensor(item["labels"], dtype=torch.float32),
                 "mask": torch.from_numpy(mask.astype(np.int64)) if mask is not None else None}
+
+
+def training_reports(dataset: Dataset) -> list[str]:
+    """Every report text of a training set without loading its volumes (synthetic reports: from the cache, or
+    generated without preprocessing)."""
+    indices = None
+    if isinstance(dataset, torch.utils.data.Subset):
+        dataset, indices = dataset.dataset, list(dataset.indices)
+    order = indices if indices is not None else range(len(dataset))
+    if isinstance(dataset, SyntheticDataset):
+        return [dataset.report(i) for i in order]
+    records = getattr(dataset, "records", None)
+    if records is None:
+        raise ValueError(f"cannot list the reports of {type(dataset).__name__} without loading it")
+    return [records[i].report for i in order if records[i].report.strip()]
 
 
 def label_prevalence(dataset: Dataset, multiclass: bool = False) -> np.ndarray | None:

@@ -27,8 +27,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from napari_mg3d.inference import Predictor
+from napari_mg3d.labels import LABELS
 from napari_mg3d.model.scoring import SOURCE_TITLES, choose_score_source, finding_scores
 from napari_mg3d.model.text import tokenize_reports
+from napari_mg3d.model.words import report_text
 
 from . import figures as G
 from . import metrics as M
@@ -91,7 +93,8 @@ def collect(predictor: Predictor, data: str, seed: int, synthetic_shape, limit: 
                 out["dice"].append(volume_dice)
         if "report" in heads:
             ids = heads["report"].generate(enc.tokens)[0]
-            out["generated"].append(model.text.tokenizer.decode(ids, skip_special_tokens=True))
+            spec = predictor.bundle.meta.get("head_specs", {}).get("report", {})
+            out["generated"].append(report_text(ids, spec, model.text.tokenizer))
             out["reference"].append(batch["report"][0])
     return out
 
@@ -147,6 +150,8 @@ def evaluate(bundle: str, data: str, n_boot: int = 1000, seed: int = 0, syntheti
             res[f"bleu{k}"] = M.bootstrap(lambda a, b, k=k: M.bleu(list(a), list(b), k), gen, ref, n=min(n_boot, 200), seed=seed)
         res["rougeL"] = M.bootstrap(lambda a, b: M.rouge_l(list(a), list(b)), gen, ref, n=min(n_boot, 200), seed=seed)
         res["meteor"] = M.bootstrap(lambda a, b: M.meteor(list(a), list(b)), gen, ref, n=min(n_boot, 200), seed=seed)
+        if c["labels"] and len(c["labels"]) == len(gen) and set(names) <= set(LABELS):  # the keyword rule's labels
+            res["finding_f1"] = M.finding_f1(gen, np.stack(c["labels"]), names)
         res["text_tokenisation"] = M.TEXT_TOKENISATION
         res["examples"] = [{"generated": g, "reference": r} for g, r in list(zip(gen, ref))[:3]]
     if figures:
@@ -162,12 +167,17 @@ def format_table(res: dict) -> str:
             return "-"
         if "low" in v:
             return f"{100 * v['value']:.2f} [{100 * v['low']:.2f}, {100 * v['high']:.2f}]"
-        return f"{100 * v['value']:.2f} (chance {100 * v['chance']:.2f})"
+        if "chance" in v:
+            return f"{100 * v['value']:.2f} (chance {100 * v['chance']:.2f})"
+        return f"{100 * v['value']:.2f}"
 
     cols = [("Dice (%)", "dice"), ("AUC (%)", "classifier_auc"), ("BLEU-1", "bleu1"), ("BLEU-2", "bleu2"),
             ("BLEU-3", "bleu3"), ("BLEU-4", "bleu4"), ("METEOR", "meteor"), ("ROUGE-L", "rougeL"),
             ("zero-shot AUC (%)", "zero_shot_auc")]
     cols += [(f"Recall@{k}", f"recall@{k}") for k in (5, 10, 50, 100) if f"recall@{k}" in res]
+    if "finding_f1" in res:
+        res = {**res, "finding_macro_f1": {"value": res["finding_f1"]["macro_f1"]}}
+        cols.append(("finding F1 of drafts (macro)", "finding_macro_f1"))
     head = "| " + " | ".join(c for c, _ in cols) + " |"
     sep = "|" + "|".join("---" for _ in cols) + "|"
     row = "| " + " | ".join(cell(k) for _, k in cols) + " |"

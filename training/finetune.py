@@ -29,10 +29,11 @@ from napari_mg3d.checkpoint import load_bundle, save_bundle
 from napari_mg3d.labels import ALL_CLASSES, LABELS, LESION_CLASSES, ORGANS
 from napari_mg3d.model import ConfigError, MG3DModel, build_model_config
 from napari_mg3d.model.heads import CLASSIFIER_NORMS, PROMPT_PAIR, build_head, prompt_batch
+from napari_mg3d.model.words import WordVocabulary
 from napari_mg3d.preprocess import preprocess_config_of
 
 from . import metrics as M
-from .data import build_dataset, collate, label_prevalence
+from .data import build_dataset, collate, label_prevalence, training_reports
 from .params import (
     PRECISIONS,
     model_overrides,
@@ -73,6 +74,9 @@ class FinetuneParams:
     lr: float = field(default=1e-4, metadata={"min": 0, "help": "learning rate of the head"})
     lr_encoder: float = field(default=2e-5, metadata={"min": 0, "help": "learning rate of the encoder when not frozen"})
     weight_decay: float = field(default=0.01, metadata={"min": 0, "help": "AdamW weight decay"})
+    report_min_count: int = field(default=2, metadata={"min": 1, "help": (
+        "report: the decoder's vocabulary is the words occurring at least this many times in the training "
+        "reports (rarer ones become <unk>, which is never generated)")})
     shots: int = field(default=0, metadata={"min": 0, "help": "vocabfine: use only this many training volumes (0: all)"})
     device: str = field(default="auto", metadata={"help": "accelerator: cuda | mps | cpu | auto"})
     devices: str = field(default="1", metadata={"help": "devices per node: a count, a list like 0,1, or auto (several: DDP)"})
@@ -141,6 +145,7 @@ class TaskStep(nn.Module):
         self.names, self.multiclass, self.data = names, multiclass, data
         self._prompt_raw: torch.Tensor | None = None
         self.encoder_frozen = False  # set by the training loop during --freeze-encoder-steps
+        self.words = WordVocabulary.from_json(spec["vocabulary"]) if spec.get("vocabulary") else None
         if task == "segment":
             from monai.losses import DiceCELoss
 
@@ -172,9 +177,11 @@ class TaskStep(nn.Module):
             if batch["mask"] is None:
                 raise SystemExit(f"--task segment needs masks in the data ({self.data} has none)")
             return self.seg_loss(self.head(x, enc.features).float(), batch["mask"][:, None])
-        tok = self.model.text.tokenizer
-        target = tok(batch["report"], padding=True, truncation=True, max_length=self.spec["max_len"],
-                     return_tensors="pt")["input_ids"].to(x.device)
+        if self.words is not None:
+            target = self.words.batch(batch["report"], self.spec["max_len"]).to(x.device)
+        else:  # a word-piece decoder (bundles made before word vocabularies)
+            target = self.model.text.tokenizer(batch["report"], padding=True, truncation=True,
+                                               max_length=self.spec["max_len"], return_tensors="pt")["input_ids"].to(x.device)
         return self.head.loss(target, enc.tokens)
 
 
@@ -217,7 +224,6 @@ def run(p: FinetuneParams) -> Path:
                         pin_memory=fabric.device.type == "cuda", persistent_workers=p.num_workers > 0)
 
     names = p.label_names
-    tok = model.text.tokenizer
     if p.task in ("classify", "prognosis"):
         names = names or LABELS
         head_name = "classifier" if p.task == "classify" else "prognosis"
@@ -228,8 +234,12 @@ def run(p: FinetuneParams) -> Path:
         head_name, spec = "segmentation", {"type": "segmentation", "n_classes": len(names), "classes": names}
     elif p.task == "report":
         head_name = "report"
-        spec = {"type": "report", "layers": 2, "heads": 4, "max_len": 160, "bos_id": tok.cls_token_id,
-                "eos_id": tok.sep_token_id, "pad_id": tok.pad_token_id}
+        words = WordVocabulary.build(training_reports(train_set), p.report_min_count)
+        log.info("report decoder vocabulary: %d words occurring at least %d times in the training reports",
+                 len(words) - 4, p.report_min_count)
+        spec = {"type": "report", "layers": 2, "heads": 4, "max_len": 160, "bos_id": words.bos_id,
+                "eos_id": words.eos_id, "pad_id": words.pad_id, "unk_id": words.unk_id, "vocab_size": len(words),
+                "vocabulary": words.to_json()}
     else:
         names = names or LABELS
         head_name, spec = "prompt", {"type": "prompt", "labels": names, "pair": list(PROMPT_PAIR)}

@@ -172,3 +172,42 @@ def _take(a, idx):
     if isinstance(a, np.ndarray):
         return a[idx]
     return [a[i] for i in idx]
+
+
+def asserted_findings(report: str) -> set[str]:
+    """The CT-RATE findings a report asserts: a sentence that names one (by keyword) and is not negated
+    ("No pleural effusion." asserts nothing; "There is a small left pleural effusion." asserts it)."""
+    from napari_mg3d.labels import LABELS
+    from napari_mg3d.reports import is_negated, sentence_texts
+    from napari_mg3d.synthetic.vocabulary import KEYWORDS
+
+    found: set[str] = set()
+    for sentence in sentence_texts(report):
+        if is_negated(sentence):
+            continue
+        low = f" {sentence.lower()} "
+        found |= {label for label in LABELS if any(kw in low for kw in KEYWORDS[label])}
+    return found
+
+
+def finding_f1(reports: Sequence[str], truth: np.ndarray, names: Sequence[str]) -> dict:
+    """Clinical accuracy of drafted reports: per finding, precision / recall / F1 of the findings the drafts
+    assert (:func:`asserted_findings`) against the volumes' true labels ``truth`` (n, F); their macro mean over
+    the findings that occur in the truth or in a draft, and the micro F1 over every (volume, finding) pair.
+    A finding neither true nor asserted anywhere has no F1 (None)."""
+    truth = np.asarray(truth) > 0.5
+    said = np.array([[name in asserted_findings(r) for name in names] for r in reports], bool).reshape(truth.shape)
+    per: dict[str, dict] = {}
+    for j, name in enumerate(names):
+        tp, fp, fn = int((said[:, j] & truth[:, j]).sum()), int((said[:, j] & ~truth[:, j]).sum()), int((~said[:, j] & truth[:, j]).sum())
+        if tp + fp + fn == 0:
+            per[name] = {"precision": None, "recall": None, "f1": None, "support": 0}
+            continue
+        precision = tp / (tp + fp) if tp + fp else 0.0
+        recall = tp / (tp + fn) if tp + fn else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per[name] = {"precision": precision, "recall": recall, "f1": f1, "support": tp + fn}
+    defined = [v["f1"] for v in per.values() if v["f1"] is not None]
+    tp, fp, fn = int((said & truth).sum()), int((said & ~truth).sum()), int((~said & truth).sum())
+    micro = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else float("nan")
+    return {"macro_f1": float(np.mean(defined)) if defined else float("nan"), "micro_f1": micro, "per_finding": per}

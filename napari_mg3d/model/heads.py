@@ -181,10 +181,12 @@ class GenerationSettings:
 
 
 class ReportDecoder(nn.Module):
-    """Transformer decoder over visual tokens (B, N, d) predicting report tokens of the text tokenizer."""
+    """Transformer decoder over visual tokens (B, N, d) predicting report tokens: whole words of the bundle's
+    word vocabulary (``unk_id`` set: that id is never generated), or, in bundles made before it, the text
+    tokenizer's word pieces. Decoding keeps each layer's keys and values of earlier positions."""
 
     def __init__(self, dim: int, vocab_size: int, layers: int = 2, heads: int = 4, max_len: int = 160,
-                 bos_id: int = 101, eos_id: int = 102, pad_id: int = 0) -> None:
+                 bos_id: int = 101, eos_id: int = 102, pad_id: int = 0, unk_id: int | None = None) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab_size, dim)
         self.pos = nn.Parameter(torch.zeros(1, max_len, dim))
@@ -197,11 +199,11 @@ class ReportDecoder(nn.Module):
         # small init: with tied weights, N(0, 1) embeddings would make the first logits ~10x too confident
         nn.init.normal_(self.embed.weight, std=0.02)
         self.bos_id, self.eos_id, self.pad_id, self.max_len = bos_id, eos_id, pad_id, max_len
+        self.unk_id = unk_id
 
     def forward(self, tokens: torch.Tensor, memory: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         """Teacher forcing: tokens (B, T) starting with BOS -> logits (B, T, V) for the next token
-        (``last_only``: (B, 1, V) for the last position, what decoding needs; the vocabulary projection of
-        every earlier position would be most of a decoding step's cost)."""
+        (``last_only``: (B, 1, V) for the last position)."""
         T = tokens.shape[1]
         x = self.embed(tokens) + self.pos[:, :T]
         causal = torch.triu(torch.ones(T, T, dtype=torch.bool, device=tokens.device), diagonal=1)
@@ -216,8 +218,42 @@ class ReportDecoder(nn.Module):
         gold = target_ids[:, 1:]
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), gold.reshape(-1), ignore_index=self.pad_id)
 
+    # ----- decoding with cached keys and values (the same arithmetic as forward, one position at a time) -----
+    def memory_keys_values(self, memory: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, the cross-attention keys and values of ``memory`` (B, N, d): (B, H, N, d/H) each."""
+        out = []
+        for layer in self.decoder.layers:
+            attn, d = layer.multihead_attn, layer.multihead_attn.embed_dim
+            w, b = attn.in_proj_weight, attn.in_proj_bias
+            k, v = F.linear(memory, w[d:2 * d], b[d:2 * d]), F.linear(memory, w[2 * d:], b[2 * d:])
+            out.append((_heads(k, attn.num_heads), _heads(v, attn.num_heads)))
+        return out
+
+    def step(self, tokens: torch.Tensor, position: int, cache: list | None,
+             memory_kv: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, list]:
+        """Logits (A, V) of the token after ``tokens`` (A,) at ``position``, given the keys and values of the
+        earlier positions (``cache``, None at position 0); returns them with this position's appended."""
+        x = self.embed(tokens)[:, None] + self.pos[:, position:position + 1]
+        new_cache = []
+        for i, layer in enumerate(self.decoder.layers):
+            attn, heads = layer.self_attn, layer.self_attn.num_heads
+            q, k, v = F.linear(layer.norm1(x), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+            k, v = _heads(k, heads), _heads(v, heads)
+            if cache is not None:
+                k, v = torch.cat([cache[i][0], k], 2), torch.cat([cache[i][1], v], 2)
+            new_cache.append((k, v))
+            x = x + _attend(_heads(q, heads), k, v, attn)
+            cross, d = layer.multihead_attn, layer.multihead_attn.embed_dim
+            q = F.linear(layer.norm2(x), cross.in_proj_weight[:d], cross.in_proj_bias[:d])
+            mk, mv = memory_kv[i]
+            x = x + _attend(_heads(q, heads), mk.expand(len(x), -1, -1, -1), mv.expand(len(x), -1, -1, -1), cross)
+            x = x + layer.linear2(layer.activation(layer.linear1(layer.norm3(x))))
+        return self.lm(self.norm(x))[:, 0], new_cache
+
     def _adjust(self, logits: torch.Tensor, seqs: torch.Tensor, s: GenerationSettings, step: int) -> torch.Tensor:
         logp = logits.log_softmax(-1)
+        never = [t for t in (self.pad_id, self.bos_id, self.unk_id) if t is not None and t != self.eos_id]
+        logp[:, never] = float("-inf")
         if s.repetition_penalty != 1.0:
             seen = torch.zeros_like(logp, dtype=torch.bool).scatter_(1, seqs, True)
             logp = torch.where(seen, logp * s.repetition_penalty, logp)
@@ -235,34 +271,56 @@ class ReportDecoder(nn.Module):
 
     @torch.no_grad()
     def generate(self, memory: torch.Tensor, settings: GenerationSettings | None = None) -> list[list[int]]:
-        """Token ids (without BOS/EOS) per volume; greedy when beams == 1, else beam search."""
+        """Token ids (without BOS/EOS) per volume; greedy when beams == 1, else beam search (hypotheses ranked
+        by log-probability / length ** length_penalty, the length counting BOS)."""
         s = settings or GenerationSettings()
-        max_len = min(s.max_len, self.max_len - 1)
-        results = []
-        for b in range(memory.shape[0]):
-            mem = memory[b:b + 1]
-            beams = [(torch.tensor([[self.bos_id]], device=memory.device), 0.0, False)]
-            for step in range(max_len):
-                candidates = []
-                alive = [bm for bm in beams if not bm[2]]
-                if not alive:
-                    break
-                seqs = torch.cat([bm[0] for bm in alive])
-                logp = self._adjust(self(seqs, mem.expand(len(alive), -1, -1), last_only=True)[:, -1], seqs, s, step)
-                top = logp.topk(max(1, s.beams), dim=-1)
-                for i, (seq, score, _) in enumerate(alive):
-                    for lp, tok in zip(top.values[i].tolist(), top.indices[i].tolist()):
-                        if lp == float("-inf"):
-                            continue
-                        candidates.append((torch.cat([seq, seq.new_tensor([[tok]])], 1), score + lp, tok == self.eos_id))
-                candidates += [bm for bm in beams if bm[2]]
-                rank = sorted(candidates, key=lambda c: c[1] / (c[0].shape[1] ** s.length_penalty), reverse=True)
-                beams = rank[: max(1, s.beams)]
-                if all(bm[2] for bm in beams):
-                    break
-            best = max(beams, key=lambda c: c[1] / (c[0].shape[1] ** s.length_penalty))[0][0, 1:].tolist()
-            results.append([t for t in best if t not in (self.eos_id, self.pad_id)])
-        return results
+        return [self._search(memory[b:b + 1], s) for b in range(memory.shape[0])]
+
+    def _search(self, memory: torch.Tensor, s: GenerationSettings) -> list[int]:
+        width, max_len = max(1, s.beams), min(s.max_len, self.max_len - 1)
+        memory_kv = self.memory_keys_values(memory)
+        seqs = torch.full((1, 1), self.bos_id, dtype=torch.long, device=memory.device)
+        scores, cache, done = [0.0], None, []  # done: (sequence, score) of hypotheses that ended with EOS
+        for step in range(max_len):
+            logits, cache = self.step(seqs[:, -1], step, cache, memory_kv)
+            top = self._adjust(logits.float(), seqs, s, step).topk(width, dim=-1)
+            length = seqs.shape[1] + 1
+            pool: list[tuple[float, float, tuple[int, int] | list[int]]] = []  # (rank, score, (beam, token) or done)
+            for i in range(len(seqs)):
+                for lp, tok in zip(top.values[i].tolist(), top.indices[i].tolist()):
+                    if lp != float("-inf"):
+                        pool.append(((scores[i] + lp) / length ** s.length_penalty, scores[i] + lp, (i, tok)))
+            pool += [(score / len(seq) ** s.length_penalty, score, seq) for seq, score in done]
+            pool = sorted(pool, key=lambda c: c[0], reverse=True)[:width]
+            done = [(c[2], c[1]) for c in pool if isinstance(c[2], list)]
+            grown = [c for c in pool if not isinstance(c[2], list)]
+            done += [([*seqs[i].tolist(), tok], score) for _, score, (i, tok) in grown if tok == self.eos_id]
+            alive = [(score, i, tok) for _, score, (i, tok) in grown if tok != self.eos_id]
+            if not alive:
+                break
+            index = torch.tensor([i for _, i, _ in alive], device=seqs.device)
+            new_tokens = torch.tensor([[tok] for _, _, tok in alive], device=seqs.device)
+            seqs = torch.cat([seqs[index], new_tokens], 1)
+            scores = [score for score, _, _ in alive]
+            cache = [(k[index], v[index]) for k, v in cache]
+        else:
+            done += [(seqs[i].tolist(), scores[i]) for i in range(len(seqs))]
+        best = max(done, key=lambda c: c[1] / len(c[0]) ** s.length_penalty)[0]
+        return [t for t in best[1:] if t not in (self.eos_id, self.pad_id)]
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, T, d) -> (B, H, T, d/H)."""
+    B, T, d = x.shape
+    return x.view(B, T, heads, d // heads).transpose(1, 2)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn: nn.MultiheadAttention) -> torch.Tensor:
+    """Scaled dot-product attention of (B, H, T, d/H) queries over keys/values, through ``attn``'s output
+    projection: (B, T, d)."""
+    o = F.scaled_dot_product_attention(q, k, v)
+    B, H, T, dh = o.shape
+    return attn.out_proj(o.transpose(1, 2).reshape(B, T, H * dh))
 
 
 class PromptScorer(nn.Module):
@@ -312,9 +370,11 @@ def build_head(spec: dict, config: MG3DConfig, vocab_size: int) -> nn.Module:
     if kind == "segmentation":
         return SegmentationDecoder(config.feature_size, int(spec["n_classes"]))
     if kind == "report":
-        return ReportDecoder(config.fusion_dim, vocab_size, int(spec.get("layers", 2)), int(spec.get("heads", 4)),
-                             int(spec.get("max_len", 160)), int(spec.get("bos_id", 101)), int(spec.get("eos_id", 102)),
-                             int(spec.get("pad_id", 0)))
+        unk = spec.get("unk_id")
+        return ReportDecoder(config.fusion_dim, int(spec.get("vocab_size", vocab_size)), int(spec.get("layers", 2)),
+                             int(spec.get("heads", 4)), int(spec.get("max_len", 160)), int(spec.get("bos_id", 101)),
+                             int(spec.get("eos_id", 102)), int(spec.get("pad_id", 0)),
+                             int(unk) if unk is not None else None)
     if kind == "prompt":
         return PromptScorer(config.fusion_dim, float(spec.get("temperature", 0.07)))
     if kind == "mlm":

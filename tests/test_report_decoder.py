@@ -1,0 +1,132 @@
+"""The report decoder: its word vocabulary, decoding with cached keys/values, and the drafts' finding F1."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_mg3d.model.heads import GenerationSettings, ReportDecoder, build_head
+from napari_mg3d.model.words import WordVocabulary, report_text, words_of
+
+REPORTS = ["No pleural effusion. A 12 mm ground-glass nodule in the right upper lobe.",
+           "Cardiomegaly. No pleural effusion, no nodule.", "A nodule (8 mm) in the left lower lobe."]
+
+
+def test_the_vocabulary_keeps_frequent_words_and_punctuation_and_round_trips_text():
+    assert words_of("A 3.5 mm ground-glass nodule (right).") == ["a", "3.5", "mm", "ground-glass", "nodule", "(",
+                                                                  "right", ")", "."]
+    v = WordVocabulary.build(REPORTS, min_count=2)
+    assert {"no", "pleural", "effusion", ".", "nodule", "mm", "lobe"} <= set(v.itos)
+    assert "cardiomegaly" not in v.stoi and "12" not in v.stoi  # seen once: below the threshold
+    ids = v.encode("No pleural effusion. Cardiomegaly.", max_len=20)
+    assert ids[0] == v.bos_id and ids[-1] == v.eos_id and v.unk_id in ids
+    assert v.decode(ids) == "No pleural effusion.."  # the unknown word is dropped, punctuation is glued
+    every = WordVocabulary.build([*REPORTS, "a nodule (in the right lobe), no effusion."], min_count=1)
+    assert every.decode(every.encode("a nodule (in the right lobe), no effusion.", 30)) == \
+        "A nodule (in the right lobe), no effusion."
+    assert len(v.encode(" ".join(["nodule"] * 50), max_len=10)) == 10  # cut, <eos> kept
+    again = WordVocabulary.from_json(v.to_json())
+    assert again.itos == v.itos
+    with pytest.raises(ValueError, match="not an MG-3D word vocabulary"):
+        WordVocabulary.from_json({"words": "x"})
+    with pytest.raises(ValueError, match="no word occurs 5 times"):
+        WordVocabulary.build(["one report"], min_count=5)
+
+
+def _decoder(vocab: int = 300, seed: int = 0) -> ReportDecoder:
+    torch.manual_seed(seed)
+    d = ReportDecoder(64, vocab, layers=2, heads=4, max_len=60, bos_id=1, eos_id=2, pad_id=0, unk_id=3).eval()
+    with torch.no_grad():
+        for p in d.parameters():  # away from the small init, so that the logits differ between positions
+            p.add_(0.05 * torch.randn_like(p))
+    return d
+
+
+def test_cached_decoding_gives_the_logits_of_the_full_forward_pass_at_every_position():
+    d = _decoder()
+    memory = torch.randn(2, 27, 64)
+    tokens = torch.randint(4, 300, (2, 9))
+    tokens[:, 0] = 1
+    with torch.no_grad():
+        full = d(tokens, memory)
+        kv, cache, steps = d.memory_keys_values(memory), None, []
+        for t in range(tokens.shape[1]):
+            logits, cache = d.step(tokens[:, t], t, cache, kv)
+            steps.append(logits)
+    assert torch.allclose(torch.stack(steps, 1), full, atol=1e-5)
+    assert cache[0][0].shape == (2, 4, 9, 16)  # (beams, heads, positions, head dim)
+
+
+def _greedy_by_recomputing(d: ReportDecoder, memory: torch.Tensor, s: GenerationSettings) -> list[int]:
+    seq = torch.tensor([[d.bos_id]])
+    for step in range(s.max_len):
+        t = int(d._adjust(d(seq, memory, last_only=True)[:, -1], seq, s, step).argmax())
+        seq = torch.cat([seq, torch.tensor([[t]])], 1)
+        if t == d.eos_id:
+            break
+    return [t for t in seq[0, 1:].tolist() if t != d.eos_id]
+
+
+def test_generation_matches_recomputing_the_prefix_and_never_emits_special_or_unknown_tokens():
+    d = _decoder()
+    memory = torch.randn(3, 27, 64)
+    s = GenerationSettings(max_len=40, min_len=2, repetition_penalty=1.0, no_repeat_ngram=0)
+    with torch.no_grad():
+        fast = d.generate(memory, s)
+        assert fast == [_greedy_by_recomputing(d, memory[b:b + 1], s) for b in range(3)]
+        d.lm.bias.data[[0, 1, 3]] = 50.0  # pad, bos and unk made the most likely tokens
+        for beams in (1, 3):
+            for ids in d.generate(memory, GenerationSettings(max_len=20, beams=beams)):
+                assert ids and not {0, 1, 2, 3} & set(ids)
+
+
+def test_beam_search_finds_a_sequence_at_least_as_likely_as_greedy():
+    d = _decoder(seed=3)
+    memory = torch.randn(1, 27, 64)
+    plain = GenerationSettings(max_len=12, min_len=1, repetition_penalty=1.0, no_repeat_ngram=0, length_penalty=0.0)
+
+    def log_likelihood(ids):
+        seq = torch.tensor([[1, *ids, 2]]) if len(ids) < 12 else torch.tensor([[1, *ids]])
+        out = d(seq[:, :-1], memory).log_softmax(-1)
+        out[..., [0, 1, 3]] = float("-inf")
+        return float(out[0].gather(1, seq[0, 1:, None]).sum())
+
+    with torch.no_grad():
+        greedy = d.generate(memory, plain)[0]
+        beam = d.generate(memory, GenerationSettings(**{**plain.__dict__, "beams": 4}))[0]
+        assert log_likelihood(beam) >= log_likelihood(greedy) - 1e-4
+
+
+def test_a_word_vocabulary_head_is_rebuilt_from_its_spec_and_decodes_to_words(tiny_config):
+    v = WordVocabulary.build(REPORTS, min_count=2)
+    spec = {"type": "report", "layers": 1, "heads": 4, "max_len": 40, "bos_id": 1, "eos_id": 2, "pad_id": 0,
+            "unk_id": 3, "vocab_size": len(v), "vocabulary": v.to_json()}
+    head = build_head(spec, tiny_config, vocab_size=30522)  # the text encoder's size is not the decoder's
+    assert head.embed.num_embeddings == len(v) and head.unk_id == 3
+    with torch.no_grad():
+        ids = head.generate(torch.randn(1, 8, tiny_config.fusion_dim), GenerationSettings(max_len=15))[0]
+    text = report_text(ids, spec)
+    assert set(words_of(text)) <= set(v.itos)
+    with pytest.raises(ValueError, match="needs the text tokenizer"):
+        report_text([5, 6], {"type": "report"})
+
+
+def test_finding_f1_counts_what_a_draft_asserts_against_the_true_labels():
+    from napari_mg3d.labels import LABELS
+    from training.metrics import asserted_findings, finding_f1
+
+    assert asserted_findings("No pleural effusion. There is cardiomegaly. A nodule in the left lobe.") == {
+        "Cardiomegaly", "Lung nodule"}
+    truth = np.zeros((3, len(LABELS)))
+    truth[0, LABELS.index("Cardiomegaly")] = 1
+    truth[1, LABELS.index("Cardiomegaly")] = 1
+    truth[2, LABELS.index("Lung nodule")] = 1
+    drafts = ["Cardiomegaly.", "No cardiomegaly. Pleural effusion on the left.", "A lung nodule. Cardiomegaly."]
+    res = finding_f1(drafts, truth, LABELS)
+    cardio, effusion, nodule = (res["per_finding"][k] for k in ("Cardiomegaly", "Pleural effusion", "Lung nodule"))
+    assert cardio["precision"] == pytest.approx(0.5) and cardio["recall"] == pytest.approx(0.5)
+    assert effusion["f1"] == 0.0 and effusion["support"] == 0 and nodule["f1"] == 1.0
+    assert res["per_finding"]["Emphysema"]["f1"] is None  # neither true nor said: no F1, not a perfect one
+    assert res["macro_f1"] == pytest.approx((0.5 + 0.0 + 1.0) / 3)
+    assert res["micro_f1"] == pytest.approx(2 * 2 / (2 * 2 + 2 + 1))
