@@ -93,7 +93,19 @@ def data_section(args) -> tuple[dict, str]:
     return res, "\n".join(md)
 
 
-SECTIONS = {"model": model_section, "inference": inference_section, "pretrain": pretrain_section, "data": data_section}
+def decoding_section(args) -> tuple[dict, str]:
+    from . import decoding
+
+    res = decoding.run()
+    md = [f"### Report drafting: {res['greedy_tokens']} greedy tokens, batch 1", "",
+          fmt_table(res["rows"], [("decoder", "decoder"), ("recompute_s", "recompute prefix s"),
+                                  ("cached_s", "cached keys/values s"), ("speedup", "speed-up"),
+                                  ("same_output", "same tokens")])]
+    return res, "\n".join(md)
+
+
+SECTIONS = {"model": model_section, "inference": inference_section, "pretrain": pretrain_section, "data": data_section,
+            "decoding": decoding_section}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -231,3 +231,18 @@ def test_evaluate_draws_its_figures_beside_the_json(chained, tmp_path):
             assert image.shape[0] > 200 and image[..., :3].std() > 5, name  # drawn, not blank
     assert (tmp_path / "results.md").read_text().startswith("| Dice (%)")
     assert set(res["dice_per_class"]) <= set(load_bundle(chained).meta["classes"][1:])
+
+
+def test_a_bf16_classifier_run_validates_and_keeps_its_bundle_if_validation_fails(tmp_path, gui_bundle, monkeypatch):
+    # numpy has no bfloat16: the validation AUC used to crash after training and lose the trained head
+    b = load_bundle(_ft(tmp_path, gui_bundle, "classify", val_data="synthetic:3", precision="bf16-mixed"))
+    assert "mean_auc" in b.meta["provenance"]["metrics"]
+    from training import finetune
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk vanished")
+
+    monkeypatch.setattr(finetune, "validate", broken)
+    kept = load_bundle(_ft(tmp_path / "again", gui_bundle, "classify", val_data="synthetic:3"))
+    assert kept.meta["provenance"]["metrics"]["validation_error"] == "RuntimeError: disk vanished"
+    assert "classifier" in kept.heads

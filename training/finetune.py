@@ -300,9 +300,14 @@ def run(p: FinetuneParams) -> Path:
         if used:
             metrics["head_statistics_volumes"] = used
     if p.val_data:
-        with fabric.autocast():
-            metrics.update(validate(p, model, head, spec, names, pre_cfg, fabric.device))
-        print("validation: " + json.dumps(metrics), flush=True)
+        try:
+            with fabric.autocast():
+                metrics.update(validate(p, model, head, spec, names, pre_cfg, fabric.device))
+            print("validation: " + json.dumps(metrics), flush=True)
+        except Exception as err:  # noqa: BLE001 - the trained head is kept whatever the validation does
+            metrics["validation_error"] = f"{type(err).__name__}: {err}"
+            log.error("validation on %s failed (%s); the bundle is written without validation metrics; evaluate "
+                      "it with python -m training.evaluate", p.val_data, metrics["validation_error"])
 
     heads[head_name] = head
     specs[head_name] = spec
@@ -405,7 +410,7 @@ def validate(p: FinetuneParams, model, head, spec, names, pre_cfg, device) -> di
             if batch is None:
                 continue
             logits = head.classify(model.encode_volume(batch["volume"].to(device)))
-            probs.append(head.probabilities(logits).cpu())
+            probs.append(head.probabilities(logits).float().cpu())  # numpy has no bfloat16
             labels.append(batch["labels"])
         P, Y = torch.cat(probs).numpy(), torch.cat(labels).numpy()
         per = M.auc_per_label(Y, P, names)
