@@ -25,3 +25,11 @@ def test_unknown_variant_is_named(capsys, tmp_path):
     with pytest.raises(SystemExit):
         main(["--sections", "model", "--model-variants", "bf16 turbo", "--out", str(tmp_path)])
     assert "unknown variant(s) ['bf16 turbo']" in capsys.readouterr().err
+
+
+def test_cached_decoding_bench_checks_that_both_paths_draft_the_same_tokens():
+    from bench import decoding
+
+    res = decoding.run(tokens=6, vocab=50, repeats=1)
+    assert [r["decoder"] for r in res["rows"]] == ["tiny", "base"]
+    assert all(r["same_output"] and r["recompute_s"] > 0 and r["cached_s"] > 0 for r in res["rows"])
