@@ -13,7 +13,8 @@ from napari_mg3d.model.heads import GenerationSettings, ReportDecoder
 DECODERS = {"tiny": (128, 4, 64), "base": (256, 8, 384)}
 
 
-def _recompute(d: ReportDecoder, memory: torch.Tensor, s: GenerationSettings) -> list[int]:
+def greedy_by_recomputing(d: ReportDecoder, memory: torch.Tensor, s: GenerationSettings) -> list[int]:
+    """Greedy decoding as it was before the cache: the whole prefix through the decoder for every token."""
     seq = torch.tensor([[d.bos_id]])
     for step in range(s.max_len):
         t = int(d._adjust(d(seq, memory, last_only=True)[:, -1], seq, s, step).argmax())
@@ -32,7 +33,7 @@ def run(tokens: int = 96, vocab: int = 2000, repeats: int = 3) -> dict:
         memory = torch.randn(1, n_tokens, dim)
         times = {}
         with torch.no_grad():
-            for label, fn in (("recompute prefix", lambda d=d, m=memory: _recompute(d, m, s)),
+            for label, fn in (("recompute prefix", lambda d=d, m=memory: greedy_by_recomputing(d, m, s)),
                               ("cached keys/values", lambda d=d, m=memory: d.generate(m, s)[0])):
                 fn()  # warm
                 best = float("inf")

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from bench.decoding import greedy_by_recomputing
 from napari_mg3d.model.heads import GenerationSettings, ReportDecoder, build_head
 from napari_mg3d.model.words import WordVocabulary, report_text, words_of
 
@@ -58,23 +59,13 @@ def test_cached_decoding_gives_the_logits_of_the_full_forward_pass_at_every_posi
     assert cache[0][0].shape == (2, 4, 9, 16)  # (beams, heads, positions, head dim)
 
 
-def _greedy_by_recomputing(d: ReportDecoder, memory: torch.Tensor, s: GenerationSettings) -> list[int]:
-    seq = torch.tensor([[d.bos_id]])
-    for step in range(s.max_len):
-        t = int(d._adjust(d(seq, memory, last_only=True)[:, -1], seq, s, step).argmax())
-        seq = torch.cat([seq, torch.tensor([[t]])], 1)
-        if t == d.eos_id:
-            break
-    return [t for t in seq[0, 1:].tolist() if t != d.eos_id]
-
-
 def test_generation_matches_recomputing_the_prefix_and_never_emits_special_or_unknown_tokens():
     d = _decoder()
     memory = torch.randn(3, 27, 64)
     s = GenerationSettings(max_len=40, min_len=2, repetition_penalty=1.0, no_repeat_ngram=0)
     with torch.no_grad():
         fast = d.generate(memory, s)
-        assert fast == [_greedy_by_recomputing(d, memory[b:b + 1], s) for b in range(3)]
+        assert fast == [greedy_by_recomputing(d, memory[b:b + 1], s) for b in range(3)]
         d.lm.bias.data[[0, 1, 3]] = 50.0  # pad, bos and unk made the most likely tokens
         for beams in (1, 3):
             for ids in d.generate(memory, GenerationSettings(max_len=20, beams=beams)):
