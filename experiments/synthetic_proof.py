@@ -218,9 +218,8 @@ def learning_curve(out: Path, pairs: int, steps: int, stops: list[int], objectiv
                     pretrain.bundle_from_checkpoint(last, bundle)
             print(f"pre-training to step {stop}: {time.perf_counter() - t0:.0f} s", flush=True)
         t0 = time.perf_counter()
-        results[stop] = {"steps": stop, **probe(bundle, held_out, shape, tier=tier),
-                         "probe_s": None}
-        results[stop]["probe_s"] = time.perf_counter() - t0
+        probed = probe(bundle, held_out, shape, tier=tier)
+        results[stop] = {"steps": stop, **probed, "probe_s": time.perf_counter() - t0}
         saved.write_text(json.dumps(results[stop], indent=1))
         print(f"step {stop}: {json.dumps({k: v for k, v in results[stop].items() if not isinstance(v, dict)})}", flush=True)
     return results

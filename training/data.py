@@ -94,14 +94,19 @@ class PreprocessedCache:
             return None
 
     def put(self, record: Record, volume: np.ndarray, mask: np.ndarray | None) -> None:
-        path = self.root / f"{self.key(record)}.npz"
         arrays = {"volume": volume.astype(np.float16)}
         if mask is not None:
             arrays["mask"] = mask.astype(np.uint8 if mask.max() < 256 else np.int16)
-        fd, tmp = tempfile.mkstemp(dir=self.root, suffix=".tmp.npz")
-        os.close(fd)
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)  # atomic: parallel workers never see half a file
+        save_npz_atomically(self.root / f"{self.key(record)}.npz", arrays)
+
+
+def save_npz_atomically(path: Path, arrays: dict) -> None:
+    """np.savez to a temporary file beside ``path``, then renamed: parallel workers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
+    os.close(fd)
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
 
 
 class VolumeReportDataset(Dataset):
@@ -433,39 +438,41 @@ class SyntheticDataset(Dataset):
         return {"volume": x.numpy(), "mask": mask, "report": s.report, "sentences": s.sentences,
                 "labels": [s.labels[n] for n in LABELS]}
 
-    def _read_or_make(self, index: int) -> dict:
+    def _cached(self, index: int, arrays: bool) -> dict | None:
+        """The cache entry of item ``index`` (text; with ``arrays`` also volume and, if asked for, the mask), or
+        None when there is none usable (absent, damaged, or made without the mask this dataset needs)."""
         path = self._cache_path(index)
-        if path is not None and path.exists():
-            try:
-                with np.load(path) as z:
-                    if not self.with_mask or "mask" in z.files:  # an entry made without the mask is made again
-                        text = json.loads(str(z["text"]))
-                        return {"volume": z["volume"], "mask": z["mask"] if self.with_mask else None, **text}
-            except (OSError, ValueError, KeyError):
-                pass  # a damaged entry is made again
+        if path is None or not path.exists():
+            return None
+        try:
+            with np.load(path) as z:
+                if arrays and self.with_mask and "mask" not in z.files:
+                    return None
+                item = json.loads(str(z["text"]))
+                if arrays:
+                    item.update(volume=z["volume"], mask=z["mask"] if self.with_mask else None)
+                return item
+        except (OSError, ValueError, KeyError):
+            return None  # a damaged entry is made again
+
+    def _read_or_make(self, index: int) -> dict:
+        item = self._cached(index, arrays=True)
+        if item is not None:
+            return item
         item = self._make(index)
+        path = self._cache_path(index)
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
             arrays = {"volume": item["volume"].astype(np.float16),
                       "text": json.dumps({k: item[k] for k in ("report", "sentences", "labels")})}
             if item["mask"] is not None:
                 arrays["mask"] = item["mask"].astype(np.uint8)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
-            os.close(fd)
-            np.savez(tmp, **arrays)
-            os.replace(tmp, path)  # atomic: parallel workers never see half a file
+            save_npz_atomically(path, arrays)
         return item
 
     def report(self, index: int) -> str:
         """The report of item ``index``, from the cache when it is there (no volume is preprocessed)."""
-        path = self._cache_path(index)
-        if path is not None and path.exists():
-            try:
-                with np.load(path) as z:
-                    return json.loads(str(z["text"]))["report"]
-            except (OSError, ValueError, KeyError):
-                pass
-        return self.sample(index).report
+        item = self._cached(index, arrays=False)
+        return item["report"] if item is not None else self.sample(index).report
 
     def __getitem__(self, index: int) -> dict:
         item = self._read_or_make(index)

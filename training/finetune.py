@@ -145,7 +145,7 @@ class TaskStep(nn.Module):
         self.names, self.multiclass, self.data = names, multiclass, data
         self._prompt_raw: torch.Tensor | None = None
         self.encoder_frozen = False  # set by the training loop during --freeze-encoder-steps
-        self.words = WordVocabulary.from_json(spec["vocabulary"]) if spec.get("vocabulary") else None
+        self.words = WordVocabulary.from_json(spec["vocabulary"]) if task == "report" else None
         if task == "segment":
             from monai.losses import DiceCELoss
 
@@ -177,11 +177,7 @@ class TaskStep(nn.Module):
             if batch["mask"] is None:
                 raise SystemExit(f"--task segment needs masks in the data ({self.data} has none)")
             return self.seg_loss(self.head(x, enc.features).float(), batch["mask"][:, None])
-        if self.words is not None:
-            target = self.words.batch(batch["report"], self.spec["max_len"]).to(x.device)
-        else:  # a word-piece decoder (bundles made before word vocabularies)
-            target = self.model.text.tokenizer(batch["report"], padding=True, truncation=True,
-                                               max_length=self.spec["max_len"], return_tensors="pt")["input_ids"].to(x.device)
+        target = self.words.batch(batch["report"], self.spec["max_len"]).to(x.device)
         return self.head.loss(target, enc.tokens)
 
 
