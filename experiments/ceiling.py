@@ -3,6 +3,8 @@
     python -m experiments.ceiling --tier visible --steps 1000 --batch-size 4 --out runs/bench/ceiling
     python -m experiments.ceiling --tier visible --classifier runs/bench/ceiling/bundle   # evaluate only
 
+The same command again continues a run that was stopped (it checkpoints every 100 steps).
+
 A classifier trained end to end on the 18 labels (``training.finetune --task classify`` from scratch, the
 same volumes, steps, batch and vision learning rate as the pre-training run it bounds), scored on the
 held-out volumes (seeds 900000..) the zero-shot probe uses. A benchmark whose ceiling is near 0.5 decides
@@ -61,15 +63,17 @@ def classifier_auc(bundle: str | Path, n: int, shape, tier: str, cache_dir: str 
 def train_classifier(out: Path, pairs: int, steps: int, batch: int, shape, tier: str, preset: str = "tiny",
                      lr_encoder: float = 2e-4, precision: str = "32-true", cache_dir: str = "",
                      num_workers: int = 1, seed: int = 0) -> Path:
-    """The supervised arm, from scratch; returns its bundle (reused when it exists)."""
+    """The supervised arm, from scratch; returns its bundle (reused when it exists; a run that was stopped
+    continues from its checkpoint)."""
     bundle = out / "bundle"
     if (bundle / "config.json").is_file():
         return bundle
+    resume = "last" if finetune.checkpoint_path(out).is_file() else ""
     params = finetune.FinetuneParams(
         task="classify", preset=preset, data=f"synthetic:{pairs},{tier}", val_data=f"synthetic:50,{tier}",
         steps=steps, batch_size=batch, lr=1e-3, lr_encoder=lr_encoder, head_norm="batch",
         synthetic_shape=list(shape), precision=precision, cache_dir=cache_dir, num_workers=num_workers, seed=seed,
-        out_dir=str(out), log_every=50)
+        out_dir=str(out), log_every=50, checkpoint_every=100, resume=resume)
     return finetune.run(params)
 
 

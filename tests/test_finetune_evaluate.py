@@ -20,8 +20,8 @@ SHAPE = [40, 48, 56]
 
 
 def _ft(tmp, bundle, task, **kw):
-    return run(FinetuneParams(task=task, bundle=str(bundle), data="synthetic:4", steps=2, batch_size=2,
-                              synthetic_shape=SHAPE, out_dir=str(tmp / task), log_every=1, **kw))
+    settings = {"data": "synthetic:4", "steps": 2, "batch_size": 2, "synthetic_shape": SHAPE, "log_every": 1, **kw}
+    return run(FinetuneParams(task=task, bundle=str(bundle), out_dir=str(tmp / task), **settings))
 
 
 @pytest.fixture(scope="module")
@@ -246,3 +246,34 @@ def test_a_bf16_classifier_run_validates_and_keeps_its_bundle_if_validation_fail
     kept = load_bundle(_ft(tmp_path / "again", gui_bundle, "classify", val_data="synthetic:3"))
     assert kept.meta["provenance"]["metrics"]["validation_error"] == "RuntimeError: disk vanished"
     assert "classifier" in kept.heads
+
+
+def test_a_stopped_and_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path, gui_bundle):
+    """Weights, optimiser state, loss history and the data order survive --stop-after-steps / --resume last."""
+    common = dict(data="synthetic:5", steps=4, batch_size=2, lr=1e-3, lr_encoder=1e-3, checkpoint_every=2)
+    whole = load_bundle(_ft(tmp_path / "whole", gui_bundle, "classify", **common))
+    first = _ft(tmp_path / "parts", gui_bundle, "classify", stop_after_steps=3, **common)
+    assert first.name == "last.ckpt" and not (first.parent.parent / "classify" / "bundle").exists()
+    with pytest.raises(SystemExit, match="holds an earlier fine-tuning run.*--resume last"):
+        _ft(tmp_path / "parts", gui_bundle, "classify", **common)  # a new run would lose the stopped one
+    with pytest.raises(SystemExit, match=r"other options: --lr 0.001 \(now 0.01\)"):
+        _ft(tmp_path / "parts", gui_bundle, "classify", resume="last", **{**common, "lr": 1e-2})
+    parts = load_bundle(_ft(tmp_path / "parts", gui_bundle, "classify", resume="last", **common))
+    a, b = whole.model.state_dict(), parts.model.state_dict()
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
+    head_a, head_b = whole.build_heads()[0]["classifier"], parts.build_heads()[0]["classifier"]
+    assert torch.allclose(head_a.linear.weight, head_b.linear.weight, atol=1e-6)
+    history = [(tmp_path / d / "classify" / "loss_history.csv").read_text() for d in ("whole", "parts")]
+    assert history[0] == history[1] and history[0].count("\n") == 5  # header and 4 steps
+
+
+def test_epoch_sampler_resumes_mid_epoch_and_shares_epochs_between_ranks():
+    from itertools import islice
+
+    from training.finetune import EpochSampler
+
+    full = list(islice(iter(EpochSampler(5, seed=3)), 15))
+    assert sorted(full[:5]) == list(range(5)) and sorted(full[5:10]) == list(range(5)) and full[:5] != full[5:10]
+    assert list(islice(iter(EpochSampler(5, seed=3, start=7)), 8)) == full[7:15]
+    ranks = [list(islice(iter(EpochSampler(6, seed=1, rank=r, world=2)), 3)) for r in (0, 1)]
+    assert sorted(ranks[0] + ranks[1]) == list(range(6))

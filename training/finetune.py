@@ -90,6 +90,14 @@ class FinetuneParams:
     seg_target: str = field(default="lesions", metadata={"help": "segment on synthetic data: lesions | organs | all"})
     out_dir: str = field(default="runs/finetune", metadata={"help": "output folder; the bundle goes to OUT_DIR/bundle"})
     log_every: int = field(default=10, metadata={"min": 1, "help": "print the loss every N steps"})
+    checkpoint_every: int = field(default=250, metadata={"min": 1, "help": (
+        "save OUT_DIR/checkpoints/last.ckpt (weights, optimiser, step, loss history, data position) every N steps")})
+    resume: str = field(default="", metadata={"help": (
+        "continue the run in OUT_DIR from its checkpoint: 'last' (OUT_DIR/checkpoints/last.ckpt) or a path; the "
+        "run's other options must be the ones it was started with")})
+    stop_after_steps: int = field(default=0, metadata={"min": 0, "help": (
+        "end this run after N more steps with a checkpoint and no bundle, e.g. before a time limit; continue "
+        "with --resume last")})
 
     def to_dict(self) -> dict:
         from dataclasses import asdict
@@ -123,15 +131,34 @@ def init_bias_from_prevalence(head: nn.Module, train_set, multiclass: bool) -> N
     log.info("classifier bias set to the training prevalence (%s)", ", ".join(f"{v:.3f}" for v in prior))
 
 
-def _infinite(loader):
-    while True:
-        got = False
-        for batch in loader:
-            if batch is not None:
-                got = True
-                yield batch
-        if not got:
-            raise RuntimeError("the training data produced no loadable batch")
+class EpochSampler(torch.utils.data.Sampler):
+    """Endless indices: epoch e is a permutation seeded by (seed, e), this process's share of it (rank::world).
+    It starts ``start`` indices in, so a resumed run reads the volumes an uninterrupted one would have read,
+    without loading the ones before."""
+
+    def __init__(self, n: int, seed: int, start: int = 0, rank: int = 0, world: int = 1) -> None:
+        self.n, self.seed, self.start, self.rank, self.world = n, seed, start, rank, world
+
+    def __iter__(self):
+        share = len(range(self.rank, self.n, self.world))
+        epoch, skip = divmod(self.start, share) if share else (0, 0)
+        while True:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+            yield from order[self.rank::self.world][skip:].tolist()
+            epoch, skip = epoch + 1, 0
+
+
+def _infinite(loader, batches_per_epoch: int):
+    """Non-empty batches of an endless loader; a whole epoch of batches without one volume is an error."""
+    empty = 0
+    for batch in loader:
+        if batch is not None:
+            empty = 0
+            yield batch
+        else:
+            empty += 1
+            if empty >= max(1, batches_per_epoch):
+                raise RuntimeError("the training data produced no loadable batch")
 
 
 class TaskStep(nn.Module):
@@ -215,9 +242,12 @@ def run(p: FinetuneParams) -> Path:
         train_set.target = p.seg_target  # type: ignore[attr-defined]
     if p.shots:
         train_set = torch.utils.data.Subset(train_set, list(range(min(p.shots, len(train_set)))))
-    loader = DataLoader(train_set, batch_size=p.batch_size, shuffle=True, collate_fn=collate,
-                        num_workers=p.num_workers, generator=torch.Generator().manual_seed(p.seed),
-                        pin_memory=fabric.device.type == "cuda", persistent_workers=p.num_workers > 0)
+    out = Path(p.out_dir)
+    resumed = read_checkpoint(p, out)
+    start_step = resumed["step"] if resumed else 0
+    sampler = EpochSampler(len(train_set), p.seed, start_step * p.batch_size, fabric.global_rank, fabric.world_size)
+    loader = DataLoader(train_set, batch_size=p.batch_size, sampler=sampler, collate_fn=collate,
+                        num_workers=p.num_workers, pin_memory=fabric.device.type == "cuda")
 
     names = p.label_names
     if p.task in ("classify", "prognosis"):
@@ -258,16 +288,28 @@ def run(p: FinetuneParams) -> Path:
         groups.append({"params": encoder_params, "lr": p.lr_encoder})
     step_module = TaskStep(p.task, model, head, spec, names, multiclass=p.multiclass, data=p.data)
     task_step, opt = fabric.setup(step_module, torch.optim.AdamW(groups, weight_decay=p.weight_decay))
-    loader = fabric.setup_dataloaders(loader)
+    loader = fabric.setup_dataloaders(loader, use_distributed_sampler=False)  # EpochSampler shares by rank
+    history: list[float] = []
+    if resumed:
+        rest = torch.load(resumed["path"], map_location="cpu", weights_only=False)
+        missing, unexpected = step_module.load_state_dict(rest["weights"], strict=False)
+        if unexpected or any(not k.startswith(FROZEN_TEXT) for k in missing):
+            raise SystemExit(f"--resume {p.resume}: {resumed['path']} does not fit this model (missing "
+                             f"{[k for k in missing if not k.startswith(FROZEN_TEXT)][:3]}, unexpected {unexpected[:3]})")
+        opt.load_state_dict(rest["optimizer"])
+        history = list(rest["history"])
+        torch.set_rng_state(rest["torch_rng"])
+        log.info("resumed %s at step %d of %d", resumed["path"], start_step, p.steps)
     task_step.train()
     model.text.eval()  # frozen, and without dropout
 
     from tqdm import tqdm
 
-    t0, history = time.perf_counter(), []
-    batches = _infinite(loader)
-    bar = tqdm(total=p.steps, desc=f"fine-tuning ({p.task})", disable=not fabric.is_global_zero)
-    for step in range(1, p.steps + 1):
+    t0 = time.perf_counter()
+    batches = _infinite(loader, -(-len(train_set) // max(1, p.batch_size * fabric.world_size)))
+    last_step = p.steps if not p.stop_after_steps else min(p.steps, start_step + p.stop_after_steps)
+    bar = tqdm(total=p.steps, initial=start_step, desc=f"fine-tuning ({p.task})", disable=not fabric.is_global_zero)
+    for step in range(start_step + 1, last_step + 1):
         step_module.encoder_frozen = step <= p.freeze_encoder_steps
         loss = task_step(next(batches))
         if not bool(torch.isfinite(loss.detach())):
@@ -281,11 +323,16 @@ def run(p: FinetuneParams) -> Path:
         bar.set_postfix(loss=f"{history[-1]:.4f}")
         if step % p.log_every == 0 or step == p.steps:
             fabric.print(f"step {step}/{p.steps} loss {np.mean(history[-p.log_every:]):.4f} "
-                         f"({(time.perf_counter() - t0) / step:.2f} s/step)", flush=True)
+                         f"({(time.perf_counter() - t0) / (step - start_step):.2f} s/step)", flush=True)
+        if step % p.checkpoint_every == 0 or step == last_step < p.steps:
+            save_checkpoint(fabric, out, step, p, step_module, opt, history)
     bar.close()
 
     fabric.barrier()
-    out = Path(p.out_dir)
+    if last_step < p.steps:
+        print(f"fine-tuning ({p.task}) stopped at step {last_step} of {p.steps}; continue with --resume last "
+              f"(checkpoint {checkpoint_path(out)})", flush=True)
+        return checkpoint_path(out)
     if not fabric.is_global_zero:
         return out / "bundle"
     write_loss_history(out, history, p.task)
@@ -324,6 +371,59 @@ def run(p: FinetuneParams) -> Path:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(f"fine-tuning ({p.task}) finished; bundle: {bundle.resolve()}", flush=True)
     return bundle
+
+
+RUN_DEFINING = ("task", "bundle", "preset", "input_size", "text_encoder", "data", "label_names", "multiclass",
+                "head_norm", "freeze_encoder", "freeze_encoder_steps", "steps", "batch_size", "lr", "lr_encoder",
+                "weight_decay", "report_min_count", "shots", "seed", "synthetic_shape", "seg_target")
+
+
+FROZEN_TEXT = "model.text."  # the frozen text encoder: the same weights in every checkpoint, so not stored
+
+
+def checkpoint_path(out: Path) -> Path:
+    return out / "checkpoints" / "last.ckpt"
+
+
+def save_checkpoint(fabric, out: Path, step: int, p: FinetuneParams, task_step: nn.Module, opt, history) -> None:
+    """OUT/checkpoints/last.ckpt: everything a resumed run needs to continue as if never stopped. Written to a
+    temporary name and renamed, so a run killed while saving keeps the checkpoint before."""
+    path = checkpoint_path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name("last.ckpt.partial")
+    weights = {k: v for k, v in task_step.state_dict().items() if not k.startswith(FROZEN_TEXT)}
+    fabric.save(partial, {"weights": weights, "optimizer": opt.state_dict(), "step": step,
+                          "history": list(history), "torch_rng": torch.get_rng_state(),
+                          "params": {k: getattr(p, k) for k in RUN_DEFINING}})
+    if fabric.is_global_zero:
+        partial.replace(path)
+    fabric.barrier()
+
+
+def read_checkpoint(p: FinetuneParams, out: Path) -> dict | None:
+    """The checkpoint --resume names, checked to be readable and to belong to a run with these options; None
+    for a new run, which is refused where OUT holds an earlier run's checkpoint (its work would be lost)."""
+    if not p.resume:
+        if checkpoint_path(out).is_file():
+            raise SystemExit(f"--out-dir {out} holds an earlier fine-tuning run ({checkpoint_path(out)}); continue it "
+                             "with --resume last, or choose another --out-dir")
+        return None
+    path = checkpoint_path(out) if p.resume == "last" else Path(p.resume)
+    if not path.is_file():
+        raise SystemExit(f"--resume {p.resume}: checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        step, recorded = int(state["step"]), dict(state["params"])
+    except Exception as err:  # noqa: BLE001 - any failure to read it is the same message to the user
+        raise SystemExit(f"--resume {p.resume}: checkpoint {path} is empty or corrupt ({type(err).__name__}: {err})") from None
+    differ = [k for k in RUN_DEFINING if k in recorded and recorded[k] != getattr(p, k)]
+    if differ:
+        raise SystemExit(f"--resume {p.resume}: the run in {path} was started with other options: " + ", ".join(
+            f"{option_name(k)} {recorded[k]!r} (now {getattr(p, k)!r})" for k in differ)
+            + "; resume with the options it was started with, or start a new run in another --out-dir")
+    if step >= p.steps:
+        raise SystemExit(f"--resume {p.resume}: the run in {path} already reached step {step} of --steps {p.steps}")
+    return {"path": path, "step": step}
 
 
 def write_loss_history(out: Path, history: list[float], task: str) -> None:
