@@ -1,5 +1,5 @@
-"""A segmentation of a DICOM series as a DICOM SEG that references the source series, so that 3D Slicer,
-OHIF and PACS open it beside the CT. Needs highdicom (``pip install highdicom``; in ``napari-mg3d[all]``)."""
+"""A segmentation of a DICOM series as a DICOM SEG, and a heat map as a DICOM Parametric Map, each referencing
+the source series, so that 3D Slicer, OHIF and PACS open them beside the CT. Needs highdicom (``pip install highdicom``; in ``napari-mg3d[all]``)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ class DicomSegError(RuntimeError):
     """A DICOM SEG cannot be written for this result; the message says why."""
 
 
-def _source_datasets(volume: Volume) -> tuple[list, list[str]]:
+def source_datasets(volume: Volume) -> tuple[list, list[str]]:
     """The series' headers in the volume's slice order, and what had to be made up (anonymised series). Made-up
     UIDs derive from the file paths, so every export of the same files references the same UIDs."""
     import pydicom
@@ -80,7 +80,7 @@ def write_dicom_seg(labels: np.ndarray, class_names: list[str], volume: Volume, 
 
     if labels.shape != volume.shape:
         raise DicomSegError(f"labels {labels.shape} do not lie on the series' grid {volume.shape}")
-    datasets, made_up = _source_datasets(volume)
+    datasets, made_up = source_datasets(volume)
     present = [int(c) for c in np.unique(labels) if c > 0]
     if not present:
         raise DicomSegError("the segmentation is empty: no segment to write")
@@ -98,4 +98,39 @@ def write_dicom_seg(labels: np.ndarray, class_names: list[str], volume: Volume, 
     path = Path(path)
     seg.save_as(str(path))
     notes = [f"the source series had no {', '.join(made_up)}: generated UIDs were used in the DICOM SEG"] if made_up else []
+    return path, notes
+
+
+def write_dicom_parametric_map(heatmap: np.ndarray, sentence: str, volume: Volume, path: str | Path,
+                               bundle_name: str = "bundle", source: tuple[list, list[str]] | None = None
+                               ) -> tuple[Path, list[str]]:
+    """Write one sentence's heat map (float in [0, 1] on the volume's grid, a0 = the series' slice order) as a
+    DICOM Parametric Map that references the source series, its value labelled with the sentence (unitless,
+    0 = not looked at, 1 = the strongest response). ``source``: :func:`source_datasets` of the volume, read
+    once for several maps. Returns (path, notes), as :func:`write_dicom_seg`."""
+    try:
+        import highdicom as hd
+        from pydicom.sr.codedict import codes
+    except ImportError as err:
+        raise DicomSegError("writing a DICOM Parametric Map needs highdicom: pip install highdicom") from err
+    from . import __version__
+
+    if heatmap.shape != volume.shape:
+        raise DicomSegError(f"heat map {heatmap.shape} does not lie on the series' grid {volume.shape}")
+    datasets, made_up = source if source is not None else source_datasets(volume)
+    mapping = hd.pm.RealWorldValueMapping(
+        lut_label="MG3D_HEAT", lut_explanation=f"MG-3D attention to: {sentence}"[:64],
+        unit=codes.UCUM.NoUnits, value_range=(0.0, 1.0), slope=1.0, intercept=0.0)
+    pm = hd.pm.ParametricMap(
+        source_images=datasets, pixel_array=np.clip(heatmap, 0.0, 1.0).astype(np.float32),
+        series_instance_uid=hd.UID(), series_number=901, sop_instance_uid=hd.UID(), instance_number=1,
+        manufacturer="napari-mg3d", manufacturer_model_name=f"MG-3D {bundle_name}"[:64], software_versions=__version__,
+        device_serial_number="none", contains_recognizable_visual_features=False, real_world_value_mappings=[mapping],
+        voi_lut_transformations=[hd.VOILUTTransformation(window_center=0.5, window_width=1.0)],
+        content_label="MG3DHEATMAP",
+        content_description=f"MG-3D heat map: {sentence}"[:64], series_description="MG-3D heat map")
+    path = Path(path)
+    pm.save_as(str(path))
+    notes = [f"the source series had no {', '.join(made_up)}: generated UIDs were used in the DICOM Parametric Map"] \
+        if made_up else []
     return path, notes

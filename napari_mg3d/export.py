@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 OWN_FILES = ("result.json", "scores.csv", "scores.json", "report.txt", "heatmaps.json", "segmentation.nii.gz",
              "segmentation.dcm",
-             "segmentation_classes.json", "timings.json", "heatmap_*.nii.gz")
+             "segmentation_classes.json", "timings.json", "heatmap_*.nii.gz", "heatmap_*.dcm")
 
 
 class ExportError(OSError):
@@ -72,6 +72,26 @@ def _dicom_seg(result: Result, volume: Volume, folder: Path, written: list[Path]
     return {"segmentation_dicom_seg": path.name}
 
 
+def _dicom_heatmaps(result: Result, volume: Volume, folder: Path, written: list[Path]) -> dict[str, str]:
+    """Each sentence's heat map as a DICOM Parametric Map (heatmap_NN.dcm) referencing the source series."""
+    from .dicom_seg import DicomSegError, source_datasets, write_dicom_parametric_map
+
+    files: dict[str, str] = {}
+    notes: set[str] = set()
+    try:
+        source = source_datasets(volume)
+        for i, sentence in enumerate(result.sentences):
+            path, said = write_dicom_parametric_map(result.heatmap(i), sentence, volume, folder / f"heatmap_{i:02d}.dcm",
+                                                    result.bundle_name, source)
+            written.append(path)
+            files[f"heatmap_{i:02d}_dicom"] = path.name
+            notes.update(said)
+    except DicomSegError as err:
+        result.messages.append(f"no DICOM Parametric Map written: {err}")
+    result.messages.extend(sorted(notes))
+    return files
+
+
 def _spans(sentences: list[str], report: str) -> list[list[int] | None]:
     """Each sentence's [start, end) character span in ``report`` (searched in order), None where it is not
     there (a typed sentence, or the report was edited)."""
@@ -102,7 +122,8 @@ def result_record(result: Result, volume: Volume, files: dict[str, str], report_
         "messages": list(result.messages),
         "scores": {"source": result.score_source, "heading": result.score_heading, "values": dict(result.scores)},
         "report": report_text,
-        "sentences": [{"text": s, "span": span, "heatmap": files.get(f"heatmap_{i:02d}")}
+        "sentences": [{"text": s, "span": span, "heatmap": files.get(f"heatmap_{i:02d}"),
+                       "heatmap_dicom": files.get(f"heatmap_{i:02d}_dicom")}
                       for i, (s, span) in enumerate(zip(result.sentences, _spans(result.sentences, report_text)))],
         "options": dict(result.options),
         "segmentation": {"file": files.get("segmentation"), "dicom_seg": files.get("segmentation_dicom_seg"),
@@ -135,6 +156,8 @@ def write_result(result: Result, volume: Volume, folder: str | Path, report_text
     for i in range(len(result.sentences)):
         written.append(write_nifti(folder / f"heatmap_{i:02d}.nii.gz", result.heatmap(i), volume, label=False))
         files[f"heatmap_{i:02d}"] = f"heatmap_{i:02d}.nii.gz"
+    if result.sentences and volume.metadata.get("format") == "dicom":  # and as Parametric Maps, for PACS
+        files.update(_dicom_heatmaps(result, volume, folder, written))
     if result.sentences:
         text_file("heatmaps.json", json.dumps({f"heatmap_{i:02d}.nii.gz": s for i, s in enumerate(result.sentences)},
                                               indent=1))

@@ -340,9 +340,12 @@ def test_predict_on_a_dicom_series_writes_a_dicom_seg_and_the_series_in_result_j
     from napari_mg3d.predict import main
 
     out = main([str(shared_data / "ct" / "example_ct_dicom"), "--out", str(tmp_path / "o"), "--bundle", str(gui_bundle),
-                "--device", "cpu", "--outputs", "segmentation", "scores"])
+                "--device", "cpu", "--outputs", "segmentation", "scores", "heatmaps", "--sentence", "Nodule in the right lung."])
     record = json.loads((out / "result.json").read_text())
     assert record["segmentation"]["dicom_seg"] == "segmentation.dcm" and (out / "segmentation.dcm").is_file()
+    assert record["sentences"] and all(  # each heat map as NIfTI and as a DICOM Parametric Map
+        s["heatmap_dicom"] == s["heatmap"].replace(".nii.gz", ".dcm") and (out / s["heatmap_dicom"]).is_file()
+        for s in record["sentences"])
     assert record["source"]["format"] == "dicom" and record["source"]["intensity_units"] == "HU"
     assert any("generated UIDs" in m for m in record["messages"])  # the shared series is anonymised
     assert any(w.startswith("warning:") for w in record["domain_warnings"])  # 40 mm of abdomen, not a chest
@@ -360,7 +363,8 @@ def test_result_json_is_the_one_record_of_a_run(gui_bundle, sample, tmp_path):
     assert set(record) >= {"package_version", "bundle", "source", "domain_warnings", "overrides", "messages", "scores",
                            "report", "sentences", "segmentation", "timings_s", "options"}
     assert record["package_version"] == __version__ and record["bundle"]["model_card"]["trained_on"]["modality"] == "CT"
-    assert record["sentences"][0] == {"text": "Nodule in the right upper lobe.", "span": [0, 31], "heatmap": "heatmap_00.nii.gz"}
+    assert record["sentences"][0] == {"text": "Nodule in the right upper lobe.", "span": [0, 31],
+                                      "heatmap": "heatmap_00.nii.gz", "heatmap_dicom": None}  # NIfTI in: no DICOM
     assert record["sentences"][1]["span"] is None  # not in the report
     assert record["options"]["outputs"] == ["segmentation", "scores", "heatmaps"] and record["options"]["device"] == "cpu"
     assert record["scores"]["source"] == "classifier" and set(record["scores"]["values"]) == set(LABELS)

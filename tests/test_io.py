@@ -420,6 +420,31 @@ def test_dicom_in_gives_a_dicom_seg_that_references_the_source_series(tmp_path, 
         np.testing.assert_array_equal(frames[..., 0].astype(bool), labels == value)
 
 
+def test_a_heat_map_of_a_dicom_series_is_a_parametric_map_frame_by_source_slice(tmp_path, shared_data):
+    pytest.importorskip("highdicom")
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    from napari_mg3d.dicom_seg import write_dicom_parametric_map
+
+    series = read_volume(shared_data / "ct" / "example_ct_dicom")
+    heat = np.zeros(series.shape, np.float32)
+    heat[3:7, 200:260, 150:330] = np.linspace(0.1, 1.0, 180, dtype=np.float32)
+    heat[15, 10:20, 10:20] = 1.7  # out of range: clipped to 1
+    path, notes = write_dicom_parametric_map(heat, "Nodule in the right upper lobe.", series, tmp_path / "h.dcm", "demo")
+    assert notes and "generated UIDs" in notes[0]
+    ds = pydicom.dcmread(path)
+    assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.30"  # Parametric Map Storage
+    mapping = ds.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
+    assert mapping.LUTExplanation == "MG-3D attention to: Nodule in the right upper lobe."
+    assert (mapping.DoubleFloatRealWorldValueFirstValueMapped, mapping.DoubleFloatRealWorldValueLastValueMapped) == (0.0, 1.0)
+    source_uids = [generate_uid(entropy_srcs=[s["file"]]) for s in series.metadata["slices"]]
+    order = [source_uids.index(f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
+             for f in ds.PerFrameFunctionalGroupsSequence]
+    assert sorted(order) == list(range(20))  # one frame per source slice, each naming its slice
+    np.testing.assert_allclose(ds.pixel_array, np.clip(heat, 0, 1)[order], atol=1e-7)
+
+
 def test_a_series_with_its_uids_is_referenced_as_it_is(tmp_path):
     pytest.importorskip("highdicom")
     import highdicom as hd
