@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 pytest.importorskip("lightning")
@@ -206,3 +207,15 @@ def test_learning_curve_stops_at_each_step_count_and_an_interrupted_curve_contin
                                            tier="visible")
     assert runs == [] and [p[0] for p in probed] == ["4", "bundle"]  # the bundles exist: only the probes rerun
     assert again[2] == curve[2]
+
+
+def test_supervised_curve_records_auc_loss_and_seconds_at_each_evaluation():
+    from experiments.supervised_curve import build_arm, curve
+
+    r = curve("cnn", steps=3, batch=2, lr=1e-3, eval_every=2, n_train=6, n_test=6, tier="visible", cache_dir=None)
+    assert [p["step"] for p in r["curve"]] == [2, 3] and [p["samples"] for p in r["curve"]] == [4, 6]
+    assert r["curve"][0]["train_seconds"] <= r["curve"][1]["train_seconds"] and r["seconds_per_step"] > 0
+    assert all(0.0 <= p["mean_auc"] <= 1.0 and np.isfinite(p["train_loss"]) for p in r["curve"])
+    assert build_arm("swin:tiny:24", 18).model.config.feature_size == 24
+    with pytest.raises(SystemExit, match="choose cnn, swin:PRESET"):
+        build_arm("resnet", 18)

@@ -1,0 +1,161 @@
+"""What learns the labels most per CPU second? Supervised learning curves of candidate encoders.
+
+    python -m experiments.supervised_curve --arm swin:tiny --steps 1500 --batch-size 8 --eval-every 250
+    python -m experiments.supervised_curve --arm swin:tiny:24 ...     # a wider tiny (feature_size 24)
+    python -m experiments.supervised_curve --arm cnn ...              # a plain 3D CNN, the reference learner
+
+Each arm is trained end to end on the 18 labels of the cached synthetic volumes (seeds 0.., the model input of
+the tiny preset, 64³), with AdamW at one learning rate, bf16 autocast and the classifier read-out the product
+uses (mean of the volume tokens, per-dimension batch standardisation, a linear layer started at the label
+prior). Every ``--eval-every`` steps it records the held-out mean AUC (seeds 900000..), a few findings, the
+training loss and the seconds spent, so arms compare at equal CPU time. The volumes are read into memory once,
+so the seconds are the encoder's, not the generator's. The CNN (four stages of two 3x3x3 convolutions,
+instance norm, GELU, widths 16-128) is not a product option; it shows what a fast learner reaches with the
+same samples, which separates "the tier is too hard" from "this encoder learns slowly".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from napari_mg3d.labels import LABELS
+from napari_mg3d.model.config import preset_config
+from napari_mg3d.preprocess import preprocess_config_of
+from training import metrics
+from training.data import SyntheticDataset
+
+from .synthetic_proof import HELD_OUT_SEED
+
+SHOWN = ("Emphysema", "Mosaic attenuation pattern", "Lung nodule", "Consolidation", "Lung opacity")
+
+
+class SmallCNN(nn.Module):
+    """Reference learner: four stride-2 stages of two 3x3x3 convolutions; mean-pooled, standardised, linear."""
+
+    def __init__(self, n_labels: int, width: int = 16) -> None:
+        super().__init__()
+        layers, cin = [], 1
+        for k in range(4):
+            c = width * 2 ** k
+            layers += [nn.Conv3d(cin, c, 3, stride=2, padding=1), nn.InstanceNorm3d(c, affine=True), nn.GELU(),
+                       nn.Conv3d(c, c, 3, padding=1), nn.GELU()]
+            cin = c
+        self.features = nn.Sequential(*layers)
+        self.bn = nn.BatchNorm1d(cin)
+        self.fc = nn.Linear(cin, n_labels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.bn(self.features(x).mean((2, 3, 4))))
+
+
+class SwinClassifier(nn.Module):
+    """The product's encoder (MG3DModel.encode_volume) and the finetune --head-norm batch read-out."""
+
+    def __init__(self, n_labels: int, preset: str = "tiny", feature_size: int | None = None) -> None:
+        super().__init__()
+        from napari_mg3d.model import MG3DModel
+
+        overrides = {"feature_size": feature_size} if feature_size else {}
+        self.model = MG3DModel(preset_config(preset, **overrides))
+        d = self.model.config.fusion_dim
+        self.bn = nn.BatchNorm1d(d)
+        self.fc = nn.Linear(d, n_labels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.bn(self.model.encode_volume(x).global_feature.float()))
+
+
+def build_arm(arm: str, n_labels: int) -> nn.Module:
+    """``cnn``, ``swin:PRESET`` or ``swin:PRESET:FEATURE_SIZE``."""
+    if arm == "cnn":
+        return SmallCNN(n_labels)
+    kind, _, rest = arm.partition(":")
+    if kind != "swin" or not rest:
+        raise SystemExit(f"--arm {arm!r}: choose cnn, swin:PRESET or swin:PRESET:FEATURE_SIZE")
+    preset, _, width = rest.partition(":")
+    return SwinClassifier(n_labels, preset, int(width) if width else None)
+
+
+def load_volumes(n: int, seed: int, tier: str, cache_dir: str | None, shape=(80, 112, 144)):
+    """(volumes (n, 1, 64, 64, 64) float16, labels (n, 18)) of the tiny preset's input."""
+    config = preprocess_config_of(None, preset_config("tiny"))
+    data = SyntheticDataset(n, config, seed=seed, shape=tuple(shape), with_mask=False, tier=tier, cache_dir=cache_dir)
+    items = [data[i] for i in range(n)]
+    return torch.stack([it["volume"] for it in items]).half(), torch.stack([it["labels"] for it in items])
+
+
+@torch.no_grad()
+def held_out_auc(net: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 20) -> dict:
+    net.eval()
+    with torch.autocast("cpu", torch.bfloat16):
+        scores = torch.cat([net(x[i:i + batch].float()).float() for i in range(0, len(x), batch)]).numpy()
+    net.train()
+    per = metrics.auc_per_label(y.numpy(), scores, LABELS)
+    return {"mean_auc": float(np.mean(list(per.values()))), "auc_per_finding": per}
+
+
+def curve(arm: str, steps: int, batch: int, lr: float, eval_every: int, n_train: int, n_test: int, tier: str,
+          cache_dir: str | None, seed: int = 0) -> dict:
+    torch.manual_seed(seed)
+    x_train, y_train = load_volumes(n_train, 0, tier, cache_dir)
+    x_test, y_test = load_volumes(n_test, HELD_OUT_SEED, tier, cache_dir)
+    net = build_arm(arm, len(LABELS))
+    prior = y_train.mean(0).clamp(0.01, 0.99)
+    with torch.no_grad():
+        net.fc.bias.copy_(torch.log(prior / (1 - prior)))
+    params = [p for n, p in net.named_parameters() if not n.startswith("model.text.")]  # the frozen text encoder
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    order = torch.Generator().manual_seed(seed)
+    points, losses, spent = [], [], 0.0
+    net.train()
+    for step in range(1, steps + 1):
+        t0 = time.perf_counter()
+        idx = torch.randint(0, n_train, (batch,), generator=order)
+        with torch.autocast("cpu", torch.bfloat16):
+            loss = F.binary_cross_entropy_with_logits(net(x_train[idx].float()).float(), y_train[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        spent += time.perf_counter() - t0
+        losses.append(float(loss))
+        if step % eval_every == 0 or step == steps:
+            r = held_out_auc(net, x_test, y_test)
+            points.append({"step": step, "samples": step * batch, "train_seconds": round(spent, 1),
+                           "train_loss": float(np.mean(losses[-eval_every:])), **r})
+            print(f"{arm} step {step} ({spent:.0f} s) loss {points[-1]['train_loss']:.4f} held-out mean AUC "
+                  f"{r['mean_auc']:.3f}; " + ", ".join(f"{k} {r['auc_per_finding'].get(k, float('nan')):.2f}" for k in SHOWN), flush=True)
+    return {"arm": arm, "tier": tier, "batch_size": batch, "lr": lr, "n_train": n_train, "n_test": n_test,
+            "seconds_per_step": spent / steps, "curve": points}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m experiments.supervised_curve", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arm", default="swin:tiny", help="cnn | swin:PRESET | swin:PRESET:FEATURE_SIZE")
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--eval-every", type=int, default=250)
+    ap.add_argument("--train", type=int, default=2000, help="training volumes (seeds 0..), drawn with replacement")
+    ap.add_argument("--held-out", type=int, default=200)
+    ap.add_argument("--tier", default="visible", choices=("hard", "visible"))
+    ap.add_argument("--cache-dir", default="runs/cache")
+    ap.add_argument("--out", default="")
+    a = ap.parse_args(argv)
+    r = curve(a.arm, a.steps, a.batch_size, a.lr, a.eval_every, a.train, a.held_out, a.tier, a.cache_dir or None)
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(r, indent=1))
+    return r
+
+
+if __name__ == "__main__":
+    main()
