@@ -38,7 +38,7 @@ from napari_mg3d.model.heads import alignment_prompt_logits, alignment_zero_shot
 from napari_mg3d.model.scoring import available_score_sources, finding_scores
 from napari_mg3d.model.text import tokenize_reports
 from napari_mg3d.preprocess import labels_to_model, preprocess, preprocess_config_of
-from napari_mg3d.synthetic import generate_sample
+from napari_mg3d.synthetic import generate_sample, real_report_sample
 from napari_mg3d.volume import Volume
 from training import finetune, metrics, pretrain
 from training.params import PretrainParams
@@ -48,8 +48,18 @@ VALIDATION_SEED = 800_000  # for choices such as the zero-shot scoring rule; dis
 
 
 @torch.no_grad()
-def probe(bundle: str | Path, n: int, shape, seed: int = HELD_OUT_SEED, tier: str = "hard") -> dict:
-    """(a), (b) and (d) on ``n`` held-out samples of ``tier``."""
+def probe(bundle: str | Path, n: int, shape, seed: int = HELD_OUT_SEED, tier: str = "hard",
+          real_reports: str | Path | None = None) -> dict:
+    """(a), (b) and (d) on ``n`` held-out samples of ``tier``. With ``real_reports`` (a CT-RATE reports CSV),
+    sample i renders row i: the report's own text and exactly its labelled findings (real-report mode), text
+    that pre-training on the template reports never saw."""
+    if real_reports is not None:
+        import csv
+
+        with open(real_reports, newline="", encoding="utf-8") as fh:
+            rows = sum(1 for _ in csv.DictReader(fh))
+        if rows < n:
+            raise SystemExit(f"--real-reports {real_reports} holds {rows} reports; ask for at most that many")
     b = load_bundle(bundle)
     model = b.model.eval()
     cfg = model.config
@@ -62,7 +72,8 @@ def probe(bundle: str | Path, n: int, shape, seed: int = HELD_OUT_SEED, tier: st
     scores: dict[str, list] = {"zero_shot_mlm": [], "zero_shot_sva": [], "zero_shot_sva_centred": []}
     labels, gv, gt, tokens, sentences, owners, hits, chance = ([] for _ in range(8))
     for i in range(n):
-        s = generate_sample(seed + i, shape=tuple(shape), tier=tier)
+        s = (generate_sample(seed + i, shape=tuple(shape), tier=tier) if real_reports is None else
+             real_report_sample(seed + i, real_reports, index=i, shape=tuple(shape), tier=tier))
         x, rec = preprocess(Volume(s.volume, s.affine), pre_cfg)
         enc = model.encode_volume(x[None])
         text = tokenize_reports(model.text.tokenizer, [s.sentences], cfg.max_words, cfg.max_sentences,
@@ -96,6 +107,8 @@ def probe(bundle: str | Path, n: int, shape, seed: int = HELD_OUT_SEED, tier: st
             chance.append(float(cells.float().mean()))
     Y = np.array(labels)
     out: dict = {"n": n, "objectives": list(cfg.objectives)}
+    if real_reports is not None:
+        out["real_reports"] = str(real_reports)
     for key, rows in scores.items():
         if rows:
             P = np.stack(rows)
@@ -368,6 +381,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--scoring-rules", action="store_true",
                     help="with --pretrained: only compare zero-shot scoring rules on --held-out validation volumes "
                          "(seeds from 800000) and write OUT/zero_shot_scoring_validation.json")
+    ap.add_argument("--real-reports", default="",
+                    help="also probe the most trained run on phantoms rendered from these real reports (a CT-RATE "
+                         "CSV, e.g. ../shared/data/reports/ct_rate_reports_train.csv; rows 0..--held-out)")
     ap.add_argument("--skip-ablation", action="store_true")
     ap.add_argument("--skip-segmentation", action="store_true")
     a = ap.parse_args(argv)
@@ -419,6 +435,10 @@ def main(argv: list[str] | None = None) -> dict:
         known = curve.get(steps) if not a.pretrained and curve and name.startswith("full") else None
         results["runs"][name] = known or {"steps": steps, **probe(bundle, a.held_out, a.shape, tier=a.tier)}
         print(name, json.dumps(results["runs"][name]), flush=True)
+    if a.real_reports:
+        most_trained = max(runs.values(), key=lambda run: run[1] or 0)[0]
+        results["real_reports"] = probe(most_trained, a.held_out, a.shape, tier=a.tier, real_reports=a.real_reports)
+        print("real reports", json.dumps(results["real_reports"]), flush=True)
     if not a.skip_segmentation:
         main_bundle = max(runs.values(), key=lambda run: run[1] or 0)[0]  # the most trained
         main_config = load_bundle(main_bundle).config

@@ -219,3 +219,27 @@ def test_supervised_curve_records_auc_loss_and_seconds_at_each_evaluation():
     assert build_arm("swin:tiny:24", 18).model.config.feature_size == 24
     with pytest.raises(SystemExit, match="choose cnn, swin:PRESET"):
         build_arm("resnet", 18)
+
+
+def test_probe_in_real_report_mode_renders_row_i_of_the_reports(tmp_path, gui_bundle, monkeypatch):
+    import csv
+
+    from napari_mg3d.labels import LABELS
+
+    path = tmp_path / "reports.csv"
+    texts = ["Pleural effusion on the right. No nodule.", "Cardiomegaly. Lungs are clear.", "Normal study."]
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, ["AccessionNo", "report_text", *LABELS])
+        w.writeheader()
+        for k, (text, finding) in enumerate(zip(texts, ["Pleural effusion", "Cardiomegaly", None])):
+            w.writerow({"AccessionNo": k, "report_text": text, **{lab: int(lab == finding) for lab in LABELS}})
+    seen = []
+    real = synthetic_proof.real_report_sample
+    monkeypatch.setattr(synthetic_proof, "real_report_sample",
+                        lambda *a, **kw: seen.append(s := real(*a, **kw)) or s)
+    out = synthetic_proof.probe(gui_bundle, 3, (40, 48, 56), tier="visible", real_reports=path)
+    assert out["real_reports"] == str(path) and out["n"] == 3
+    assert [s.report for s in seen] == texts
+    assert [s.labels["Pleural effusion"] for s in seen] == [1, 0, 0] and seen[1].labels["Cardiomegaly"] == 1
+    with pytest.raises(SystemExit, match="holds 3 reports"):
+        synthetic_proof.probe(gui_bundle, 4, (40, 48, 56), real_reports=path)
