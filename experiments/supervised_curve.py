@@ -40,9 +40,9 @@ SHOWN = ("Emphysema", "Mosaic attenuation pattern", "Lung nodule", "Consolidatio
 class SmallCNN(nn.Module):
     """Reference learner: four stride-2 stages of two 3x3x3 convolutions; mean-pooled, standardised, linear."""
 
-    def __init__(self, n_labels: int, width: int = 16) -> None:
+    def __init__(self, n_labels: int, width: int = 16, in_channels: int = 1) -> None:
         super().__init__()
-        layers, cin = [], 1
+        layers, cin = [], in_channels
         for k in range(4):
             c = width * 2 ** k
             layers += [nn.Conv3d(cin, c, 3, stride=2, padding=1), nn.InstanceNorm3d(c, affine=True), nn.GELU(),
@@ -73,10 +73,29 @@ class SwinClassifier(nn.Module):
         return self.fc(self.bn(self.model.encode_volume(x).global_feature.float()))
 
 
+LUNG_WINDOW_HU = (-1000.0, -200.0)
+
+
+class LungWindow(nn.Module):
+    """Adds a lung-window channel: the [0, 1] input (-1000..1000 HU) re-windowed to -1000..-200 HU."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net, self.fc = net, net.fc
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lo, hi = LUNG_WINDOW_HU
+        lung = ((x * 2000.0 - 1000.0 - lo) / (hi - lo)).clamp(0, 1)
+        return self.net(torch.cat([x, lung], dim=1))
+
+
 def build_arm(arm: str, n_labels: int) -> nn.Module:
-    """``cnn``, ``swin:PRESET`` or ``swin:PRESET:FEATURE_SIZE``."""
+    """``cnn``, ``cnn+lung`` (a lung-window channel beside the input), ``swin:PRESET`` or
+    ``swin:PRESET:FEATURE_SIZE``."""
     if arm == "cnn":
         return SmallCNN(n_labels)
+    if arm == "cnn+lung":
+        return LungWindow(SmallCNN(n_labels, in_channels=2))
     kind, _, rest = arm.partition(":")
     if kind != "swin" or not rest:
         raise SystemExit(f"--arm {arm!r}: choose cnn, swin:PRESET or swin:PRESET:FEATURE_SIZE")
@@ -139,7 +158,7 @@ def curve(arm: str, steps: int, batch: int, lr: float, eval_every: int, n_train:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m experiments.supervised_curve", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--arm", default="swin:tiny", help="cnn | swin:PRESET | swin:PRESET:FEATURE_SIZE")
+    ap.add_argument("--arm", default="swin:tiny", help="cnn | cnn+lung | swin:PRESET | swin:PRESET:FEATURE_SIZE")
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-3)
