@@ -72,24 +72,35 @@ def _dicom_seg(result: Result, volume: Volume, folder: Path, written: list[Path]
     return {"segmentation_dicom_seg": path.name}
 
 
-def _dicom_heatmaps(result: Result, volume: Volume, folder: Path, written: list[Path]) -> dict[str, str]:
-    """Each sentence's heat map as a DICOM Parametric Map (heatmap_NN.dcm) referencing the source series."""
-    from .dicom_seg import DicomSegError, source_datasets, write_dicom_parametric_map
+class _DicomHeatmaps:
+    """Heat maps as DICOM Parametric Maps (heatmap_NN.dcm) referencing the source series, its headers read
+    once; after the first failure it writes no more and says why once."""
 
-    files: dict[str, str] = {}
-    notes: set[str] = set()
-    try:
-        source = source_datasets(volume)
-        for i, sentence in enumerate(result.sentences):
-            path, said = write_dicom_parametric_map(result.heatmap(i), sentence, volume, folder / f"heatmap_{i:02d}.dcm",
-                                                    result.bundle_name, source)
-            written.append(path)
-            files[f"heatmap_{i:02d}_dicom"] = path.name
-            notes.update(said)
-    except DicomSegError as err:
-        result.messages.append(f"no DICOM Parametric Map written: {err}")
-    result.messages.extend(sorted(notes))
-    return files
+    def __init__(self, result: Result, volume: Volume, folder: Path) -> None:
+        self.result, self.volume, self.folder = result, volume, folder
+        self.source: tuple | None = None
+        self.failed = False
+        self.notes: set[str] = set()
+
+    def write(self, index: int, heatmap: np.ndarray) -> Path | None:
+        from .dicom_seg import DicomSegError, source_datasets, write_dicom_parametric_map
+
+        if self.failed:
+            return None
+        try:
+            self.source = self.source or source_datasets(self.volume)
+            path, said = write_dicom_parametric_map(heatmap, self.result.sentences[index], self.volume,
+                                                    self.folder / f"heatmap_{index:02d}.dcm", self.result.bundle_name,
+                                                    self.source)
+        except DicomSegError as err:
+            self.failed = True
+            self.result.messages.append(f"no DICOM Parametric Map written: {err}")
+            return None
+        self.notes.update(said)
+        return path
+
+    def finish(self) -> None:
+        self.result.messages.extend(sorted(self.notes))
 
 
 def _spans(sentences: list[str], report: str) -> list[list[int] | None]:
@@ -153,11 +164,16 @@ def write_result(result: Result, volume: Volume, folder: str | Path, report_text
         text_file("segmentation_classes.json", json.dumps(dict(enumerate(result.class_names)), indent=1))
         if volume.metadata.get("format") == "dicom":  # DICOM in: a DICOM SEG out, beside the NIfTI
             files.update(_dicom_seg(result, volume, folder, written))
+    dicom_maps = _DicomHeatmaps(result, volume, folder) if volume.metadata.get("format") == "dicom" else None
     for i in range(len(result.sentences)):
-        written.append(write_nifti(folder / f"heatmap_{i:02d}.nii.gz", result.heatmap(i), volume, label=False))
+        heat = result.heatmap(i)  # resampled to the source grid once, for both files
+        written.append(write_nifti(folder / f"heatmap_{i:02d}.nii.gz", heat, volume, label=False))
         files[f"heatmap_{i:02d}"] = f"heatmap_{i:02d}.nii.gz"
-    if result.sentences and volume.metadata.get("format") == "dicom":  # and as Parametric Maps, for PACS
-        files.update(_dicom_heatmaps(result, volume, folder, written))
+        if dicom_maps is not None and (path := dicom_maps.write(i, heat)) is not None:  # for PACS
+            written.append(path)
+            files[f"heatmap_{i:02d}_dicom"] = path.name
+    if dicom_maps is not None:
+        dicom_maps.finish()
     if result.sentences:
         text_file("heatmaps.json", json.dumps({f"heatmap_{i:02d}.nii.gz": s for i, s in enumerate(result.sentences)},
                                               indent=1))

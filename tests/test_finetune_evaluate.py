@@ -265,6 +265,12 @@ def test_a_stopped_and_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path
     assert torch.allclose(head_a.linear.weight, head_b.linear.weight, atol=1e-6)
     history = [(tmp_path / d / "classify" / "loss_history.csv").read_text() for d in ("whole", "parts")]
     assert history[0] == history[1] and history[0].count("\n") == 5  # header and 4 steps
+    assert not first.exists()  # a finished run lives on as its bundle; the folder takes a new run again
+    broken = tmp_path / "broken" / "classify" / "checkpoints"
+    broken.mkdir(parents=True)
+    (broken / "last.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="checkpoint .*last.ckpt is empty or corrupt"):
+        _ft(tmp_path / "broken", gui_bundle, "classify", resume="last", **common)
 
 
 def test_epoch_sampler_resumes_mid_epoch_and_shares_epochs_between_ranks():

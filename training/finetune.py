@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -291,7 +292,7 @@ def run(p: FinetuneParams) -> Path:
     loader = fabric.setup_dataloaders(loader, use_distributed_sampler=False)  # EpochSampler shares by rank
     history: list[float] = []
     if resumed:
-        rest = torch.load(resumed["path"], map_location="cpu", weights_only=False)
+        rest = resumed["state"]
         missing, unexpected = step_module.load_state_dict(rest["weights"], strict=False)
         if unexpected or any(not k.startswith(FROZEN_TEXT) for k in missing):
             raise SystemExit(f"--resume {p.resume}: {resumed['path']} does not fit this model (missing "
@@ -369,6 +370,7 @@ def run(p: FinetuneParams) -> Path:
         new_meta["classes"] = spec["classes"]
     bundle = save_bundle(out / "bundle", model.cpu(), heads={k: v.cpu() for k, v in heads.items()}, meta=new_meta)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    shutil.rmtree(checkpoint_path(out).parent, ignore_errors=True)  # the finished run lives on as its bundle
     print(f"fine-tuning ({p.task}) finished; bundle: {bundle.resolve()}", flush=True)
     return bundle
 
@@ -421,9 +423,7 @@ def read_checkpoint(p: FinetuneParams, out: Path) -> dict | None:
         raise SystemExit(f"--resume {p.resume}: the run in {path} was started with other options: " + ", ".join(
             f"{option_name(k)} {recorded[k]!r} (now {getattr(p, k)!r})" for k in differ)
             + "; resume with the options it was started with, or start a new run in another --out-dir")
-    if step >= p.steps:
-        raise SystemExit(f"--resume {p.resume}: the run in {path} already reached step {step} of --steps {p.steps}")
-    return {"path": path, "step": step}
+    return {"path": path, "step": step, "state": state}
 
 
 def write_loss_history(out: Path, history: list[float], task: str) -> None:
