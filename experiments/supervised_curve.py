@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -57,20 +58,33 @@ class SmallCNN(nn.Module):
 
 
 class SwinClassifier(nn.Module):
-    """The product's encoder (MG3DModel.encode_volume) and the finetune --head-norm batch read-out."""
+    """The product's encoder (MG3DModel.encode_volume) and a read-out of its volume tokens: ``mean`` (the
+    finetune --head-norm batch read-out: mean of the tokens, standardised, linear) or ``lse`` (each token
+    standardised and scored by one linear layer, the token scores pooled per finding by a log-sum-exp of
+    sharpness ``r``: between the mean (r -> 0) and the max (r -> inf), so a lesion in one token of 64 counts)."""
 
-    def __init__(self, n_labels: int, preset: str = "tiny", feature_size: int | None = None) -> None:
+    def __init__(self, n_labels: int, preset: str = "tiny", feature_size: int | None = None,
+                 readout: str = "mean", r: float = 4.0) -> None:
         super().__init__()
         from napari_mg3d.model import MG3DModel
 
+        if readout not in ("mean", "lse"):
+            raise SystemExit(f"read-out {readout!r}: choose mean or lse")
         overrides = {"feature_size": feature_size} if feature_size else {}
         self.model = MG3DModel(preset_config(preset, **overrides))
         d = self.model.config.fusion_dim
+        self.readout, self.r = readout, r
         self.bn = nn.BatchNorm1d(d)
         self.fc = nn.Linear(d, n_labels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.bn(self.model.encode_volume(x).global_feature.float()))
+        tokens = self.model.encode_volume(x).tokens.float()  # (B, N, d)
+        with torch.autocast(x.device.type, enabled=False):  # the read-out in float32
+            if self.readout == "mean":
+                return self.fc(self.bn(tokens.mean(1)))
+            b, n, d = tokens.shape
+            scores = self.fc(self.bn(tokens.reshape(b * n, d))).reshape(b, n, -1)
+            return (torch.logsumexp(self.r * scores, dim=1) - math.log(n)) / self.r
 
 
 LUNG_WINDOW_HU = (-1000.0, -200.0)
@@ -91,7 +105,8 @@ class LungWindow(nn.Module):
 
 def build_arm(arm: str, n_labels: int) -> nn.Module:
     """``cnn``, ``cnn+lung`` (a lung-window channel beside the input), ``swin:PRESET`` or
-    ``swin:PRESET:FEATURE_SIZE``."""
+    ``swin:PRESET:FEATURE_SIZE``; a Swin arm may end in ``@lse`` for the token read-out."""
+    arm, _, readout = arm.partition("@")
     if arm == "cnn":
         return SmallCNN(n_labels)
     if arm == "cnn+lung":
@@ -100,7 +115,7 @@ def build_arm(arm: str, n_labels: int) -> nn.Module:
     if kind != "swin" or not rest:
         raise SystemExit(f"--arm {arm!r}: choose cnn, swin:PRESET or swin:PRESET:FEATURE_SIZE")
     preset, _, width = rest.partition(":")
-    return SwinClassifier(n_labels, preset, int(width) if width else None)
+    return SwinClassifier(n_labels, preset, int(width) if width else None, readout or "mean")
 
 
 def load_volumes(n: int, seed: int, tier: str, cache_dir: str | None, shape=(80, 112, 144)):
@@ -118,11 +133,13 @@ def held_out_auc(net: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 
         scores = torch.cat([net(x[i:i + batch].float()).float() for i in range(0, len(x), batch)]).numpy()
     net.train()
     per = metrics.auc_per_label(y.numpy(), scores, LABELS)
-    return {"mean_auc": float(np.mean(list(per.values()))), "auc_per_finding": per}
+    boot = metrics.bootstrap_mean_auc(y.numpy(), scores, LABELS, n=500)
+    return {"mean_auc": float(np.mean(list(per.values()))), "se": (boot["high"] - boot["low"]) / 3.92,
+            "auc_per_finding": per}
 
 
 def curve(arm: str, steps: int, batch: int, lr: float, eval_every: int, n_train: int, n_test: int, tier: str,
-          cache_dir: str | None, seed: int = 0) -> dict:
+          cache_dir: str | None, seed: int = 0, weights: str | Path = "") -> dict:
     torch.manual_seed(seed)
     x_train, y_train = load_volumes(n_train, 0, tier, cache_dir)
     x_test, y_test = load_volumes(n_test, HELD_OUT_SEED, tier, cache_dir)
@@ -144,13 +161,20 @@ def curve(arm: str, steps: int, batch: int, lr: float, eval_every: int, n_train:
         loss.backward()
         opt.step()
         spent += time.perf_counter() - t0
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
+        if not math.isfinite(losses[-1]):
+            raise SystemExit(f"{arm}: the training loss is {losses[-1]} at step {step}; stopped (a diverged run "
+                             "decides nothing)")
+        if step % 25 == 0:
+            print(f"{arm} step {step} ({spent:.0f} s) loss {np.mean(losses[-25:]):.4f}", flush=True)
         if step % eval_every == 0 or step == steps:
             r = held_out_auc(net, x_test, y_test)
             points.append({"step": step, "samples": step * batch, "train_seconds": round(spent, 1),
                            "train_loss": float(np.mean(losses[-eval_every:])), **r})
             print(f"{arm} step {step} ({spent:.0f} s) loss {points[-1]['train_loss']:.4f} held-out mean AUC "
-                  f"{r['mean_auc']:.3f}; " + ", ".join(f"{k} {r['auc_per_finding'].get(k, float('nan')):.2f}" for k in SHOWN), flush=True)
+                  f"{r['mean_auc']:.3f} ± {r['se']:.3f}; " + ", ".join(f"{k} {r['auc_per_finding'].get(k, float('nan')):.2f}" for k in SHOWN), flush=True)
+    if weights:
+        torch.save(net.state_dict(), weights)
     return {"arm": arm, "tier": tier, "batch_size": batch, "lr": lr, "n_train": n_train, "n_test": n_test,
             "seconds_per_step": spent / steps, "curve": points}
 
@@ -168,8 +192,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--tier", default="visible", choices=("hard", "visible"))
     ap.add_argument("--cache-dir", default="runs/cache")
     ap.add_argument("--out", default="")
+    ap.add_argument("--weights", default="", help="save the trained network's state dict here")
     a = ap.parse_args(argv)
-    r = curve(a.arm, a.steps, a.batch_size, a.lr, a.eval_every, a.train, a.held_out, a.tier, a.cache_dir or None)
+    r = curve(a.arm, a.steps, a.batch_size, a.lr, a.eval_every, a.train, a.held_out, a.tier, a.cache_dir or None,
+              weights=a.weights)
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(r, indent=1))

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("lightning")
 
@@ -216,9 +217,30 @@ def test_supervised_curve_records_auc_loss_and_seconds_at_each_evaluation():
     assert [p["step"] for p in r["curve"]] == [2, 3] and [p["samples"] for p in r["curve"]] == [4, 6]
     assert r["curve"][0]["train_seconds"] <= r["curve"][1]["train_seconds"] and r["seconds_per_step"] > 0
     assert all(0.0 <= p["mean_auc"] <= 1.0 and np.isfinite(p["train_loss"]) for p in r["curve"])
+    assert all(p["se"] > 0 for p in r["curve"])
     assert build_arm("swin:tiny:24", 18).model.config.feature_size == 24
+    assert (build_arm("swin:tiny@lse", 18).readout, build_arm("swin:tiny", 18).readout) == ("lse", "mean")
     with pytest.raises(SystemExit, match="choose cnn, swin:PRESET"):
         build_arm("resnet", 18)
+    with pytest.raises(SystemExit, match="read-out 'max': choose mean or lse"):
+        build_arm("swin:tiny@max", 18)
+
+
+def test_supervised_curve_stops_when_the_loss_is_not_finite(monkeypatch):
+    from experiments import supervised_curve
+
+    real = supervised_curve.build_arm
+
+    def poisoned(arm, n_labels):
+        net = real(arm, n_labels)
+        with torch.no_grad():
+            net.fc.weight.fill_(float("nan"))
+        return net
+
+    monkeypatch.setattr(supervised_curve, "build_arm", poisoned)
+    with pytest.raises(SystemExit, match="cnn: the training loss is nan at step 1; stopped"):
+        supervised_curve.curve("cnn", steps=3, batch=2, lr=1e-3, eval_every=2, n_train=6, n_test=6, tier="visible",
+                               cache_dir=None)
 
 
 def test_probe_in_real_report_mode_renders_row_i_of_the_reports(tmp_path, gui_bundle, monkeypatch):
