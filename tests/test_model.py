@@ -408,6 +408,81 @@ def test_lse_pooled_classifier_sees_a_lesion_in_one_token_that_the_mean_dilutes(
         LinearClassifier(4, 1, pooling="max")
 
 
+def test_one_policy_chooses_the_score_source(tiny_config):
+    from napari_mg3d.model.scoring import available_score_sources, choose_score_source
+
+    six, seven = tiny_config, tiny_config.replace(objectives=(*tiny_config.objectives, "sva"))
+    h = {"classifier": object(), "prompt": object(), "mlm_head": object()}
+    assert available_score_sources(h, seven) == ["classifier", "prompt", "sva", "mlm"]
+    assert choose_score_source(h, seven) == "classifier"
+    assert choose_score_source(h, seven, zero_shot=True) == "prompt"
+    assert choose_score_source({"mlm_head": object()}, seven, zero_shot=True) == "sva"
+    assert choose_score_source({"mlm_head": object()}, six) == "mlm"
+    assert choose_score_source({}, six) is None
+
+
+def test_finding_scores_of_every_source_are_probabilities_per_volume(tiny_model):
+    from napari_mg3d.model.heads import LinearClassifier, PromptScorer
+    from napari_mg3d.model.pretraining import MLMHead
+    from napari_mg3d.model.scoring import SCORE_SOURCES, finding_scores
+
+    d = tiny_model.config.fusion_dim
+    heads = {"classifier": LinearClassifier(d, 2), "prompt": PromptScorer(d),
+             "mlm_head": MLMHead(d, tiny_model.text.vocab_size)}
+    enc = tiny_model.encode_volume(torch.rand(2, 1, *tiny_model.config.input_size))
+    for source in SCORE_SOURCES:
+        p = finding_scores(source, tiny_model, heads, enc, ["Pleural effusion", "Cardiomegaly"])
+        assert p.shape == (2, 2) and bool(((p >= 0) & (p <= 1)).all()), source
+    with pytest.raises(ValueError, match="unknown score source 'pixels'"):
+        finding_scores("pixels", tiny_model, heads, enc, ["Cardiomegaly"])
+
+
+def test_batch_norm_head_separates_volumes_that_layer_norm_leaves_at_the_prior(tiny_config):
+    """Pooled features = one common vector + a 2% variation that carries the label: standardising across
+    volumes gives the linear layer unit-scale inputs; LayerNorm keeps the variation 2% of the input."""
+    from napari_mg3d.model.heads import LinearClassifier, build_head
+
+    torch.manual_seed(0)
+    d = tiny_config.fusion_dim
+    common, direction = torch.randn(d), torch.randn(d)
+    label = torch.tensor([0.0, 1.0] * 8)
+    pooled = common + 0.02 * (2 * label[:, None] - 1) * direction
+    batch = build_head({"type": "classifier", "n_classes": 1, "norm": "batch"}, tiny_config, 10)
+    layer = build_head({"type": "classifier", "n_classes": 1}, tiny_config, 10)
+    assert type(layer.norm) is torch.nn.LayerNorm  # old bundles (no "norm") keep LayerNorm
+    standardised = batch.norm(pooled)
+    torch.testing.assert_close(standardised.mean(0), torch.zeros(d), atol=1e-3, rtol=0)
+    assert standardised.std(0)[direction.abs() > 0.5].min() > 0.9  # unit spread where the label varies it
+    assert layer.norm(pooled).std(0).max() < 0.1
+    # Running statistics at inference; a single volume in training mode uses them too instead of failing.
+    batch.eval()
+    one = batch(pooled[:1])
+    batch.train()
+    torch.testing.assert_close(batch(pooled[:1]), one)
+    with pytest.raises(ValueError, match="norm 'group'"):
+        build_head({"type": "classifier", "n_classes": 3, "norm": "group"}, tiny_config, 10)
+    with pytest.raises(ValueError, match="norm 'group'"):
+        LinearClassifier(d, 3, norm="group")
+
+
+def test_fused_attention_inference_matches_the_explicit_path(tiny_config):
+    from napari_mg3d.model.vision import SwinVisionEncoder
+
+    torch.manual_seed(0)
+    encoder = SwinVisionEncoder(tiny_config).eval()
+    x = torch.rand(2, 1, *tiny_config.input_size)
+    with torch.no_grad():
+        fused = encoder(x)
+        encoder.use_fused_attention(False)
+        explicit = encoder(x)
+    for a, b in zip(fused, explicit):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    # With autograd on, the explicit path runs whatever the switch says, so training gets its gradients.
+    encoder.use_fused_attention(True)
+    encoder(x)[-1].sum().backward()
+    assert encoder.swin.layers1[0].blocks[0].attn.relative_position_bias_table.grad.abs().sum() > 0
+
+
 def test_classifier_prior_gives_each_label_its_prevalence_when_features_say_nothing():
     from napari_mg3d.model.heads import LinearClassifier
 
