@@ -29,7 +29,13 @@ from torch.utils.data import DataLoader
 from napari_mg3d.checkpoint import load_bundle, save_bundle
 from napari_mg3d.labels import ALL_CLASSES, LABELS, LESION_CLASSES, ORGANS
 from napari_mg3d.model import ConfigError, MG3DModel, build_model_config
-from napari_mg3d.model.heads import CLASSIFIER_NORMS, CLASSIFIER_POOLINGS, PROMPT_PAIR, build_head, prompt_batch
+from napari_mg3d.model.heads import (
+    CLASSIFIER_NORMS,
+    CLASSIFIER_POOLINGS,
+    PROMPT_PAIR,
+    build_head,
+    prompt_batch,
+)
 from napari_mg3d.model.words import WordVocabulary
 from napari_mg3d.preprocess import preprocess_config_of
 
