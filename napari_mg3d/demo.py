@@ -59,9 +59,11 @@ def screenshots(volume, result, sample, out: Path, bundle: Path) -> list[Path]:
     except ImportError:
         _say("screenshots skipped: napari is not installed (pip install 'napari-mg3d[napari]')")
         return []
-    from ._layers import volume_to_layer_data
+    from ._layers import TRANSFORM_KEYS, volume_to_layer_data
     from ._widget import MG3DWidget
 
+    for old in out.glob("screenshot_*.png"):  # an earlier demo's pictures in the demo's own folder would mislead
+        old.unlink()
     viewer = napari.Viewer(show=True)
     files = []
     try:
@@ -91,6 +93,10 @@ def screenshots(volume, result, sample, out: Path, bundle: Path) -> list[Path]:
             files.append(path)
 
         shot("ct")
+        # the sample's ground truth as an outline on the image's transform, so each heat map can be judged
+        truth = viewer.add_labels(sample.lesion_label_map(), name="true lesions (outline)", opacity=0.9,
+                                  **{k: kwargs[k] for k in TRANSFORM_KEYS if k in kwargs})
+        truth.contour = 1
         widget = MG3DWidget(viewer)
         widget.bundle_edit.setText(str(bundle))
         viewer.window.add_dock_widget(widget, name="MG-3D")
@@ -102,10 +108,22 @@ def screenshots(volume, result, sample, out: Path, bundle: Path) -> list[Path]:
             viewer.layers["MG-3D segmentation"].visible = True
             shot("segmentation")
             viewer.layers["MG-3D segmentation"].visible = False
-        for i in range(min(4, len(result.sentences))):
+        truth.visible = True
+        for i in heatmap_shots(result.sentences, sample):
+            # the outline of this sentence's own lesions (all of the sample's for a sentence without one), on the
+            # slice where they are largest
+            linked = _linked_lesions(result.sentences[i], sample)
+            outline = np.zeros(sample.volume.shape, np.uint8)
+            for name in linked or sample.lesions:
+                outline[sample.lesions[name]] = LABELS.index(sample.lesion_labels[name]) + 1
+            truth.data = outline
+            if outline.any():
+                z = int(np.argmax((outline > 0).sum((1, 2))))
+                viewer.dims.set_point(0, float(image.data_to_world((z, 0, 0))[0]))
             widget.sentence_list.setCurrentRow(i)
             settle()
             widget.layers.heatmap_layer.visible = True
+            viewer.layers.move(viewer.layers.index(truth), len(viewer.layers))  # the outline above the heat map
             shot(f"heatmap_{i:02d}")
         shot("window_with_panel", canvas_only=False)
     finally:
@@ -113,6 +131,18 @@ def screenshots(volume, result, sample, out: Path, bundle: Path) -> list[Path]:
         if display != "existing":
             display.stop()
     return files
+
+
+def _linked_lesions(sentence: str, sample) -> list[str]:
+    """The sample's lesions a sentence of its own report describes ([] for any other sentence)."""
+    return sample.sentence_links[sample.sentences.index(sentence)] if sentence in sample.sentences else []
+
+
+def heatmap_shots(sentences: list[str], sample, drafted: int = 1) -> list[int]:
+    """Which sentences' heat maps the demo photographs: the first ``drafted`` of the draft (which come first)
+    and every sentence of the sample's report that describes a lesion, whose outline the picture shows."""
+    first = [i for i in range(min(drafted, len(sentences))) if sentences[i] not in sample.sentences]
+    return first + [i for i, s in enumerate(sentences) if _linked_lesions(s, sample)]
 
 
 def run_demo(out: Path, bundle: Path, seed: int) -> dict:
@@ -139,7 +169,7 @@ def run_demo(out: Path, bundle: Path, seed: int) -> dict:
 
     hits = []
     for i, sentence in enumerate(result.sentences):
-        linked = sample.sentence_links[sample.sentences.index(sentence)] if sentence in sample.sentences else []
+        linked = _linked_lesions(sentence, sample)
         if linked:
             heat = result.heatmap(i)
             peak = np.unravel_index(int(np.argmax(heat)), heat.shape)
@@ -147,9 +177,29 @@ def run_demo(out: Path, bundle: Path, seed: int) -> dict:
     # the run's one record (result.json), with what only the demo knows: the sample's truth and the pointing
     summary = {**json.loads((out / "result.json").read_text()),
                "timings_s": {"generate + read": t_read, **result.timings}, "report_draft": result.report,
-               "sample_report": sample.report, "pointing": hits, "files": [str(f) for f in files + shots]}
+               "sample_report": sample.report, "sample_findings": [k for k in LABELS if sample.labels[k]],
+               "pointing": hits, "files": [str(f) for f in files + shots]}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def truth_beside_outputs(summary: dict) -> list[str]:
+    """Console lines: the sample's true report beside the draft, and the scores of its true findings (with
+    their rank among all findings) beside the highest of the rest, so a reader sees at once what the model
+    got right."""
+    lines = ["", "the sample's report (the truth the phantom was drawn from):", f"  {summary['sample_report']}"]
+    draft = summary.get("report_draft") or []
+    lines += ["drafted by the model:", *(f"  {s}" for s in draft)] if draft else ["drafted by the model: (no report head)"]
+    values = summary.get("scores", {}).get("values") or {}
+    if values:
+        ranked = [name for name, _ in sorted(values.items(), key=lambda kv: -kv[1])]
+        true = [k for k in summary.get("sample_findings", []) if k in values]
+        lines += ["", f"{summary['scores']['heading']} (rank of {len(ranked)}):", "  the sample's findings:"]
+        lines += [f"    {values[k]:5.2f}  #{ranked.index(k) + 1:<2d} {k}" for k in true]
+        others = [k for k in ranked if k not in true][:3]
+        lines += ["  the highest of the other findings (absent from the sample):"]
+        lines += [f"    {values[k]:5.2f}  #{ranked.index(k) + 1:<2d} {k}" for k in others]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -160,13 +210,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     summary = run_demo(args.out, args.bundle or default_bundle_path(), args.seed)
-    ranked = sorted(summary["scores"]["values"].items(), key=lambda kv: -kv[1])
-    if ranked:
-        _say(f"\n{summary['scores']['heading']}, top 5 of {len(LABELS)}:")
-        for name, p in ranked[:5]:
-            _say(f"  {p:5.2f}  {name}")
-    if summary["report_draft"]:
-        _say("\ndrafted report:\n  " + "\n  ".join(summary["report_draft"]))
+    for line in truth_beside_outputs(summary):
+        _say(line)
     for m in summary["messages"]:
         _say(f"note: {m}")
     if summary["pointing"]:

@@ -260,10 +260,15 @@ def test_headless_demo_writes_outputs_and_screenshots(gui_bundle, tmp_path):
     ct = read_volume(tmp_path / "sample_ct.nii.gz")
     assert seg.shape == ct.shape and np.allclose(seg.affine, ct.affine)
     shots = sorted(tmp_path.glob("screenshot_*.png"))
-    assert {p.name for p in shots} >= {"screenshot_ct.png", "screenshot_segmentation.png", "screenshot_heatmap_00.png"}
+    assert {p.name for p in shots} >= {"screenshot_ct.png", "screenshot_segmentation.png"}
+    # a heat map of each finding sentence of the sample's own report, with its lesion outlined
+    texts = [s["text"] for s in summary["sentences"]]
+    finding_shots = [f"screenshot_heatmap_{texts.index(h['sentence']):02d}.png" for h in summary["pointing"]]
+    assert len(finding_shots) == 3 and set(finding_shots) <= {p.name for p in shots}
     for p in shots:
         assert iio.imread(p)[..., :3].std() > 10, p.name
     assert summary["pointing"] and "preprocess + encode" in summary["timings_s"]
+    assert summary["sample_findings"] == ["Cardiomegaly", "Lung nodule", "Pleural effusion"]
 
 
 def test_outputs_a_bundle_cannot_give_are_disabled_with_the_reason(viewer_with_sample, gui_bundle, qtbot, tmp_path):
