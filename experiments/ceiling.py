@@ -62,7 +62,7 @@ def classifier_auc(bundle: str | Path, n: int, shape, tier: str, cache_dir: str 
 
 def train_classifier(out: Path, pairs: int, steps: int, batch: int, shape, tier: str, preset: str = "tiny",
                      lr_encoder: float = 2e-4, precision: str = "32-true", cache_dir: str = "",
-                     num_workers: int = 1, seed: int = 0, pooling: str = "mean") -> Path:
+                     num_workers: int = 1, seed: int = 0) -> Path:
     """The supervised arm, from scratch; returns its bundle (reused when it exists; a run that was stopped
     continues from its checkpoint)."""
     bundle = out / "bundle"
@@ -71,7 +71,7 @@ def train_classifier(out: Path, pairs: int, steps: int, batch: int, shape, tier:
     resume = "last" if finetune.checkpoint_path(out).is_file() else ""
     params = finetune.FinetuneParams(
         task="classify", preset=preset, data=f"synthetic:{pairs},{tier}", val_data=f"synthetic:50,{tier}",
-        steps=steps, batch_size=batch, lr=1e-3, lr_encoder=lr_encoder, head_norm="batch", pooling=pooling,
+        steps=steps, batch_size=batch, lr=1e-3, lr_encoder=lr_encoder, head_norm="batch",
         synthetic_shape=list(shape), precision=precision, cache_dir=cache_dir, num_workers=num_workers, seed=seed,
         out_dir=str(out), log_every=50, checkpoint_every=100, resume=resume)
     return finetune.run(params)
@@ -88,8 +88,6 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--lr-encoder", type=float, default=2e-4, help="the pre-training run's vision learning rate")
-    ap.add_argument("--pooling", default="lse", choices=("mean", "lse"),
-                    help="the classifier's read-out of the volume tokens (finetune --pooling)")
     ap.add_argument("--held-out", type=int, default=200)
     ap.add_argument("--shape", type=int, nargs=3, default=[80, 112, 144])
     ap.add_argument("--precision", default="32-true")
@@ -99,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(a.out)
     bundle = Path(a.classifier) if a.classifier else train_classifier(
         out, a.pairs, a.steps, a.batch_size, a.shape, a.tier, a.preset, a.lr_encoder, a.precision, a.cache_dir,
-        a.num_workers, pooling=a.pooling)
+        a.num_workers)
     result = {"bundle": str(bundle), **classifier_auc(bundle, a.held_out, a.shape, a.tier, a.cache_dir or None)}
     out.mkdir(parents=True, exist_ok=True)
     (out / f"classifier_heldout_{a.tier}.json").write_text(json.dumps(result, indent=1))

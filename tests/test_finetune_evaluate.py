@@ -72,23 +72,6 @@ def test_frozen_encoder_linear_probe_leaves_the_encoder_untouched(tmp_path, gui_
         _ft(tmp_path / "bad", gui_bundle, "classify", head_norm="group")
 
 
-def test_lse_pooled_classifier_is_trained_saved_and_scores_like_its_tokens_say(tmp_path, gui_bundle):
-    b = load_bundle(_ft(tmp_path, gui_bundle, "classify", pooling="lse", head_norm="batch"))
-    assert b.meta["head_specs"]["classifier"]["pooling"] == "lse"
-    head = b.build_heads()[0]["classifier"].eval()
-    assert head.pooling == "lse"
-    x = torch.rand(2, 1, *b.model.config.input_size)
-    with torch.no_grad():
-        enc = b.model.eval().encode_volume(x)
-        token_scores = head(enc.tokens)  # (2, N, 18)
-        logits = head.classify(enc)
-    assert logits.shape == (2, 18)
-    # between the mean and the maximum of the token scores, per volume and finding
-    assert torch.all(logits >= token_scores.mean(1) - 1e-5) and torch.all(logits <= token_scores.amax(1) + 1e-5)
-    with pytest.raises(SystemExit, match="--pooling 'attention': choose one of mean, lse"):
-        _ft(tmp_path / "bad", gui_bundle, "classify", pooling="attention")
-
-
 def test_classifier_starts_from_the_training_prevalence(tmp_path, gui_bundle):
     from napari_mg3d.synthetic import finding_prevalence
 
@@ -98,7 +81,7 @@ def test_classifier_starts_from_the_training_prevalence(tmp_path, gui_bundle):
 
     p = finding_prevalence()
     assert torch.allclose(bias(), torch.full((18,), float(np.log(p / (1 - p)))), atol=1e-4)
-    for removed in ("--bias-init", "--lr-schedule", "--warmup-steps"):  # options without a gain
+    for removed in ("--bias-init", "--pooling", "--lr-schedule", "--warmup-steps"):  # options without a gain
         with pytest.raises(SystemExit):
             parse_params([removed, "x", "--steps", "2"], "finetune", "", FinetuneParams)
 

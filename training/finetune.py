@@ -29,13 +29,7 @@ from torch.utils.data import DataLoader
 from napari_mg3d.checkpoint import load_bundle, save_bundle
 from napari_mg3d.labels import ALL_CLASSES, LABELS, LESION_CLASSES, ORGANS
 from napari_mg3d.model import ConfigError, MG3DModel, build_model_config
-from napari_mg3d.model.heads import (
-    CLASSIFIER_NORMS,
-    CLASSIFIER_POOLINGS,
-    PROMPT_PAIR,
-    build_head,
-    prompt_batch,
-)
+from napari_mg3d.model.heads import CLASSIFIER_NORMS, PROMPT_PAIR, build_head, prompt_batch
 from napari_mg3d.model.words import WordVocabulary
 from napari_mg3d.preprocess import preprocess_config_of
 
@@ -71,10 +65,6 @@ class FinetuneParams:
         "classify / prognosis: normalisation before the linear layer: layer (LayerNorm per volume, as in the "
         "paper's head) | batch (each dimension standardised across volumes; keeps a new head from predicting "
         "the prior for every volume when the encoder's features are nearly the same for all of them)")})
-    pooling: str = field(default="mean", metadata={"help": (
-        "classify / prognosis: how the volume tokens become one score per class: mean (the linear layer scores "
-        "the mean token, as in the paper) | lse (it scores every token and a log-sum-exp pools them, between "
-        "mean and max: a lesion in one token of the 1/16 grid is not averaged away)")})
     freeze_encoder: bool = field(default=False, metadata={"help": "train only the head (linear probing)"})
     freeze_encoder_steps: int = field(default=0, metadata={"min": 0, "help": (
         "train only the head for the first N steps, then the volume encoder too (linear probing, then "
@@ -242,8 +232,6 @@ def run(p: FinetuneParams) -> Path:
         raise SystemExit(f"--freeze-encoder-steps {p.freeze_encoder_steps}: choose 0 to --steps ({p.steps})")
     if p.head_norm not in CLASSIFIER_NORMS:
         raise SystemExit(f"--head-norm {p.head_norm!r}: choose one of {', '.join(CLASSIFIER_NORMS)}")
-    if p.pooling not in CLASSIFIER_POOLINGS:
-        raise SystemExit(f"--pooling {p.pooling!r}: choose one of {', '.join(CLASSIFIER_POOLINGS)}")
     fabric = make_fabric(p)
     fabric.launch()
     torch.manual_seed(p.seed)
@@ -267,7 +255,7 @@ def run(p: FinetuneParams) -> Path:
         names = names or LABELS
         head_name = "classifier" if p.task == "classify" else "prognosis"
         spec = {"type": "classifier", "n_classes": len(names), "multilabel": not p.multiclass, "labels": names,
-                "norm": p.head_norm, "pooling": p.pooling}
+                "norm": p.head_norm}
     elif p.task == "segment":
         names = names or {"organs": ["background", *ORGANS], "all": ALL_CLASSES}.get(p.seg_target, LESION_CLASSES)
         head_name, spec = "segmentation", {"type": "segmentation", "n_classes": len(names), "classes": names}
@@ -388,7 +376,7 @@ def run(p: FinetuneParams) -> Path:
 
 
 RUN_DEFINING = ("task", "bundle", "preset", "input_size", "text_encoder", "data", "label_names", "multiclass",
-                "head_norm", "pooling", "freeze_encoder", "freeze_encoder_steps", "steps", "batch_size", "lr", "lr_encoder",
+                "head_norm", "freeze_encoder", "freeze_encoder_steps", "steps", "batch_size", "lr", "lr_encoder",
                 "weight_decay", "report_min_count", "shots", "seed", "synthetic_shape", "seg_target")
 
 

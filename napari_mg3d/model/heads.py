@@ -30,7 +30,6 @@ if TYPE_CHECKING:
 
 PROMPT_PAIR = ("{finding} is present.", "{finding} is not present.")
 CLASSIFIER_NORMS = ("layer", "batch")
-CLASSIFIER_POOLINGS = ("mean", "lse")
 
 
 class _Standardise(nn.BatchNorm1d):
@@ -48,13 +47,7 @@ class _Standardise(nn.BatchNorm1d):
 
 
 class LinearClassifier(nn.Module):
-    """Linear layer on the volume tokens -> logits (B, n_classes). ``multilabel`` selects sigmoid vs softmax.
-
-    ``pooling``: "mean" (the layer scores F̄_I, the mean of the tokens, as in the paper) or "lse" (the layer
-    scores every token, and each class's token scores are pooled by a log-sum-exp of sharpness
-    ``sharpness``: between their mean and their maximum, so a lesion that fills one token of the 1/16 grid
-    is not averaged away by the other tokens; a constant token score passes unchanged, so the prior bias
-    holds for both).
+    """Linear layer on F̄_I (B, d) -> logits (B, n_classes). ``multilabel`` selects sigmoid vs softmax.
 
     ``norm`` before the linear layer: "layer" (LayerNorm of each feature vector, as shipped) or "batch"
     (each dimension standardised across volumes, running statistics at inference, no affine; the usual
@@ -62,16 +55,11 @@ class LinearClassifier(nn.Module):
     a few-percent variation; LayerNorm keeps that ratio, so a new linear layer starts by predicting the prior
     for every volume. Standardising across volumes removes the common vector."""
 
-    def __init__(self, dim: int, n_classes: int, multilabel: bool = True, norm: str = "layer",
-                 pooling: str = "mean", sharpness: float = 4.0) -> None:
+    def __init__(self, dim: int, n_classes: int, multilabel: bool = True, norm: str = "layer") -> None:
         super().__init__()
         if norm not in CLASSIFIER_NORMS:
             raise ValueError(f"classifier norm {norm!r}: choose one of {', '.join(CLASSIFIER_NORMS)}")
-        if pooling not in CLASSIFIER_POOLINGS:
-            raise ValueError(f"classifier pooling {pooling!r}: choose one of {', '.join(CLASSIFIER_POOLINGS)}")
-        if not sharpness > 0:
-            raise ValueError(f"classifier sharpness {sharpness!r} must be > 0")
-        self.multilabel, self.pooling, self.sharpness = multilabel, pooling, float(sharpness)
+        self.multilabel = multilabel
         self.norm = nn.LayerNorm(dim) if norm == "layer" else _Standardise(dim)
         self.linear = nn.Linear(dim, n_classes)
 
@@ -118,14 +106,7 @@ class LinearClassifier(nn.Module):
 
     def classify(self, encoding: VolumeEncoding) -> torch.Tensor:
         """Logits (B, n_classes) from a ``VolumeEncoding``."""
-        if self.pooling == "mean":
-            return self(encoding.global_feature)
-        return self.pool_token_scores(self(encoding.tokens))
-
-    def pool_token_scores(self, scores: torch.Tensor) -> torch.Tensor:
-        """(B, N, n_classes) token scores -> (B, n_classes): log-mean-exp of sharpness r, computed in float32."""
-        r, n = self.sharpness, scores.shape[1]
-        return (torch.logsumexp(r * scores.float(), dim=1) - np.log(n)) / r
+        return self(encoding.global_feature)
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(logits) if self.multilabel else logits.softmax(-1)
@@ -381,12 +362,11 @@ def build_head(spec: dict, config: MG3DConfig, vocab_size: int) -> nn.Module:
     kind = spec.get("type")
     if kind == "classifier":
         pooling = spec.get("pooling", "mean")
-        if pooling not in CLASSIFIER_POOLINGS:
+        if pooling != "mean":
             raise ValueError(f"classifier head with pooling {pooling!r} in bundle; this napari-mg3d reads "
-                             f"{' and '.join(CLASSIFIER_POOLINGS)} pooled classifiers (the attention read-out "
-                             "was removed: no gain)")
+                             "mean-pooled classifiers only (the attention read-out was removed: no gain)")
         return LinearClassifier(config.fusion_dim, int(spec["n_classes"]), bool(spec.get("multilabel", True)),
-                                spec.get("norm", "layer"), pooling, float(spec.get("sharpness", 4.0)))
+                                spec.get("norm", "layer"))
     if kind == "segmentation":
         return SegmentationDecoder(config.feature_size, int(spec["n_classes"]))
     if kind == "report":
