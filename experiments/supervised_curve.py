@@ -139,7 +139,7 @@ def held_out_auc(net: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 
 
 
 def curve(arm: str, steps: int, batch: int, lr: float, eval_every: int, n_train: int, n_test: int, tier: str,
-          cache_dir: str | None, seed: int = 0, weights: str | Path = "") -> dict:
+          cache_dir: str | None, seed: int = 0, weights: str | Path = "", out: str | Path = "") -> dict:
     torch.manual_seed(seed)
     x_train, y_train = load_volumes(n_train, 0, tier, cache_dir)
     x_test, y_test = load_volumes(n_test, HELD_OUT_SEED, tier, cache_dir)
@@ -173,10 +173,18 @@ def curve(arm: str, steps: int, batch: int, lr: float, eval_every: int, n_train:
                            "train_loss": float(np.mean(losses[-eval_every:])), **r})
             print(f"{arm} step {step} ({spent:.0f} s) loss {points[-1]['train_loss']:.4f} held-out mean AUC "
                   f"{r['mean_auc']:.3f} ± {r['se']:.3f}; " + ", ".join(f"{k} {r['auc_per_finding'].get(k, float('nan')):.2f}" for k in SHOWN), flush=True)
+            if out:  # the curve so far, so a stopped run keeps its points
+                _write(out, {"arm": arm, "tier": tier, "batch_size": batch, "lr": lr, "n_train": n_train,
+                             "n_test": n_test, "seconds_per_step": spent / step, "curve": points})
     if weights:
         torch.save(net.state_dict(), weights)
     return {"arm": arm, "tier": tier, "batch_size": batch, "lr": lr, "n_train": n_train, "n_test": n_test,
             "seconds_per_step": spent / steps, "curve": points}
+
+
+def _write(path: str | Path, result: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(result, indent=1))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -195,10 +203,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--weights", default="", help="save the trained network's state dict here")
     a = ap.parse_args(argv)
     r = curve(a.arm, a.steps, a.batch_size, a.lr, a.eval_every, a.train, a.held_out, a.tier, a.cache_dir or None,
-              weights=a.weights)
+              weights=a.weights, out=a.out)
     if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(r, indent=1))
+        _write(a.out, r)
     return r
 
 

@@ -210,10 +210,12 @@ def test_learning_curve_stops_at_each_step_count_and_an_interrupted_curve_contin
     assert again[2] == curve[2]
 
 
-def test_supervised_curve_records_auc_loss_and_seconds_at_each_evaluation():
+def test_supervised_curve_records_auc_loss_and_seconds_at_each_evaluation(tmp_path):
     from experiments.supervised_curve import build_arm, curve
 
-    r = curve("cnn", steps=3, batch=2, lr=1e-3, eval_every=2, n_train=6, n_test=6, tier="visible", cache_dir=None)
+    r = curve("cnn", steps=3, batch=2, lr=1e-3, eval_every=2, n_train=6, n_test=6, tier="visible", cache_dir=None,
+              out=tmp_path / "curve.json")
+    assert json.loads((tmp_path / "curve.json").read_text())["curve"] == json.loads(json.dumps(r["curve"]))
     assert [p["step"] for p in r["curve"]] == [2, 3] and [p["samples"] for p in r["curve"]] == [4, 6]
     assert r["curve"][0]["train_seconds"] <= r["curve"][1]["train_seconds"] and r["seconds_per_step"] > 0
     assert all(0.0 <= p["mean_auc"] <= 1.0 and np.isfinite(p["train_loss"]) for p in r["curve"])
