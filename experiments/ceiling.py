@@ -23,7 +23,6 @@ import torch
 
 from napari_mg3d.checkpoint import load_bundle
 from napari_mg3d.labels import LABELS
-from napari_mg3d.model.scoring import finding_scores
 from napari_mg3d.preprocess import preprocess_config_of
 from training import finetune, metrics
 from training.data import SyntheticDataset
@@ -55,7 +54,8 @@ def classifier_auc(bundle: str | Path, n: int, shape, tier: str, cache_dir: str 
     for i in range(n):
         item = data[i]
         enc = model.encode_volume(item["volume"][None])
-        scores.append(finding_scores("classifier", model, heads, enc, LABELS)[0].numpy())
+        # logits, not probabilities: a float32 sigmoid makes every logit above ~17 exactly 1.0, a tie for the AUC
+        scores.append(heads["classifier"].classify(enc)[0].float().numpy())
         labels.append(item["labels"].numpy())
     return {"n": n, "seeds": [seed, seed + n - 1], "tier": tier, **mean_auc_with_se(np.array(labels), np.stack(scores))}
 

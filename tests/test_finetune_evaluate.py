@@ -132,6 +132,18 @@ def test_evaluate_names_its_zero_shot_source_and_refuses_nan_scores(chained, mon
         evaluate(str(chained), "synthetic:4", n_boot=10, synthetic_shape=SHAPE)
 
 
+def test_auc_ranks_large_logits_instead_of_squashing_them():
+    # A perfectly separating classifier whose logits are all large (e.g. a classifier whose standardisation
+    # shifted every logit far out): the ranking is perfect, so the AUC is 1. A sigmoid in float32 first makes
+    # every score 1.0 and the AUC 0.5 (what torchmetrics' binary_auroc did).
+    assert M.auc([0, 0, 1, 1, 0], [20.0, 25.0, 40.0, 35.0, 18.0]) == pytest.approx(1.0)
+    assert M.auc([0, 1], [-300.0, -200.0]) == pytest.approx(1.0)
+    assert M.auc([0, 0, 1, 1], [3.0, 3.0, 3.0, 3.0]) == pytest.approx(0.5)  # ties count half
+    assert M.auc([1, 0, 1, 0], [0.9, 0.9, 0.2, 0.1]) == pytest.approx(0.625)  # one tied pair, 2.5 of 4 pairs
+    with pytest.raises(ValueError, match="3 labels but 2 scores"):
+        M.auc([0, 1, 1], [0.1, 0.2])
+
+
 def test_metrics_match_hand_computed_values():
     assert M.auc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == pytest.approx(0.75)
     assert np.isnan(M.auc([1, 1], [0.2, 0.3]))

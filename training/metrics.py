@@ -15,17 +15,25 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
-import torch
 
 
 def auc(labels: Sequence[float], scores: Sequence[float]) -> float:
-    """Area under the ROC curve (binary); NaN when only one class is present."""
-    from torchmetrics.functional.classification import binary_auroc
+    """Area under the ROC curve (binary) from the ranks of ``scores`` alone (Mann-Whitney U; tied scores count
+    half); NaN when only one class is present. Scores may be probabilities or logits of any size: nothing is
+    squashed first. (torchmetrics' binary_auroc, used before, applies a sigmoid to scores outside [0, 1];
+    float32 logits above ~17 all become 1.0 there, and a perfectly separated finding scored 0.50.)"""
+    from scipy.stats import rankdata
 
-    y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
-    if y.min() == y.max():
+    y = np.asarray(labels).astype(bool).ravel()
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    if y.size != s.size:
+        raise ValueError(f"auc: {y.size} labels but {s.size} scores")
+    n_pos = int(y.sum())
+    n_neg = y.size - n_pos
+    if n_pos == 0 or n_neg == 0:
         return float("nan")
-    return float(binary_auroc(torch.as_tensor(np.asarray(scores), dtype=torch.float32), y))
+    ranks = rankdata(s)  # average ranks for ties
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def auc_per_label(labels: np.ndarray, scores: np.ndarray, names: Sequence[str]) -> dict[str, float]:
