@@ -144,6 +144,24 @@ def test_auc_ranks_large_logits_instead_of_squashing_them():
         M.auc([0, 1, 1], [0.1, 0.2])
 
 
+def test_evaluate_ranks_classifier_logits_that_a_float32_sigmoid_would_tie():
+    from napari_mg3d.model.heads import LinearClassifier
+    from napari_mg3d.model.mg3d import VolumeEncoding
+    from training.evaluate import classifier_ranking_scores
+
+    head = LinearClassifier(2, 1, norm="layer").eval()
+    with torch.no_grad():
+        head.norm = torch.nn.Identity()
+        head.linear.weight.copy_(torch.tensor([[1.0, 0.0]]))
+        head.linear.bias.fill_(0.0)
+    tokens = torch.tensor([20.0, 30.0, 40.0])[:, None, None] * torch.tensor([1.0, 0.0])  # (3 volumes, 1 token, 2)
+    enc = VolumeEncoding([], tokens, (1, 1, 1))
+    assert torch.sigmoid(head.classify(enc)).unique().numel() == 1  # the probabilities tie at 1.0
+    scores = classifier_ranking_scores(head, enc)[:, 0]
+    assert scores.tolist() == pytest.approx([20.0, 30.0, 40.0])
+    assert M.auc([0, 1, 1], scores.numpy()) == pytest.approx(1.0)
+
+
 def test_metrics_match_hand_computed_values():
     assert M.auc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == pytest.approx(0.75)
     assert np.isnan(M.auc([1, 1], [0.2, 0.3]))

@@ -50,6 +50,15 @@ def refuse_non_finite(scores: np.ndarray, names: list[str], what: str) -> None:
                          "from them. The model is probably broken (a diverged run)")
 
 
+def classifier_ranking_scores(head, encoding) -> torch.Tensor:
+    """Scores whose order per class is the classifier's, without saturating (B, n_classes), float64: the
+    logits of a multi-label head, the log-softmax of a one-class-per-volume head. A float32 sigmoid or softmax
+    makes every logit above ~17 exactly 1.0, a tie that an AUC cannot rank."""
+    with torch.no_grad():
+        logits = head.classify(encoding).double()
+    return logits if head.multilabel else torch.log_softmax(logits, dim=-1)
+
+
 @torch.no_grad()
 def collect(predictor: Predictor, data: str, seed: int, synthetic_shape, limit: int = 0) -> dict:
     """Run the model over the data once; keep what every metric needs."""
@@ -83,7 +92,7 @@ def collect(predictor: Predictor, data: str, seed: int, synthetic_shape, limit: 
             if zero_shot is not None:
                 out["zero_shot"].append(finding_scores(zero_shot, model, heads, enc, names)[0].float().cpu().numpy())
             if "classifier" in heads:
-                out["classifier"].append(finding_scores("classifier", model, heads, enc, names)[0].float().cpu().numpy())
+                out["classifier"].append(classifier_ranking_scores(heads["classifier"], enc)[0].cpu().numpy())
         if "segmentation" in heads and batch["mask"] is not None:
             pred = heads["segmentation"](x, enc.features).argmax(1)[0].cpu()
             per_class = M.dice_per_class(pred, batch["mask"][0], len(predictor.class_names) or int(pred.max()) + 1)
@@ -125,8 +134,10 @@ def evaluate(bundle: str, data: str, n_boot: int = 1000, seed: int = 0, syntheti
                 if key == "zero_shot":
                     res["zero_shot_source"] = SOURCE_TITLES[c["zero_shot_source"][0]]
                 if key == "classifier":
+                    # P ranks (logits or log-probabilities); the decision threshold is p = 0.5 of the probability
+                    cut = 0.0 if predictor.heads["classifier"].multilabel else float(np.log(0.5))
                     res["classifier_accuracy"] = M.bootstrap(
-                        lambda y, p: float(((p > 0.5) == (y > 0.5)).mean()), Y, P, n=n_boot, seed=seed)
+                        lambda y, p, cut=cut: float(((p > cut) == (y > 0.5)).mean()), Y, P, n=n_boot, seed=seed)
     if len(c["global_v"]) > 1:
         V = F.normalize(torch.stack(c["global_v"]), dim=-1)
         T = F.normalize(torch.stack(c["global_t"]), dim=-1)
