@@ -26,6 +26,7 @@ from napari_mg3d.labels import LABELS
 from napari_mg3d.preprocess import preprocess_config_of
 from training import finetune, metrics
 from training.data import SyntheticDataset
+from training.evaluate import classifier_ranking_scores
 
 from .synthetic_proof import HELD_OUT_SEED
 
@@ -54,8 +55,7 @@ def classifier_auc(bundle: str | Path, n: int, shape, tier: str, cache_dir: str 
     for i in range(n):
         item = data[i]
         enc = model.encode_volume(item["volume"][None])
-        # logits, not probabilities: a float32 sigmoid makes every logit above ~17 exactly 1.0, a tie for the AUC
-        scores.append(heads["classifier"].classify(enc)[0].float().numpy())
+        scores.append(classifier_ranking_scores(heads["classifier"], enc)[0].numpy())
         labels.append(item["labels"].numpy())
     return {"n": n, "seeds": [seed, seed + n - 1], "tier": tier, **mean_auc_with_se(np.array(labels), np.stack(scores))}
 

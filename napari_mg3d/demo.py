@@ -109,13 +109,14 @@ def screenshots(volume, result, sample, out: Path, bundle: Path) -> list[Path]:
             shot("segmentation")
             viewer.layers["MG-3D segmentation"].visible = False
         truth.visible = True
+        all_lesions = truth.data
         for i in heatmap_shots(result.sentences, sample):
             # the outline of this sentence's own lesions (all of the sample's for a sentence without one), on the
             # slice where they are largest
             linked = _linked_lesions(result.sentences[i], sample)
-            outline = np.zeros(sample.volume.shape, np.uint8)
-            for name in linked or sample.lesions:
-                outline[sample.lesions[name]] = LABELS.index(sample.lesion_labels[name]) + 1
+            outline = all_lesions
+            if linked:
+                outline = all_lesions * np.logical_or.reduce([sample.lesions[n] for n in linked])
             truth.data = outline
             if outline.any():
                 z = int(np.argmax((outline > 0).sum((1, 2))))
