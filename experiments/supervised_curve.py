@@ -139,7 +139,13 @@ def held_out_auc(net: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 
 
 
 def curve(arm: str, steps: int, batch: int, lr: float, eval_every: int, n_train: int, n_test: int, tier: str,
-          cache_dir: str | None, seed: int = 0, weights: str | Path = "", out: str | Path = "") -> dict:
+          cache_dir: str | None, seed: int = 0, weights: str | Path = "", out: str | Path = "",
+          schedule: str = "constant", warmup: int = 0, checkpoint: str | Path = "") -> dict:
+    """Train ``arm`` for ``steps`` and evaluate every ``eval_every``. ``schedule``: ``constant`` lr, or ``cosine``
+    (linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``steps``). With ``checkpoint``, the run's
+    state is saved there at every evaluation and, if the file exists, the run continues from it."""
+    from training.module import lr_lambda
+
     torch.manual_seed(seed)
     x_train, y_train = load_volumes(n_train, 0, tier, cache_dir)
     x_test, y_test = load_volumes(n_test, HELD_OUT_SEED, tier, cache_dir)
@@ -149,10 +155,26 @@ def curve(arm: str, steps: int, batch: int, lr: float, eval_every: int, n_train:
         net.fc.bias.copy_(torch.log(prior / (1 - prior)))
     params = [p for n, p in net.named_parameters() if not n.startswith("model.text.")]  # the frozen text encoder
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    if schedule not in ("constant", "cosine"):
+        raise SystemExit(f"--schedule {schedule!r}: choose constant or cosine")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(warmup, steps) if schedule == "cosine" else lambda _: 1.0)
     order = torch.Generator().manual_seed(seed)
-    points, losses, spent = [], [], 0.0
+    points, losses, spent, start = [], [], 0.0, 1
+    settings = {"arm": arm, "tier": tier, "batch_size": batch, "lr": lr, "schedule": schedule, "warmup": warmup,
+                "steps": steps, "n_train": n_train, "n_test": n_test, "seed": seed}
+    if checkpoint and Path(checkpoint).exists():
+        state = torch.load(checkpoint, weights_only=False)
+        if state["settings"] != settings:
+            raise SystemExit(f"{checkpoint} was saved by a run with other settings ({state['settings']}); "
+                             "delete it or rerun with those settings")
+        net.load_state_dict(state["net"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        order.set_state(state["order"])
+        points, losses, spent, start = state["points"], state["losses"], state["spent"], state["step"] + 1
+        print(f"{arm}: resumed from {checkpoint} at step {state['step']}", flush=True)
     net.train()
-    for step in range(1, steps + 1):
+    for step in range(start, steps + 1):
         t0 = time.perf_counter()
         idx = torch.randint(0, n_train, (batch,), generator=order)
         with torch.autocast("cpu", torch.bfloat16):
@@ -160,6 +182,7 @@ def curve(arm: str, steps: int, batch: int, lr: float, eval_every: int, n_train:
         opt.zero_grad()
         loss.backward()
         opt.step()
+        sched.step()
         spent += time.perf_counter() - t0
         losses.append(float(loss.detach()))
         if not math.isfinite(losses[-1]):
@@ -174,12 +197,15 @@ def curve(arm: str, steps: int, batch: int, lr: float, eval_every: int, n_train:
             print(f"{arm} step {step} ({spent:.0f} s) loss {points[-1]['train_loss']:.4f} held-out mean AUC "
                   f"{r['mean_auc']:.3f} ± {r['se']:.3f}; " + ", ".join(f"{k} {r['auc_per_finding'].get(k, float('nan')):.2f}" for k in SHOWN), flush=True)
             if out:  # the curve so far, so a stopped run keeps its points
-                _write(out, {"arm": arm, "tier": tier, "batch_size": batch, "lr": lr, "n_train": n_train,
-                             "n_test": n_test, "seconds_per_step": spent / step, "curve": points})
+                _write(out, {**settings, "seconds_per_step": spent / step, "curve": points})
+            if checkpoint:
+                Path(checkpoint).parent.mkdir(parents=True, exist_ok=True)
+                torch.save({"settings": settings, "net": net.state_dict(), "opt": opt.state_dict(),
+                            "sched": sched.state_dict(), "order": order.get_state(), "points": points,
+                            "losses": losses, "spent": spent, "step": step}, checkpoint)
     if weights:
         torch.save(net.state_dict(), weights)
-    return {"arm": arm, "tier": tier, "batch_size": batch, "lr": lr, "n_train": n_train, "n_test": n_test,
-            "seconds_per_step": spent / steps, "curve": points}
+    return {**settings, "seconds_per_step": spent / steps, "curve": points}
 
 
 def _write(path: str | Path, result: dict) -> None:
@@ -201,9 +227,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--cache-dir", default="runs/cache")
     ap.add_argument("--out", default="")
     ap.add_argument("--weights", default="", help="save the trained network's state dict here")
+    ap.add_argument("--schedule", default="cosine", choices=("constant", "cosine"),
+                    help="cosine: linear warm-up over --warmup steps, then cosine decay to 0 at --steps")
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--checkpoint", default="",
+                    help="save the run's state here at every evaluation; an existing file is resumed from")
     a = ap.parse_args(argv)
     r = curve(a.arm, a.steps, a.batch_size, a.lr, a.eval_every, a.train, a.held_out, a.tier, a.cache_dir or None,
-              weights=a.weights, out=a.out)
+              weights=a.weights, out=a.out, schedule=a.schedule, warmup=a.warmup, checkpoint=a.checkpoint)
     if a.out:
         _write(a.out, r)
     return r

@@ -228,6 +228,34 @@ def test_supervised_curve_records_auc_loss_and_seconds_at_each_evaluation(tmp_pa
         build_arm("swin:tiny@max", 18)
 
 
+def test_supervised_curve_resumes_from_its_checkpoint_to_the_same_curve(tmp_path, monkeypatch):
+    from experiments import supervised_curve
+
+    kw = dict(arm="cnn", steps=4, batch=2, lr=1e-3, eval_every=2, n_train=6, n_test=6, tier="visible",
+              cache_dir=None, schedule="cosine", warmup=1)
+    whole = supervised_curve.curve(**kw)
+    real, calls = supervised_curve.held_out_auc, []
+
+    def stops_at_the_second_evaluation(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(supervised_curve, "held_out_auc", stops_at_the_second_evaluation)
+    ckpt = tmp_path / "run.ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        supervised_curve.curve(**kw, checkpoint=ckpt)
+    monkeypatch.setattr(supervised_curve, "held_out_auc", real)
+    resumed = supervised_curve.curve(**kw, checkpoint=ckpt)
+    assert [p["step"] for p in resumed["curve"]] == [2, 4]
+    for a, b in zip(whole["curve"], resumed["curve"]):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+        assert a["auc_per_finding"] == b["auc_per_finding"]
+    with pytest.raises(SystemExit, match="saved by a run with other settings"):
+        supervised_curve.curve(**{**kw, "lr": 1e-2}, checkpoint=ckpt)
+
+
 def test_supervised_curve_stops_when_the_loss_is_not_finite(monkeypatch):
     from experiments import supervised_curve
 
