@@ -37,10 +37,11 @@ from napari_mg3d.labels import LABELS
 from napari_mg3d.model.heads import alignment_prompt_logits, alignment_zero_shot_margins, margins_to_scores
 from napari_mg3d.model.scoring import available_score_sources, finding_scores
 from napari_mg3d.model.text import tokenize_reports
-from napari_mg3d.preprocess import labels_to_model, preprocess, preprocess_config_of
+from napari_mg3d.preprocess import preprocess, preprocess_config_of
 from napari_mg3d.synthetic import generate_sample, real_report_sample
 from napari_mg3d.volume import Volume
 from training import finetune, metrics, pretrain
+from training.evaluate import sample_pointing
 from training.params import PretrainParams
 
 HELD_OUT_SEED = 900_000
@@ -91,20 +92,9 @@ def probe(bundle: str | Path, n: int, shape, seed: int = HELD_OUT_SEED, tier: st
         tokens.append(enc.tokens[0])
         sentences.append(sent[0][text.sentence_valid[0]])
         owners += [i] * int(text.sentence_valid[0].sum())
-        heat = model.sentence_heatmaps(enc, sent, text.sentence_valid)[0]  # (S, gz, gy, gx)
-        for k, names in enumerate(s.sentence_links):
-            if not names:
-                continue
-            mask = np.zeros(s.volume.shape, np.uint8)
-            for name in names:
-                mask[s.lesions[name]] = 1
-            m = torch.from_numpy(labels_to_model(mask, rec, representation="probabilities")[1])
-            cells = F.adaptive_max_pool3d(m[None, None], heat.shape[1:])[0, 0] > 0.25  # lesion overlaps cell
-            if not cells.any():
-                continue
-            top = int(heat[k].flatten().argmax())
-            hits.append(bool(cells.flatten()[top]))
-            chance.append(float(cells.float().mean()))
+        for hit, rate in sample_pointing(model, enc, text, s, rec):
+            hits.append(hit)
+            chance.append(rate)
     Y = np.array(labels)
     out: dict = {"n": n, "objectives": list(cfg.objectives)}
     if real_reports is not None:

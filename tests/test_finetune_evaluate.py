@@ -116,6 +116,9 @@ def test_evaluate_reports_every_metric_it_can(chained):
     table = format_table(res)
     assert table.startswith("| Dice (%) | AUC (%) | BLEU-1") and "n = 6 volumes" in table
     assert "finding F1 of drafts (macro)" in table
+    pointing = res["pointing"]  # synthetic data: every finding sentence's heat-map peak checked against its lesion
+    assert pointing["n_sentences"] > 0 and 0 <= pointing["value"] <= 1 and 0 < pointing["chance"] < 1
+    assert "pointing (%)" in table and f"(chance {100 * pointing['chance']:.2f})" in table
     assert set(res["finding_f1"]["per_finding"]) == set(load_bundle(chained).meta["head_specs"]["classifier"]["labels"])
 
 
@@ -130,6 +133,52 @@ def test_evaluate_names_its_zero_shot_source_and_refuses_nan_scores(chained, mon
     monkeypatch.setattr("training.evaluate.finding_scores", nan_scores)
     with pytest.raises(SystemExit, match="4 of 4 volumes got NaN/inf scores.*no AUC is computed"):
         evaluate(str(chained), "synthetic:4", n_boot=10, synthetic_shape=SHAPE)
+
+
+def test_pointing_hit_is_the_peak_cell_in_the_lesion_beside_the_lesion_share():
+    cells = np.zeros((2, 2, 2), bool)
+    cells[0, 1, 1] = True
+    heat = np.zeros((2, 2, 2))
+    heat[0, 1, 1] = 1.0
+    assert M.pointing_hit(heat, cells) == (True, 1 / 8)
+    assert M.pointing_hit(np.roll(heat, 1, axis=0), cells) == (False, 1 / 8)
+    assert M.pointing_hit(heat, np.zeros_like(cells)) is None  # no lesion cell: nothing to point at
+    with pytest.raises(ValueError, match="different grids"):
+        M.pointing_hit(np.zeros((4, 4, 4)), cells)
+
+
+def test_sample_pointing_hits_a_heat_map_on_the_lesion_and_misses_one_away_from_it():
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+
+    from napari_mg3d.model.config import preset_config
+    from napari_mg3d.preprocess import labels_to_model, preprocess, preprocess_config_of
+    from napari_mg3d.synthetic import generate_sample
+    from napari_mg3d.volume import Volume
+    from training.evaluate import sample_pointing
+
+    sample = generate_sample(3, shape=(80, 112, 144), tier="visible", findings=["Pleural effusion"])
+    _, record = preprocess(Volume(sample.volume, sample.affine), preprocess_config_of(None, preset_config("tiny")))
+    linked = [k for k, names in enumerate(sample.sentence_links) if names]
+    mask = np.zeros(sample.volume.shape, np.uint8)
+    for name in sample.sentence_links[linked[0]]:
+        mask[sample.lesions[name]] = 1
+    share = torch.from_numpy(labels_to_model(mask, record, representation="probabilities")[1]).float()
+    densest = F.adaptive_max_pool3d(share[None, None], (4, 4, 4))[0, 0]
+
+    def model_pointing_at(cell_map):
+        heat = torch.zeros(len(sample.sentences), 4, 4, 4)
+        heat[:] = cell_map
+        return SimpleNamespace(encode_sentences_separately=lambda text: (None, None),
+                               sentence_heatmaps=lambda enc, sent, valid: heat[None])
+
+    text = SimpleNamespace(sentence_valid=None)
+    on = sample_pointing(model_pointing_at(densest), None, text, sample, record)
+    off = sample_pointing(model_pointing_at((densest == 0).float()), None, text, sample, record)
+    assert len(on) == len(off) == len(linked) == 1
+    assert on[0][0] and not off[0][0]
+    assert on[0][1] == off[0][1] == pytest.approx(float((densest > 0.25).float().mean()))
 
 
 def test_auc_ranks_large_logits_instead_of_squashing_them():

@@ -10,7 +10,9 @@ Computed where the bundle and the data allow it:
 * report -> volume retrieval Recall@5/10/50/100 (cosine of global volume and global report features, as in
   the paper);
 * Dice (segmentation head, data with masks);
-* BLEU-1..4 and ROUGE-L (report head).
+* BLEU-1..4, METEOR and ROUGE-L, and the findings the drafts assert (report head);
+* the pointing game on synthetic data (whose lesions are known): the share of finding sentences whose
+  heat-map peak lies in a token cell their lesion covers, beside the rate of a random cell.
 Prints a table laid out like the paper's Table II and writes JSON.
 """
 
@@ -31,10 +33,12 @@ from napari_mg3d.labels import LABELS
 from napari_mg3d.model.scoring import SOURCE_TITLES, choose_score_source, finding_scores
 from napari_mg3d.model.text import tokenize_reports
 from napari_mg3d.model.words import report_text
+from napari_mg3d.preprocess import labels_to_model, preprocess
+from napari_mg3d.volume import Volume
 
 from . import figures as G
 from . import metrics as M
-from .data import build_dataset, collate
+from .data import SyntheticDataset, build_dataset, collate
 from .params import run_cli
 
 log = logging.getLogger("training.evaluate")
@@ -59,6 +63,30 @@ def classifier_ranking_scores(head, encoding) -> torch.Tensor:
     return logits if head.multilabel else torch.log_softmax(logits, dim=-1)
 
 
+LESION_CELL_OVERLAP = 0.25  # a token cell belongs to a lesion when its densest model voxel is this much lesion
+
+
+@torch.no_grad()
+def sample_pointing(model, encoding, text, sample, record) -> list[tuple[bool, float]]:
+    """The pointing game on one synthetic ``sample`` (``encoding`` and ``text`` of batch size 1, ``record`` its
+    preprocessing): for each of its sentences that describes a lesion, (peak in the lesion, random-cell rate)."""
+    _, sentences = model.encode_sentences_separately(text)
+    heat = model.sentence_heatmaps(encoding, sentences, text.sentence_valid)[0].float().cpu()  # (S, gz, gy, gx)
+    out = []
+    for k, names in enumerate(sample.sentence_links[: heat.shape[0]]):
+        if not names:
+            continue
+        mask = np.zeros(sample.volume.shape, np.uint8)
+        for name in names:
+            mask[sample.lesions[name]] = 1
+        share = torch.from_numpy(labels_to_model(mask, record, representation="probabilities")[1]).float()
+        cells = F.adaptive_max_pool3d(share[None, None], heat.shape[1:])[0, 0] > LESION_CELL_OVERLAP
+        hit = M.pointing_hit(heat[k].numpy(), cells.numpy())
+        if hit is not None:
+            out.append(hit)
+    return out
+
+
 @torch.no_grad()
 def collect(predictor: Predictor, data: str, seed: int, synthetic_shape, limit: int = 0) -> dict:
     """Run the model over the data once; keep what every metric needs."""
@@ -73,7 +101,7 @@ def collect(predictor: Predictor, data: str, seed: int, synthetic_shape, limit: 
     names = predictor.label_names
     zero_shot = choose_score_source(heads, cfg, zero_shot=True)
     out: dict[str, list] = {k: [] for k in ("labels", "zero_shot", "classifier", "global_v", "global_t",
-                                            "dice", "dice_per_class", "generated", "reference")}
+                                            "dice", "dice_per_class", "generated", "reference", "pointing")}
     out["zero_shot_source"] = [zero_shot]
     dev = predictor.device
     for i, batch in enumerate(loader):
@@ -87,6 +115,10 @@ def collect(predictor: Predictor, data: str, seed: int, synthetic_shape, limit: 
                                 cfg.max_sentence_words).to(dev)
         out["global_v"].append(enc.global_feature[0].cpu())
         out["global_t"].append(model.global_text(model.encode_text(text))[0].cpu())
+        if isinstance(ds, SyntheticDataset):
+            sample = ds.sample(i)
+            _, record = preprocess(Volume(sample.volume, sample.affine), predictor.preprocess_config)
+            out["pointing"] += sample_pointing(model, enc, text, sample, record)
         if batch["labels"] is not None:
             out["labels"].append(batch["labels"][0].numpy())
             if zero_shot is not None:
@@ -155,6 +187,10 @@ def evaluate(bundle: str, data: str, n_boot: int = 1000, seed: int = 0, syntheti
                                  zip(classes, (M.mean_defined(col) for col in zip(*c["dice_per_class"])))}
         if figures and G.dice_bars(res["dice_per_class"], figures / "dice_per_class.png"):
             drawn.append("dice_per_class.png")
+    if c["pointing"]:
+        hits, chance = (np.array(v, float) for v in zip(*c["pointing"]))
+        res["pointing"] = {**M.bootstrap(lambda h: float(np.mean(h)), hits, n=n_boot, seed=seed),
+                           "chance": float(chance.mean()), "n_sentences": len(hits)}
     if c["generated"]:
         gen, ref = c["generated"], c["reference"]
         for k in range(1, 5):
@@ -177,7 +213,8 @@ def format_table(res: dict) -> str:
         if v is None:
             return "-"
         if "low" in v:
-            return f"{100 * v['value']:.2f} [{100 * v['low']:.2f}, {100 * v['high']:.2f}]"
+            chance = f" (chance {100 * v['chance']:.2f})" if "chance" in v else ""
+            return f"{100 * v['value']:.2f} [{100 * v['low']:.2f}, {100 * v['high']:.2f}]{chance}"
         if "chance" in v:
             return f"{100 * v['value']:.2f} (chance {100 * v['chance']:.2f})"
         return f"{100 * v['value']:.2f}"
@@ -186,6 +223,8 @@ def format_table(res: dict) -> str:
             ("BLEU-3", "bleu3"), ("BLEU-4", "bleu4"), ("METEOR", "meteor"), ("ROUGE-L", "rougeL"),
             ("zero-shot AUC (%)", "zero_shot_auc")]
     cols += [(f"Recall@{k}", f"recall@{k}") for k in (5, 10, 50, 100) if f"recall@{k}" in res]
+    if "pointing" in res:
+        cols.append(("pointing (%)", "pointing"))
     if "finding_f1" in res:
         res = {**res, "finding_macro_f1": {"value": res["finding_f1"]["macro_f1"]}}
         cols.append(("finding F1 of drafts (macro)", "finding_macro_f1"))

@@ -124,6 +124,18 @@ def rouge_l(candidates: list[str], references: list[str]) -> float:
                              rouge_keys="rougeL")["rougeL_fmeasure"])
 
 
+def pointing_hit(heat: np.ndarray, lesion_cells: np.ndarray) -> tuple[bool, float] | None:
+    """The pointing game for one sentence: whether the peak of its heat map ``heat`` (gz, gy, gx) lies in a
+    cell its lesion covers (``lesion_cells``, boolean, the same grid), and the hit rate of a uniformly random
+    cell (the lesion's share of the cells). None when the lesion covers no cell (nothing to point at)."""
+    cells = np.asarray(lesion_cells, bool)
+    if cells.shape != np.shape(heat):
+        raise ValueError(f"heat map {np.shape(heat)} and lesion cells {cells.shape} are on different grids")
+    if not cells.any():
+        return None
+    return bool(cells.flat[int(np.argmax(heat))]), float(cells.mean())
+
+
 def recall_at_k(similarity: np.ndarray, k: int) -> float:
     """Report->volume retrieval: similarity[i, j] of report i and volume j, the match of report i is
     volume i; fraction of reports whose volume ranks in the top k. Ranks are pessimistic: a volume that
