@@ -23,7 +23,7 @@ from .export import write_result
 from .inference import Predictor, default_bundle_path
 from .io import read_volume
 from .labels import LABELS
-from .model_card import summary_line
+from .model_card import summary_line, synthetic_tier
 from .synthetic import generate_sample, save_sample
 
 
@@ -146,18 +146,40 @@ def heatmap_shots(sentences: list[str], sample, drafted: int = 1) -> list[int]:
     return first + [i for i, s in enumerate(sentences) if _linked_lesions(s, sample)]
 
 
+DEMO_FINDINGS = ("Lung nodule", "Pleural effusion", "Cardiomegaly")
+
+
+def demo_sample(seed: int = 0, tier: str = "hard"):
+    """The demo's synthetic chest CT: a nodule, a pleural effusion and cardiomegaly, drawn in ``tier``'s style."""
+    return generate_sample(seed, findings=list(DEMO_FINDINGS), tier=tier)
+
+
+def finding_sentence_pointing(sentences: list[str], heatmap, sample) -> list[dict]:
+    """For each of ``sentences`` that describes a lesion of ``sample``: does its heat map (``heatmap(i)``, on
+    the sample's voxel grid) peak inside that lesion?"""
+    hits = []
+    for i, sentence in enumerate(sentences):
+        linked = _linked_lesions(sentence, sample)
+        if linked:
+            heat = heatmap(i)
+            peak = np.unravel_index(int(np.argmax(heat)), heat.shape)
+            hits.append({"sentence": sentence, "peak_in_lesion": bool(any(sample.lesions[n][peak] for n in linked))})
+    return hits
+
+
 def run_demo(out: Path, bundle: Path, seed: int) -> dict:
     out.mkdir(parents=True, exist_ok=True)
+    predictor = Predictor(bundle)
+    tier = synthetic_tier(predictor.model_card)
     t0 = time.perf_counter()
-    sample = generate_sample(seed, findings=["Lung nodule", "Pleural effusion", "Cardiomegaly"])
+    sample = demo_sample(seed, tier)
     row = save_sample(sample, out, "sample")
     (out / "sample_report.txt").write_text(sample.report + "\n")
     volume = read_volume(out / row["volume"])
     t_read = time.perf_counter() - t0
-    _say(f"generated and read back a synthetic chest CT: {volume.shape} voxels, "
-         f"{tuple(round(s, 2) for s in volume.spacing)} mm; its report: {sample.report}")
+    _say(f"generated and read back a synthetic chest CT ({tier} findings, as the model was trained on): "
+         f"{volume.shape} voxels, {tuple(round(s, 2) for s in volume.spacing)} mm; its report: {sample.report}")
 
-    predictor = Predictor(bundle)
     _say(f"model: {summary_line(predictor.model_card, predictor.bundle.name)} ({bundle})")
     outputs = ("segmentation", "scores", "report")  # heat maps below, once, for the draft and the sample's report
     result = predictor.run(volume, outputs=outputs, progress=lambda stage, f: _say(f"  [{int(100 * f):3d}%] {stage}"))
@@ -168,17 +190,11 @@ def run_demo(out: Path, bundle: Path, seed: int) -> dict:
     files = write_result(result, volume, out, overwrite=True)  # the demo's own folder: its earlier outputs go
     shots = screenshots(volume, result, sample, out, bundle)
 
-    hits = []
-    for i, sentence in enumerate(result.sentences):
-        linked = _linked_lesions(sentence, sample)
-        if linked:
-            heat = result.heatmap(i)
-            peak = np.unravel_index(int(np.argmax(heat)), heat.shape)
-            hits.append({"sentence": sentence, "peak_in_lesion": bool(any(sample.lesions[n][peak] for n in linked))})
+    hits = finding_sentence_pointing(result.sentences, result.heatmap, sample)
     # the run's one record (result.json), with what only the demo knows: the sample's truth and the pointing
     summary = {**json.loads((out / "result.json").read_text()),
                "timings_s": {"generate + read": t_read, **result.timings}, "report_draft": result.report,
-               "sample_report": sample.report, "sample_findings": [k for k in LABELS if sample.labels[k]],
+               "sample_report": sample.report, "sample_tier": tier, "sample_findings": [k for k in LABELS if sample.labels[k]],
                "pointing": hits, "files": [str(f) for f in files + shots]}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary

@@ -64,6 +64,13 @@ def trained_on_synthetic(card: dict) -> bool:
     return bool((card.get("trained_on") or {}).get("synthetic"))
 
 
+def synthetic_tier(card: dict) -> str:
+    """The synthetic finding tier a model was trained on: "visible" when every synthetic data spec of its
+    training says so (``synthetic:N,visible``), else "hard" (the generator's default)."""
+    specs = [str(d) for d in (card.get("trained_on") or {}).get("data") or [] if _is_synthetic(d)]
+    return "visible" if specs and all(d.replace(" ", "").endswith(",visible") for d in specs) else "hard"
+
+
 def summary_line(card: dict, name: str = "") -> str:
     """One line for a panel, a console or a report: what the model is and how far to trust it."""
     t = card.get("trained_on") or {}

@@ -45,3 +45,65 @@ def test_demo_prints_the_truth_beside_the_draft_and_ranks_the_true_findings():
     assert "0.60  #2  Emphysema" in others and "Cardiomegaly" not in others
     bare = "\n".join(truth_beside_outputs({**summary, "report_draft": [], "scores": {}}))
     assert "drafted by the model: (no report head)" in bare and "rank of" not in bare
+
+
+def test_demo_targets_say_met_missed_or_not_measured_for_each_output():
+    from napari_mg3d.labels import ORGANS
+    from training.make_demo_bundle import demo_targets
+
+    res = {"dice_per_class": {**{o: 0.9 for o in ORGANS}, "aorta": 0.4, "Lung nodule": 0.6, "Pleural effusion": 0.2},
+           "classifier_auc": {"value": 0.93, "low": 0.9, "high": 0.96},
+           "drafts": [{"generated": "No broffusion. Cardiomegaly.", "reference": "Cardiomegaly."}],
+           "finding_f1": {"macro_f1": 0.5, "micro_f1": 0.8}, "pointing": {"value": 0.7, "chance": 0.1, "n_sentences": 9}}
+    hits = [{"sentence": "a", "peak_in_lesion": True}, {"sentence": "b", "peak_in_lesion": False}]
+    rows = {(r["output"], r["metric"]): r for r in demo_targets(res, {"no", "cardiomegaly"}, hits)}
+    assert rows[("organ: heart", "Dice")]["met"] is True and rows[("organ: aorta", "Dice")]["met"] is False
+    lesions = rows[("lesions (every lesion class present, mean)", "Dice")]
+    assert lesions["measured"] == pytest.approx(0.4) and lesions["met"] is False and lesions["classes"] == 2
+    assert rows[("abnormality scores (classifier)", "mean AUC over the 18 findings")]["met"] is True
+    words = rows[("drafted report", "share of drafted words that occur in reports")]
+    assert words["measured"] == pytest.approx(2 / 3) and words["met"] is False  # "broffusion" is no word
+    assert rows[("drafted report", "finding F1 (macro over findings)")]["met"] is False
+    assert rows[("heat maps", "pointing game: peak in the sentence's lesion")]["met"] is True
+    demo_row = rows[("heat maps on the demo's own sample", "finding sentences peaking in their lesion")]
+    assert (demo_row["measured"], demo_row["of"], demo_row["met"]) == (1.0, 2, False)
+    bare = {(r["output"], r["metric"]): r for r in demo_targets({}, set(), None)}
+    assert all(r["met"] is None and r["measured"] is None for r in bare.values())  # no head: not measured, not met
+
+
+def test_the_demo_sample_is_drawn_in_the_tier_the_model_was_trained_on():
+    from napari_mg3d.model_card import synthetic_tier
+
+    assert synthetic_tier({"trained_on": {"data": ["synthetic:8000,visible", "synthetic:16, visible"]}}) == "visible"
+    assert synthetic_tier({"trained_on": {"data": ["synthetic:2000", "synthetic:16,visible"]}}) == "hard"
+    assert synthetic_tier({"trained_on": {"data": ["manifest:ct.csv"]}}) == "hard"
+    assert synthetic_tier({}) == "hard"
+
+
+def test_make_demo_bundle_writes_measured_targets_into_the_card_and_reruns_nothing_done(tmp_path, monkeypatch):
+    pytest.importorskip("lightning")
+    from napari_mg3d.checkpoint import load_bundle, read_model_card
+    from training import finetune, make_demo_bundle
+
+    args = ["--work", str(tmp_path / "work"), "--out", str(tmp_path / "bundle"), "--pairs", "4",
+            "--pretrain-steps", "2", "--finetune-steps", "2", "--batch-size", "2", "--held-out", "3",
+            "--synthetic-shape", "40", "48", "56", "--cache-dir", str(tmp_path / "cache"), "--workers", "0",
+            "--precision", "32-true"]
+    out = make_demo_bundle.main(args)
+    name, card = read_model_card(out)
+    assert card["held_out"]["data"] == "synthetic:3,visible" and card["held_out"]["seeds"] == [900000, 900002]
+    targets = {(t["output"], t["metric"]): t for t in card["targets"]}
+    assert len(targets) == 15 and all(t["met"] in (True, False) for t in targets.values())
+    auc = targets[("abnormality scores (classifier)", "mean AUC over the 18 findings")]
+    assert 0 <= auc["measured"] <= 1 and auc["target"] == 0.9
+    assert targets[("drafted report", "share of drafted words that occur in reports")]["measured"] == 1.0
+    assert card["trained_on"]["data"] == ["synthetic:4,visible"]  # the training data of every stage
+    assert load_bundle(out).meta["made_by"].startswith("python -m training.make_demo_bundle --work")
+
+    def no_training(*a, **k):
+        raise AssertionError("a stage made with the same settings ran again")
+
+    monkeypatch.setattr(finetune, "run", no_training)
+    monkeypatch.setattr(make_demo_bundle.pretrain, "run", no_training)
+    again = make_demo_bundle.main(args)
+    assert read_model_card(again)[1]["targets"] == card["targets"]

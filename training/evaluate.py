@@ -141,9 +141,11 @@ def collect(predictor: Predictor, data: str, seed: int, synthetic_shape, limit: 
 
 
 def evaluate(bundle: str, data: str, n_boot: int = 1000, seed: int = 0, synthetic_shape=(96, 128, 160),
-             limit: int = 0, device: str = "auto", figures_dir: str | Path | None = None) -> dict:
+             limit: int = 0, device: str = "auto", figures_dir: str | Path | None = None,
+             keep_drafts: bool = False) -> dict:
     """The metrics as a dict; with ``figures_dir``, also ROC curves per finding, the Recall@K curve, Dice per
-    class (PNG) and the table (markdown) there."""
+    class (PNG) and the table (markdown) there; with ``keep_drafts``, every drafted report beside its
+    reference (``drafts``), not only three examples."""
     predictor = Predictor(bundle, device=device)
     figures = Path(figures_dir) if figures_dir else None
     if figures:
@@ -201,6 +203,8 @@ def evaluate(bundle: str, data: str, n_boot: int = 1000, seed: int = 0, syntheti
             res["finding_f1"] = M.finding_f1(gen, np.stack(c["labels"]), names)
         res["text_tokenisation"] = M.TEXT_TOKENISATION
         res["examples"] = [{"generated": g, "reference": r} for g, r in list(zip(gen, ref))[:3]]
+        if keep_drafts:
+            res["drafts"] = [{"generated": g, "reference": r} for g, r in zip(gen, ref)]
     if figures:
         (figures / "results.md").write_text(format_table(res) + "\n")
         res["figures"] = drawn + ["results.md"]
