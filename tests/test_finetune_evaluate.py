@@ -135,6 +135,17 @@ def test_evaluate_names_its_zero_shot_source_and_refuses_nan_scores(chained, mon
         evaluate(str(chained), "synthetic:4", n_boot=10, synthetic_shape=SHAPE)
 
 
+def test_recall_in_pools_ranks_each_report_among_its_own_pool_only():
+    s = np.eye(6)
+    s[0, 3] = 2.0  # report 0 prefers volume 3, which is in the other pool of 3
+    assert M.recall_at_k(s, 1) == pytest.approx(5 / 6)
+    assert M.recall_at_k_in_pools(s, 1, 3) == 1.0
+    assert M.recall_at_k_in_pools(np.eye(7), 1, 3) == 1.0  # the 7th report, in no full pool, is left out
+    with pytest.raises(ValueError, match="Recall@10 among 100 needs at least 100"):
+        M.recall_at_k_in_pools(np.eye(50), 10, 100)
+    assert M.binomial_se(0.5, 100) == pytest.approx(0.05)
+
+
 def test_pointing_hit_is_the_peak_cell_in_the_lesion_beside_the_lesion_share():
     cells = np.zeros((2, 2, 2), bool)
     cells[0, 1, 1] = True

@@ -38,13 +38,20 @@ def test_a_finished_fine_tune_is_reused_only_with_the_same_settings(tmp_path):
 def test_results_table_has_one_row_per_run_and_the_segmentation_comparison():
     probe = {"zero_shot_sva_auc_mean": 0.61, "zero_shot_mlm_auc_mean": None, "recall@10_sva": 0.3,
              "recall@10_global": 0.1, "recall@10_chance": 0.1, "pointing_hit_rate": 0.25,
-             "pointing_random_baseline": 0.107}
+             "pointing_random_baseline": 0.107, "n": 100}
+    pooled = {**probe, "n": 200, "recall@10_chance": 0.05, "zero_shot_sva_auc_se": 0.012, "recall@10_of_100_sva": 0.4,
+              "recall@10_of_100_sva_se": 0.035, "recall@10_of_100_global": 0.2, "recall@10_of_100_global_se": 0.028,
+              "pointing_hit_rate_se": 0.02}
     table = synthetic_proof.to_markdown({
-        "runs": {"random init": {"steps": 0, **probe}, "full (six + sva), 2 cycles": {"steps": 1000, **probe}},
+        "runs": {"random init": {"steps": 0, **probe}, "full (six + sva), 2 cycles": {"steps": 1000, **probe},
+                 "full, 200 held out": {"steps": 500, **pooled}},
         "segmentation": {"pretrained": {"mean_dice": 0.4, "mean_dice_per_seed": {"7": 0.45, "8": 0.35}},
                          "scratch": {"mean_dice": 0.35, "mean_dice_per_seed": {"7": 0.35}}}})
     rows = table.splitlines()
-    assert "| full (six + sva), 2 cycles | 1000 | 0.610 / - | 0.300 / 0.100 (0.10) | 0.250 (0.107) |" in rows
+    assert ("| full (six + sva), 2 cycles | 1000 | 0.610 / - | 0.300 (of 100, chance 0.10) / 0.100 (of 100, chance "
+            "0.10) | 0.250 (0.107) |") in rows
+    assert ("| full, 200 held out | 500 | 0.610 ± 0.012 / - | 0.400 ± 0.035 / 0.200 ± 0.028 | 0.250 ± 0.020 (0.107) |"
+            in rows)
     assert "| pretrained | 0.400 | 7: 0.450, 8: 0.350 |" in rows and "| scratch | 0.350 | 7: 0.350 |" in rows
 
 

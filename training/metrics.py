@@ -146,6 +146,22 @@ def recall_at_k(similarity: np.ndarray, k: int) -> float:
     return float((rank < k).mean())
 
 
+def recall_at_k_in_pools(similarity: np.ndarray, k: int, pool: int) -> float:
+    """:func:`recall_at_k` among ``pool`` candidates: the reports and volumes split in order into consecutive
+    pools of ``pool`` (a last, smaller pool is left out), each report ranked among its pool's volumes; the
+    mean over all the pooled reports. Makes Recall@K comparable across held-out sets of different sizes."""
+    s = np.asarray(similarity)
+    pools = len(s) // pool
+    if pools == 0:
+        raise ValueError(f"Recall@{k} among {pool} needs at least {pool} reports and volumes; got {len(s)}")
+    return float(np.mean([recall_at_k(s[i * pool:(i + 1) * pool, i * pool:(i + 1) * pool], k) for i in range(pools)]))
+
+
+def binomial_se(rate: float, n: int) -> float:
+    """Standard error of a hit rate over ``n`` independent trials."""
+    return float(np.sqrt(rate * (1 - rate) / n)) if n > 0 else float("nan")
+
+
 def bootstrap_mean_auc(labels: np.ndarray, scores: np.ndarray, names: Sequence[str], n: int = 1000, seed: int = 0,
                        alpha: float = 0.05) -> dict:
     """Mean AUC over a fixed label set (those with both classes among all the volumes) with its bootstrap
