@@ -191,6 +191,11 @@ def runtime(num_workers: int = 1, precision: str = "32-true", cache_dir: str = "
     return {"num_workers": num_workers, "precision": precision, "cache_dir": cache_dir}
 
 
+def pretrain_runtime(run_with: dict, checkpoint_every: int = 0) -> dict:
+    """``run_with`` for the pre-training runs, with how often they checkpoint (0: four times a run)."""
+    return {**run_with, **({"checkpoint_every": checkpoint_every} if checkpoint_every else {})}
+
+
 def run_pretrain(out: Path, pairs: int, steps: int, objectives, shape, batch: int, snapshot: int = 0,
                  **kw) -> dict[int, Path]:
     """Pre-train; with ``snapshot`` also export the bundle at that step (stop there, export, resume)."""
@@ -389,6 +394,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help="precision of every pre-training and fine-tuning run: 32-true | bf16-mixed (a GPU, or a CPU "
                          "with AVX512-BF16/AMX)")
     ap.add_argument("--shape", type=int, nargs=3, default=[80, 112, 144])
+    ap.add_argument("--checkpoint-every", type=int, default=0,
+                    help="pre-training: keep a resumable checkpoint every N steps (default: four per run)")
     ap.add_argument("--scoring-rules", action="store_true",
                     help="with --pretrained: only compare zero-shot scoring rules on --held-out validation volumes "
                          "(seeds from 800000) and write OUT/zero_shot_scoring_validation.json")
@@ -418,14 +425,15 @@ def main(argv: list[str] | None = None) -> dict:
         curve = {}
         if a.curve_steps:
             curve = learning_curve(out / "full", a.pairs, a.steps, a.curve_steps + ([] if a.skip_ablation else [half]),
-                                   full, a.shape, a.batch_size, a.held_out, tier=a.tier, preset=a.preset, **run_with)
+                                   full, a.shape, a.batch_size, a.held_out, tier=a.tier, preset=a.preset,
+                                   **pretrain_runtime(run_with, a.checkpoint_every))
             bundles = {a.steps: out / "full" / "bundle", half: out / "full" / "bundle_step" / f"{half}"}
         else:
             bundles = run_pretrain(out / "full", a.pairs, a.steps, full, a.shape, a.batch_size,
-                                   snapshot=0 if a.skip_ablation else half, preset=a.preset, tier=a.tier, **run_with)
+                                   snapshot=0 if a.skip_ablation else half, preset=a.preset, tier=a.tier, **pretrain_runtime(run_with, a.checkpoint_every))
         runs = {"random init": (None, 0), "full (six + sva)": (bundles[a.steps], a.steps)}
         for bundle, steps in continue_cycles(out / "full", bundles[a.steps], a.cycles, a.pairs, a.steps, full,
-                                             a.shape, a.batch_size, tier=a.tier, **run_with):
+                                             a.shape, a.batch_size, tier=a.tier, **pretrain_runtime(run_with, a.checkpoint_every)):
             runs[f"full (six + sva), {steps // a.steps} cycles"] = (bundle, steps)
         snapshot = out / "full" / "bundle_step" / f"{half}"
         if a.skip_ablation and snapshot.exists():  # left by an earlier run with ablations
@@ -437,7 +445,7 @@ def main(argv: list[str] | None = None) -> dict:
                                      ("no MIM+MLM", ("sfr", "cml", "ssm", "dfa", "sva"))):
                 folder = out / name.split(" (")[0].replace("'", "").replace(" ", "_").replace("+", "_")
                 runs[name] = (snapshot_run(folder, a.pairs, a.steps, half, objectives, a.shape, a.batch_size,
-                                           preset=a.preset, tier=a.tier, **run_with), half)
+                                           preset=a.preset, tier=a.tier, **pretrain_runtime(run_with, a.checkpoint_every)), half)
         runs["random init"] = (random_init_bundle(out / "random_init", bundles[a.steps]), 0)
     results: dict = {"runs": {}}
     if not a.pretrained and curve:
