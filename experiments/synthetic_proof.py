@@ -406,6 +406,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--skip-segmentation", action="store_true")
     a = ap.parse_args(argv)
     run_with = runtime(a.num_workers, a.precision, a.cache_dir)
+    pre_with = pretrain_runtime(run_with, a.checkpoint_every)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -425,15 +426,14 @@ def main(argv: list[str] | None = None) -> dict:
         curve = {}
         if a.curve_steps:
             curve = learning_curve(out / "full", a.pairs, a.steps, a.curve_steps + ([] if a.skip_ablation else [half]),
-                                   full, a.shape, a.batch_size, a.held_out, tier=a.tier, preset=a.preset,
-                                   **pretrain_runtime(run_with, a.checkpoint_every))
+                                   full, a.shape, a.batch_size, a.held_out, tier=a.tier, preset=a.preset, **pre_with)
             bundles = {a.steps: out / "full" / "bundle", half: out / "full" / "bundle_step" / f"{half}"}
         else:
             bundles = run_pretrain(out / "full", a.pairs, a.steps, full, a.shape, a.batch_size,
-                                   snapshot=0 if a.skip_ablation else half, preset=a.preset, tier=a.tier, **pretrain_runtime(run_with, a.checkpoint_every))
+                                   snapshot=0 if a.skip_ablation else half, preset=a.preset, tier=a.tier, **pre_with)
         runs = {"random init": (None, 0), "full (six + sva)": (bundles[a.steps], a.steps)}
         for bundle, steps in continue_cycles(out / "full", bundles[a.steps], a.cycles, a.pairs, a.steps, full,
-                                             a.shape, a.batch_size, tier=a.tier, **pretrain_runtime(run_with, a.checkpoint_every)):
+                                             a.shape, a.batch_size, tier=a.tier, **pre_with):
             runs[f"full (six + sva), {steps // a.steps} cycles"] = (bundle, steps)
         snapshot = out / "full" / "bundle_step" / f"{half}"
         if a.skip_ablation and snapshot.exists():  # left by an earlier run with ablations
@@ -445,7 +445,7 @@ def main(argv: list[str] | None = None) -> dict:
                                      ("no MIM+MLM", ("sfr", "cml", "ssm", "dfa", "sva"))):
                 folder = out / name.split(" (")[0].replace("'", "").replace(" ", "_").replace("+", "_")
                 runs[name] = (snapshot_run(folder, a.pairs, a.steps, half, objectives, a.shape, a.batch_size,
-                                           preset=a.preset, tier=a.tier, **pretrain_runtime(run_with, a.checkpoint_every)), half)
+                                           preset=a.preset, tier=a.tier, **pre_with), half)
         runs["random init"] = (random_init_bundle(out / "random_init", bundles[a.steps]), 0)
     results: dict = {"runs": {}}
     if not a.pretrained and curve:
