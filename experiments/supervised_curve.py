@@ -162,6 +162,7 @@ def curve(arm: str, steps: int, batch: int, lr: float, eval_every: int, n_train:
     points, losses, spent, start = [], [], 0.0, 1
     settings = {"arm": arm, "tier": tier, "batch_size": batch, "lr": lr, "schedule": schedule, "warmup": warmup,
                 "steps": steps, "n_train": n_train, "n_test": n_test, "seed": seed}
+    provenance = {"auc": "ranks"}  # AUCs from ranks (training.metrics.auc since 2026-12-06), not squashed logits
     if checkpoint and Path(checkpoint).exists():
         state = torch.load(checkpoint, weights_only=False)
         if state["settings"] != settings:
@@ -197,7 +198,7 @@ def curve(arm: str, steps: int, batch: int, lr: float, eval_every: int, n_train:
             print(f"{arm} step {step} ({spent:.0f} s) loss {points[-1]['train_loss']:.4f} held-out mean AUC "
                   f"{r['mean_auc']:.3f} ± {r['se']:.3f}; " + ", ".join(f"{k} {r['auc_per_finding'].get(k, float('nan')):.2f}" for k in SHOWN), flush=True)
             if out:  # the curve so far, so a stopped run keeps its points
-                _write(out, {**settings, "seconds_per_step": spent / step, "curve": points})
+                _write(out, {**settings, **provenance, "seconds_per_step": spent / step, "curve": points})
             if checkpoint:
                 Path(checkpoint).parent.mkdir(parents=True, exist_ok=True)
                 torch.save({"settings": settings, "net": net.state_dict(), "opt": opt.state_dict(),
@@ -205,7 +206,7 @@ def curve(arm: str, steps: int, batch: int, lr: float, eval_every: int, n_train:
                             "losses": losses, "spent": spent, "step": step}, checkpoint)
     if weights:
         torch.save(net.state_dict(), weights)
-    return {**settings, "seconds_per_step": spent / steps, "curve": points}
+    return {**settings, **provenance, "seconds_per_step": spent / steps, "curve": points}
 
 
 def _write(path: str | Path, result: dict) -> None:
