@@ -2,6 +2,7 @@
 
     python -m experiments.supervised_curve --arm swin:tiny --steps 1500 --batch-size 8 --eval-every 250
     python -m experiments.supervised_curve --arm swin:tiny:24 ...     # a wider tiny (feature_size 24)
+    python -m experiments.supervised_curve --arm swin:tiny:12:1-2-4-8 ...   # the tiny with 1, 2, 4, 8 heads
     python -m experiments.supervised_curve --arm cnn ...              # a plain 3D CNN, the reference learner
 
 Each arm is trained end to end on the 18 labels of the cached synthetic volumes (seeds 0.., the model input of
@@ -64,13 +65,15 @@ class SwinClassifier(nn.Module):
     sharpness ``r``: between the mean (r -> 0) and the max (r -> inf), so a lesion in one token of 64 counts)."""
 
     def __init__(self, n_labels: int, preset: str = "tiny", feature_size: int | None = None,
-                 readout: str = "mean", r: float = 4.0) -> None:
+                 readout: str = "mean", r: float = 4.0, num_heads: tuple[int, ...] | None = None) -> None:
         super().__init__()
         from napari_mg3d.model import MG3DModel
 
         if readout not in ("mean", "lse"):
             raise SystemExit(f"read-out {readout!r}: choose mean or lse")
         overrides = {"feature_size": feature_size} if feature_size else {}
+        if num_heads:
+            overrides["num_heads"] = tuple(num_heads)
         self.model = MG3DModel(preset_config(preset, **overrides))
         d = self.model.config.fusion_dim
         self.readout, self.r = readout, r
@@ -104,8 +107,9 @@ class LungWindow(nn.Module):
 
 
 def build_arm(arm: str, n_labels: int) -> nn.Module:
-    """``cnn``, ``cnn+lung`` (a lung-window channel beside the input), ``swin:PRESET`` or
-    ``swin:PRESET:FEATURE_SIZE``; a Swin arm may end in ``@lse`` for the token read-out."""
+    """``cnn``, ``cnn+lung`` (a lung-window channel beside the input), ``swin:PRESET``,
+    ``swin:PRESET:FEATURE_SIZE`` or ``swin:PRESET:FEATURE_SIZE:HEADS`` (attention heads per stage, e.g.
+    1-2-4-8); a Swin arm may end in ``@lse`` for the token read-out."""
     arm, _, readout = arm.partition("@")
     if arm == "cnn":
         return SmallCNN(n_labels)
@@ -114,8 +118,13 @@ def build_arm(arm: str, n_labels: int) -> nn.Module:
     kind, _, rest = arm.partition(":")
     if kind != "swin" or not rest:
         raise SystemExit(f"--arm {arm!r}: choose cnn, swin:PRESET or swin:PRESET:FEATURE_SIZE")
-    preset, _, width = rest.partition(":")
-    return SwinClassifier(n_labels, preset, int(width) if width else None, readout or "mean")
+    preset, _, shape = rest.partition(":")
+    width, _, heads = shape.partition(":")
+    try:
+        num_heads = tuple(int(h) for h in heads.split("-")) if heads else None
+        return SwinClassifier(n_labels, preset, int(width) if width else None, readout or "mean", num_heads=num_heads)
+    except ValueError as err:
+        raise SystemExit(f"--arm {arm!r}: {err}") from None
 
 
 def load_volumes(n: int, seed: int, tier: str, cache_dir: str | None, shape=(80, 112, 144)):

@@ -228,6 +228,9 @@ def test_supervised_curve_records_auc_loss_and_seconds_at_each_evaluation(tmp_pa
     assert all(0.0 <= p["mean_auc"] <= 1.0 and np.isfinite(p["train_loss"]) for p in r["curve"])
     assert all(p["se"] > 0 for p in r["curve"])
     assert build_arm("swin:tiny:24", 18).model.config.feature_size == 24
+    assert build_arm("swin:tiny:12:1-2-4-8", 18).model.config.num_heads == (1, 2, 4, 8)
+    with pytest.raises(SystemExit, match="--arm 'swin:tiny:12:1-x'"):
+        build_arm("swin:tiny:12:1-x", 18)
     assert (build_arm("swin:tiny@lse", 18).readout, build_arm("swin:tiny", 18).readout) == ("lse", "mean")
     with pytest.raises(SystemExit, match="choose cnn, swin:PRESET"):
         build_arm("resnet", 18)
