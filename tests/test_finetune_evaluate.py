@@ -373,3 +373,21 @@ def test_epoch_sampler_resumes_mid_epoch_and_shares_epochs_between_ranks():
     assert list(islice(iter(EpochSampler(5, seed=3, start=7)), 8)) == full[7:15]
     ranks = [list(islice(iter(EpochSampler(6, seed=1, rank=r, world=2)), 3)) for r in (0, 1)]
     assert sorted(ranks[0] + ranks[1]) == list(range(6))
+
+
+def test_classify_reads_the_volumes_pre_training_cached_without_making_label_maps(tmp_path, gui_bundle, monkeypatch):
+    from napari_mg3d.preprocess import preprocess_config_of
+    from training.data import SyntheticDataset
+
+    config = preprocess_config_of(load_bundle(gui_bundle).meta, load_bundle(gui_bundle).config)
+    cached = SyntheticDataset(4, config, seed=0, shape=tuple(SHAPE), with_mask=False, cache_dir=tmp_path / "cache")
+    for i in range(4):
+        cached[i]  # as pre-training caches them: volumes and reports, no label maps
+    entries = sorted((tmp_path / "cache").rglob("*.npz"))
+
+    def no_generation(self, index):
+        raise AssertionError(f"volume {index} was generated again instead of read from the cache")
+
+    monkeypatch.setattr(SyntheticDataset, "_make", no_generation)
+    _ft(tmp_path, gui_bundle, "classify", seed=0, cache_dir=str(tmp_path / "cache"))
+    assert sorted((tmp_path / "cache").rglob("*.npz")) == entries

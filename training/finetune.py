@@ -238,7 +238,8 @@ def run(p: FinetuneParams) -> Path:
     model, heads, specs, meta = load_start(p)
     cfg = model.config
     pre_cfg = preprocess_config_of(meta, cfg)
-    train_set = build_dataset(p.data, pre_cfg, p.cache_dir or None, p.seed, tuple(p.synthetic_shape))
+    train_set = build_dataset(p.data, pre_cfg, p.cache_dir or None, p.seed, tuple(p.synthetic_shape),
+                              with_mask=p.task == "segment")  # other tasks: no label maps made or cached
     if p.task == "segment" and p.data.startswith("synthetic"):
         train_set.target = p.seg_target  # type: ignore[attr-defined]
     if p.shots:
@@ -477,7 +478,8 @@ def recalibrate_head(model: MG3DModel, head: nn.Module, train_set, p: FinetunePa
 @torch.no_grad()
 def validate(p: FinetuneParams, model, head, spec, names, pre_cfg, device) -> dict:
     """Task metrics on --val-data: Dice per class (sliding window) for segment, AUC for classification."""
-    val_set = build_dataset(p.val_data, pre_cfg, p.cache_dir or None, p.seed + 10_000_000, tuple(p.synthetic_shape))
+    val_set = build_dataset(p.val_data, pre_cfg, p.cache_dir or None, p.seed + 10_000_000, tuple(p.synthetic_shape),
+                            with_mask=p.task == "segment")
     if p.task == "segment" and p.val_data.startswith("synthetic"):
         val_set.target = p.seg_target  # type: ignore[attr-defined]
     model.eval()
