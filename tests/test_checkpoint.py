@@ -215,3 +215,17 @@ def test_a_bundle_by_hub_name_loads_from_the_hub_cache_offline(tiny_model, tmp_p
         assert load_bundle(name).labels == ["Lung nodule"]
     with pytest.raises(BundleError, match="hf://mg3d/missing: could not get Hub repository 'mg3d/missing'"):
         load_bundle("hf://mg3d/missing")
+
+
+def test_a_bundle_keeps_the_attention_heads_it_was_trained_with_when_the_preset_changes(tiny_config, tmp_path):
+    from napari_mg3d.model.config import preset_config
+
+    assert preset_config("tiny").num_heads == (1, 2, 4, 8)  # the preset today: 12 channels per head
+    torch.manual_seed(0)
+    older = MG3DModel(tiny_config.replace(num_heads=(3, 6, 12, 24)))  # the preset's heads before 2026-12-07
+    path = save_bundle(tmp_path / "older", older)
+    loaded = load_bundle(path).model.eval()
+    assert loaded.config.num_heads == (3, 6, 12, 24)
+    assert loaded.vision.swin.layers1[0].blocks[0].attn.num_heads == 3
+    before, after = _outputs(older.eval()), _outputs(loaded)
+    assert torch.equal(before["tokens"], after["tokens"])
