@@ -37,7 +37,7 @@ def plot(paths: list[Path], out: Path, target: float = 0.9) -> Path:
     left.axhline(target, color="k", ls="--", lw=1, label=f"ceiling target {target}")
     left.axhline(0.5, color="grey", ls=":", lw=1, label="chance")
     left.set(xlabel="training samples seen", ylabel="held-out mean AUC, 18 findings", ylim=(0.45, 1.0),
-             title="Supervised ceiling on the visible tier (Swin tiny, end to end)")
+             title="Supervised ceiling on the visible tier (trained end to end)")
     left.legend(fontsize=7, loc="lower right")
     last_path, last = results[-1]
     names = sorted(last["curve"][-1]["auc_per_finding"], key=lambda k: last["curve"][-1]["auc_per_finding"][k])
