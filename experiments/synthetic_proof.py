@@ -42,7 +42,7 @@ from napari_mg3d.synthetic import generate_sample, real_report_sample
 from napari_mg3d.volume import Volume
 from training import finetune, metrics, pretrain
 from training.evaluate import sample_pointing
-from training.params import PretrainParams
+from training.params import PretrainParams, made_with
 
 HELD_OUT_SEED = 900_000
 RETRIEVAL_POOL = 100  # Recall@10 is reported among this many candidates (chance 0.10)
@@ -93,7 +93,7 @@ def probe(bundle: str | Path, n: int, shape, seed: int = HELD_OUT_SEED, tier: st
         tokens.append(enc.tokens[0])
         sentences.append(sent[0][text.sentence_valid[0]])
         owners += [i] * int(text.sentence_valid[0].sum())
-        for hit, rate in sample_pointing(model, enc, text, s, rec):
+        for hit, rate in sample_pointing(model, enc, text, s, rec, sent):  # the sentences encoded once
             hits.append(hit)
             chance.append(rate)
     Y = np.array(labels)
@@ -299,7 +299,7 @@ def seg_compare(pretrained: Path, out: Path, steps: int, shape, preset_size, see
         for seed in seeds:
             params = finetune.FinetuneParams(out_dir=str(out / f"seg_{name}_seed{seed}"), seed=seed, **common, **extra)
             b = Path(params.out_dir) / "bundle"
-            if _same_finetune(b, params):  # e.g. the scratch arm, which does not depend on the pre-trained bundle
+            if made_with(b, params):  # e.g. the scratch arm, which does not depend on the pre-trained bundle
                 print(f"segmentation {name}: reusing {b}, trained with the same settings", flush=True)
             else:
                 b = finetune.run(params)
@@ -317,18 +317,6 @@ def _mean_defined(values: list[float | None]) -> float | None:
     """Mean over the seeds where a class's Dice is defined (None: the class is absent from the held-out set)."""
     defined = [v for v in values if v is not None]
     return float(np.mean(defined)) if defined else None
-
-
-def _same_finetune(bundle: Path, params) -> bool:
-    """Whether ``bundle`` exists and was fine-tuned with exactly ``params`` (start bundle, data, steps, seed...)."""
-    config = bundle / "config.json"
-    if not config.is_file():
-        return False
-    done = json.loads(config.read_text()).get("provenance", {}).get("params", {})
-    wanted = params.to_dict()
-    defaults = type(params)().to_dict()  # a setting added after the bundle was written had its default then
-    keys = set(wanted) - {"out_dir", "num_workers", "log_every", "device", "devices"}
-    return all(done.get(k, defaults[k]) == wanted[k] for k in keys)
 
 
 def _f(value, se=None) -> str:

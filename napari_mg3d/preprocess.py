@@ -146,22 +146,31 @@ def _resize(x: torch.Tensor, size, mode: str) -> torch.Tensor:
     return x[0]
 
 
+def preprocess_record(shape: Sequence[int], affine: np.ndarray,
+                      config: PreprocessConfig = PreprocessConfig()) -> PreprocessRecord:
+    """The record :func:`preprocess` makes for a volume of ``shape`` voxels and ``affine``, from the geometry
+    alone (no voxel is read): e.g. to map label maps onto the model grid of a volume encoded earlier."""
+    if len(shape) != 3:
+        raise ValueError(f"expected a 3D volume, got shape {tuple(shape)}")
+    ornt = orientation_transform(affine, config.axcodes)
+    canonical = tuple(int(shape[i]) for i in np.argsort(ornt[:, 0]))
+    start, stop = centre_crop_box(canonical, config.crop_ratios)
+    record = PreprocessRecord(tuple(int(n) for n in shape), ornt.tolist(), canonical, start, stop,  # type: ignore[arg-type]
+                              tuple(config.target_size), np.asarray(affine).tolist())
+    record.model_affine = model_affine(record).tolist()
+    return record
+
+
 def preprocess(volume: Volume, config: PreprocessConfig = PreprocessConfig()) -> tuple[torch.Tensor, PreprocessRecord]:
     """Volume in HU -> ((1, Z, Y, X) float32 tensor in [0, 1], record)."""
-    data = volume.data
-    if data.ndim != 3:
-        raise ValueError(f"expected a 3D volume, got shape {data.shape}")
-    ornt = orientation_transform(volume.affine, config.axcodes)
-    canonical = _apply_ornt(data, ornt)
-    start, stop = centre_crop_box(canonical.shape, config.crop_ratios)
-    cropped = canonical[start[0]:stop[0], start[1]:stop[1], start[2]:stop[2]]
+    record = preprocess_record(volume.data.shape, volume.affine, config)
+    canonical = _apply_ornt(volume.data, np.asarray(record.ornt))
+    (z0, y0, x0), (z1, y1, x1) = record.crop_start, record.crop_stop
+    cropped = canonical[z0:z1, y0:y1, x0:x1]
     lo, hi = config.hu_window
     x = torch.from_numpy(np.ascontiguousarray(cropped, dtype=np.float32))
     x = ((x.clamp(lo, hi) - lo) / (hi - lo))[None]
     x = _resize(x, config.target_size, "trilinear").clamp_(0, 1)
-    record = PreprocessRecord(tuple(data.shape), ornt.tolist(), tuple(canonical.shape), start, stop,  # type: ignore[arg-type]
-                              tuple(config.target_size), volume.affine.tolist())
-    record.model_affine = model_affine(record).tolist()
     return x, record
 
 

@@ -51,6 +51,18 @@ def test_hu_window_clips_and_scales():
 
 
 @pytest.mark.parametrize("axcodes", ORIENTATIONS)
+def test_the_record_from_the_geometry_alone_is_the_one_preprocessing_makes(axcodes):
+    from napari_mg3d.preprocess import preprocess_record
+
+    vol, _ = _ball_volume(axcodes, centre_mm=(0.0, 0.0, 60.0))
+    config = PreprocessConfig(target_size=(32, 64, 64))
+    _, rec = preprocess(vol, config)
+    assert preprocess_record(vol.data.shape, vol.affine, config) == rec
+    with pytest.raises(ValueError, match="expected a 3D volume, got shape \\(4, 4\\)"):
+        preprocess_record((4, 4), vol.affine, config)
+
+
+@pytest.mark.parametrize("axcodes", ORIENTATIONS)
 def test_a_marker_at_the_patients_left_stays_on_the_left(axcodes):
     vol, labels = _ball_volume(axcodes, centre_mm=(0.0, 0.0, 60.0))  # +60 mm towards patient left
     x, rec = preprocess(vol, PreprocessConfig(target_size=(32, 64, 64)))

@@ -1,4 +1,4 @@
-"""training.synthetic_proof: reuse of a finished fine-tune only when its settings match; the results table."""
+"""experiments.synthetic_proof: reuse of a finished fine-tune only when its settings match; the results table."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ pytest.importorskip("lightning")
 
 from experiments import synthetic_proof  # noqa: E402
 from training import finetune  # noqa: E402
+from training.params import made_with  # noqa: E402
 
 
 def _params(tmp, **kw) -> finetune.FinetuneParams:
@@ -22,17 +23,17 @@ def _params(tmp, **kw) -> finetune.FinetuneParams:
 
 def test_a_finished_fine_tune_is_reused_only_with_the_same_settings(tmp_path):
     bundle = tmp_path / "seg_scratch_seed7" / "bundle"
-    assert not synthetic_proof._same_finetune(bundle, _params(tmp_path))  # nothing there yet
+    assert not made_with(bundle, _params(tmp_path))  # nothing there yet
     bundle.mkdir(parents=True)
     done = _params(tmp_path).to_dict()
     (bundle / "config.json").write_text(json.dumps({"provenance": {"params": {**done, "out_dir": "elsewhere"}}}))
-    assert synthetic_proof._same_finetune(bundle, _params(tmp_path))  # where it was written does not matter
-    assert not synthetic_proof._same_finetune(bundle, _params(tmp_path, steps=80))
-    assert not synthetic_proof._same_finetune(bundle, _params(tmp_path, bundle="runs/other/bundle"))
+    assert made_with(bundle, _params(tmp_path))  # where it was written does not matter
+    assert not made_with(bundle, _params(tmp_path, steps=80))
+    assert not made_with(bundle, _params(tmp_path, bundle="runs/other/bundle"))
     older = {k: v for k, v in done.items() if k != "freeze_encoder_steps"}  # written before the option existed
     (bundle / "config.json").write_text(json.dumps({"provenance": {"params": older}}))
-    assert synthetic_proof._same_finetune(bundle, _params(tmp_path))
-    assert not synthetic_proof._same_finetune(bundle, _params(tmp_path, freeze_encoder_steps=60))
+    assert made_with(bundle, _params(tmp_path))
+    assert not made_with(bundle, _params(tmp_path, freeze_encoder_steps=60))
 
 
 def test_results_table_has_one_row_per_run_and_the_segmentation_comparison():

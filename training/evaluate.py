@@ -33,8 +33,7 @@ from napari_mg3d.labels import LABELS
 from napari_mg3d.model.scoring import SOURCE_TITLES, choose_score_source, finding_scores
 from napari_mg3d.model.text import tokenize_reports
 from napari_mg3d.model.words import report_text
-from napari_mg3d.preprocess import labels_to_model, preprocess
-from napari_mg3d.volume import Volume
+from napari_mg3d.preprocess import labels_to_model, preprocess_record
 
 from . import figures as G
 from . import metrics as M
@@ -67,10 +66,12 @@ LESION_CELL_OVERLAP = 0.25  # a token cell belongs to a lesion when its densest 
 
 
 @torch.no_grad()
-def sample_pointing(model, encoding, text, sample, record) -> list[tuple[bool, float]]:
+def sample_pointing(model, encoding, text, sample, record, sentences=None) -> list[tuple[bool, float]]:
     """The pointing game on one synthetic ``sample`` (``encoding`` and ``text`` of batch size 1, ``record`` its
-    preprocessing): for each of its sentences that describes a lesion, (peak in the lesion, random-cell rate)."""
-    _, sentences = model.encode_sentences_separately(text)
+    preprocessing; ``sentences``: the sentences' projected features when already computed): for each of its
+    sentences that describes a lesion, (peak in the lesion, random-cell rate)."""
+    if sentences is None:
+        _, sentences = model.encode_sentences_separately(text)
     heat = model.sentence_heatmaps(encoding, sentences, text.sentence_valid)[0].float().cpu()  # (S, gz, gy, gx)
     out = []
     for k, names in enumerate(sample.sentence_links[: heat.shape[0]]):
@@ -116,8 +117,8 @@ def collect(predictor: Predictor, data: str, seed: int, synthetic_shape, limit: 
         out["global_v"].append(enc.global_feature[0].cpu())
         out["global_t"].append(model.global_text(model.encode_text(text))[0].cpu())
         if isinstance(ds, SyntheticDataset):
-            sample = ds.sample(i)
-            _, record = preprocess(Volume(sample.volume, sample.affine), predictor.preprocess_config)
+            sample = ds.sample(i)  # its lesions; the volume was preprocessed once, by the dataset
+            record = preprocess_record(sample.volume.shape, sample.affine, predictor.preprocess_config)
             out["pointing"] += sample_pointing(model, enc, text, sample, record)
         if batch["labels"] is not None:
             out["labels"].append(batch["labels"][0].numpy())

@@ -34,7 +34,7 @@ from napari_mg3d.labels import LABELS, ORGANS
 from napari_mg3d.model.words import words_of
 
 from . import finetune, pretrain
-from .params import PretrainParams
+from .params import PretrainParams, made_with
 
 DEST = Path(__file__).resolve().parents[1] / "napari_mg3d" / "assets" / "demo_bundle"
 HELD_OUT_SEED = 900_000  # training data are seeds 0.. (pre-training) and 100.. (fine-tunes): far below this
@@ -111,16 +111,6 @@ def measure(bundle: str | Path, n: int, tier: str, shape) -> dict:
             "demo_sample_pointing": hits, "metrics": res}
 
 
-def _stage_done(bundle: Path, params) -> bool:
-    """Whether ``bundle`` exists and was made with exactly ``params`` (a rerun skips it)."""
-    config = bundle / "config.json"
-    if not config.is_file():
-        return False
-    done = json.loads(config.read_text()).get("provenance", {}).get("params", {})
-    ignore = {"out_dir", "num_workers", "log_every", "device", "devices", "progress", "resume"}
-    return all(done.get(k) == v for k, v in params.to_dict().items() if k not in ignore)
-
-
 def default_precision() -> str:
     """bf16 autocast where it pays: a CUDA GPU, or a CPU with AMX (measured 1.47x per step on 2 cores)."""
     if torch.cuda.is_available():
@@ -166,7 +156,7 @@ def main(argv: list[str] | None = None) -> Path:
             text_encoder=a.text_encoder, out_dir=str(work / "pretrain"), synthetic_shape=shape,
             warmup_steps=max(1, a.pretrain_steps // 10), lr_vision=2e-4, lr_fusion=5e-4,
             checkpoint_every=50, log_every=5, progress=False, **run_with)
-        if not _stage_done(bundle, params):
+        if not made_with(bundle, params):
             params.resume = "last" if (work / "pretrain" / "checkpoints" / "last.ckpt").exists() else ""
             bundle = pretrain.run(params)
     settings = {"segment": {"seg_target": "all", "lr": 1e-3, "lr_encoder": 1e-4},
@@ -178,7 +168,7 @@ def main(argv: list[str] | None = None) -> Path:
             batch_size=max(1, a.batch_size // 2), seed=100 + i, synthetic_shape=shape, out_dir=str(work / task),
             log_every=10, **run_with, **settings[task])
         done = work / task / "bundle"
-        bundle = done if _stage_done(done, params) else finetune.run(params)
+        bundle = done if made_with(done, params) else finetune.run(params)
 
     final = load_bundle(bundle)
     heads, specs = final.build_heads(skip=("mim_decoder", "mlm_head"))  # pre-training heads: not needed

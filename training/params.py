@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -71,6 +72,22 @@ class PretrainParams:
         """Parameters saved by a run (a checkpoint's hyper-parameters), leaving out removed options."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+RUN_ONLY_FIELDS = {"out_dir", "num_workers", "log_every", "device", "devices", "progress", "resume"}
+
+
+def made_with(bundle: str | Path, params) -> bool:
+    """Whether ``bundle`` exists and was trained with exactly ``params`` (start bundle, data, steps, seed...),
+    so a rerun can take it instead of training again. Where a run went and how it was executed do not count;
+    a setting added after the bundle was written counts with the default it had then."""
+    config = Path(bundle) / "config.json"
+    if not config.is_file():
+        return False
+    done = json.loads(config.read_text()).get("provenance", {}).get("params", {})
+    wanted = params.to_dict()
+    defaults = type(params)().to_dict()
+    return all(done.get(k, defaults[k]) == wanted[k] for k in set(wanted) - RUN_ONLY_FIELDS)
 
 
 def validate_params(params) -> None:
