@@ -384,3 +384,26 @@ def test_print_config_round_trips_and_the_shipped_configs_parse(tmp_path, capsys
         cls = PretrainParams if path.name.startswith("pretrain") else FinetuneParams
         params = parse_params(["--config", str(path)], "x", "", cls)
         assert params.data.startswith(("ctrate:", "msd:")), path.name
+
+
+def test_a_mid_run_checkpoint_exports_a_bundle_with_its_weights_and_config_even_from_older_checkpoints(
+        tmp_path, tiny_text_encoder_dir):
+    """The benchmark's learning curve exports last.ckpt at each probe step; the checkpoint's model config was
+    once dropped from it (saved under a key Lightning's ignore list removed), so every export failed."""
+    from training.pretrain import bundle_from_checkpoint
+
+    last = run(_params(tmp_path / "run", tiny_text_encoder_dir, stop_after_steps=2, input_size=[32, 32, 64]))
+    state = torch.load(last, map_location="cpu", weights_only=False)
+    assert state["hyper_parameters"]["model_config"]["input_size"] == [32, 32, 64]
+    bundle = load_bundle(bundle_from_checkpoint(last, tmp_path / "bundle"))
+    assert bundle.config.input_size == (32, 32, 64) and bundle.meta["provenance"]["steps"] == 2
+    weights = bundle.model.state_dict()
+    for name, value in state["state_dict"].items():
+        if name.startswith("model.") and not name.startswith("model.text."):
+            assert torch.equal(weights[name.removeprefix("model.")], value), name
+
+    del state["hyper_parameters"]["model_config"]  # as checkpoints written before 2026-12-07
+    older = tmp_path / "older.ckpt"
+    torch.save(state, older)
+    again = load_bundle(bundle_from_checkpoint(older, tmp_path / "again"))
+    assert again.config == bundle.config

@@ -41,7 +41,8 @@ class PretrainModule(L.LightningModule):
         """``model``: start from this model (e.g. an --init-from bundle's, its config replaced by ``config``)
         instead of building a new one."""
         super().__init__()
-        self.save_hyperparameters({"model": config.to_dict(), "params": params.to_dict()}, ignore=["model"])
+        # Not under the key "model": ignore=["model"] (the module's `model` argument) would drop that key too.
+        self.save_hyperparameters({"model_config": config.to_dict(), "params": params.to_dict()}, ignore=["model"])
         self.params = params
         if model is None:
             model = MG3DModel(config)

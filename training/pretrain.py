@@ -243,13 +243,26 @@ def save_pretrained_bundle(bundle: Path, module: PretrainModule, pre_cfg: Prepro
     return bundle
 
 
+def checkpoint_model_config(hyper_parameters: dict, params: PretrainParams) -> MG3DConfig:
+    """The model config a checkpoint was trained with. Checkpoints written before 2026-12-07 lost it (saved
+    under a key that Lightning's ignore list dropped): rebuilt from the run's params as the run built it."""
+    saved = hyper_parameters.get("model_config") or hyper_parameters.get("model")
+    if saved:
+        return MG3DConfig.from_dict(saved)
+    return model_config(params, load_bundle(params.init_from).config if params.init_from else None)
+
+
 def bundle_from_checkpoint(checkpoint: str | Path, bundle: str | Path) -> Path:
     """Export the model of a Lightning checkpoint (e.g. a mid-run last.ckpt) as a bundle."""
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     hp = state["hyper_parameters"]
     params = PretrainParams.from_dict(hp["params"])
-    module = PretrainModule(MG3DConfig.from_dict(hp["model"]), params)
-    module.load_state_dict(state["state_dict"])
+    module = PretrainModule(checkpoint_model_config(hp, params), params)
+    try:
+        module.load_state_dict(state["state_dict"])
+    except RuntimeError as err:
+        raise ConfigError(f"{checkpoint}: its weights do not fit the model config it was rebuilt with ({err}); "
+                          "it predates model configs in checkpoints and its preset has changed since") from None
     pre_cfg = preprocess_config_of(None, module.model.config)
     return save_pretrained_bundle(Path(bundle), module, pre_cfg, int(state["global_step"]), {})
 
