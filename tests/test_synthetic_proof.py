@@ -306,3 +306,26 @@ def test_probe_in_real_report_mode_renders_row_i_of_the_reports(tmp_path, gui_bu
     assert [s.labels["Pleural effusion"] for s in seen] == [1, 0, 0] and seen[1].labels["Cardiomegaly"] == 1
     with pytest.raises(SystemExit, match="holds 3 reports"):
         synthetic_proof.probe(gui_bundle, 4, (40, 48, 56), real_reports=path)
+
+
+def test_pretraining_curve_reads_probes_in_step_order_and_draws_them(tmp_path):
+    from experiments import plot_pretraining
+
+    names = ["Lung nodule", "Cardiomegaly"]
+    for step, auc in ((500, 0.6), (1000, 0.7), (2500, 0.8)):  # 1000 and 2500 sort before 500 as text
+        point = {"steps": step, "n": 200, "pointing_hit_rate": auc - 0.3, "pointing_hit_rate_se": 0.02,
+                 "pointing_random_baseline": 0.13, "recall@10_of_100_sva": auc - 0.2, "recall@10_of_100_sva_se": 0.03}
+        for key in ("zero_shot_sva_auc", "zero_shot_sva_centred_auc"):
+            point.update({f"{key}_mean": auc, f"{key}_se": 0.01, f"{key}_per_finding": dict.fromkeys(names, auc)})
+        (tmp_path / f"probe_step{step}.json").write_text(json.dumps(point))
+    points = plot_pretraining.probe_points(tmp_path)
+    assert [p["steps"] for p in points] == [500, 1000, 2500]
+    assert [p["zero_shot_sva_auc_mean"] for p in points] == [0.6, 0.7, 0.8]
+    out = plot_pretraining.main([str(tmp_path), "--out", str(tmp_path / "curve.png"),
+                                 "--reference", "supervised Swin tiny=0.837"])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 20_000
+    assert plot_pretraining.parse_reference("a=b=0.5") == ("a=b", 0.5)
+    with pytest.raises(SystemExit, match="NAME=VALUE"):
+        plot_pretraining.parse_reference("0.837")
+    with pytest.raises(SystemExit, match="no probe_step"):
+        plot_pretraining.probe_points(tmp_path / "empty")
