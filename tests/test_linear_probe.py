@@ -65,3 +65,25 @@ def test_probe_by_training_set_size_uses_the_first_volumes_of_one_set(tmp_path, 
     # the informative finding is learnt better from 20 volumes than from 5
     assert (out["by_train_size"]["20"]["mean"]["held_out_auc_per_finding"][LABELS[0]]
             >= out["by_train_size"]["5"]["mean"]["held_out_auc_per_finding"][LABELS[0]])
+
+
+def test_label_efficiency_draws_the_same_random_subsets_for_every_bundle_and_reports_their_spread(monkeypatch):
+    def fake_features(model, first_seed, n, shape, tier="hard", cache_dir=None):
+        g = torch.Generator().manual_seed(first_seed)
+        x = torch.randn(n, 3, 4, generator=g)
+        y = np.zeros((n, len(LABELS)), np.float32)
+        y[:, 0] = (x[:, :, 0].mean(1) > 0).numpy()
+        return x, y
+
+    monkeypatch.setattr(linear_probe, "token_features", fake_features)
+    out = linear_probe.probe("random:tiny", n_train=[5, 20], n_val=30, n_test=40, cs=(1.0,), draws=4, pool=60)
+    assert out["draws"] == 4 and out["pool"] == 60
+    for size in ("5", "20"):
+        r = out["by_train_size"][size]["mean"]
+        assert len(r["per_draw"]) == 4 and len(set(r["per_draw"])) > 1  # different subsets, different results
+        assert r["held_out_mean_auc"] == pytest.approx(np.mean(r["per_draw"]))
+        assert r["se"] == pytest.approx(np.std(r["per_draw"], ddof=1) / 2)
+    first = [linear_probe.subset(60, 5, k) for k in range(4)]
+    assert all(len(set(i)) == 5 and i.max() < 60 for i in first)
+    assert all((a == b).all() for a, b in zip(first, [linear_probe.subset(60, 5, k) for k in range(4)]))
+    assert not (first[0] == first[1]).all()
