@@ -4,6 +4,7 @@
     python -m experiments.supervised_curve --arm swin:tiny:24 ...     # a wider tiny (feature_size 24)
     python -m experiments.supervised_curve --arm swin:tiny:12:1-2-4-8 ...   # the tiny with 1, 2, 4, 8 heads
     python -m experiments.supervised_curve --arm cnn ...              # a plain 3D CNN, the reference learner
+    python -m experiments.supervised_curve --arm hybrid:tiny:2 ...    # the tiny Swin, its first 2 stages convolutions
 
 Each arm is trained end to end on the 18 labels of the cached synthetic volumes (seeds 0.., the model input of
 the tiny preset, 64³), with AdamW at one learning rate, bf16 autocast and the classifier read-out the product
@@ -90,6 +91,36 @@ class SwinClassifier(nn.Module):
             return (torch.logsumexp(self.r * scores, dim=1) - math.log(n)) / self.r
 
 
+class ConvStage(nn.Module):
+    """A convolutional stand-in for one Swin stage: (B, C, z, y, x) -> (B, 2C, z/2, y/2, x/2) by a 3x3x3
+    convolution at the stage's grid and a strided one, each with instance norm and GELU (the small CNN's
+    blocks)."""
+
+    def __init__(self, channels: int, first: bool = False) -> None:
+        super().__init__()
+        cin = 1 if first else channels
+        stride = 2 if first else 1
+        self.net = nn.Sequential(
+            nn.Conv3d(cin, channels, 3, stride=stride, padding=1), nn.InstanceNorm3d(channels, affine=True), nn.GELU(),
+            nn.Conv3d(channels, channels if first else 2 * channels, 3, stride=1 if first else 2, padding=1),
+            *([] if first else [nn.InstanceNorm3d(2 * channels, affine=True), nn.GELU()]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def hybrid(n_labels: int, preset: str, conv_stages: int) -> SwinClassifier:
+    """The product's Swin classifier with its patch embedding and its first ``conv_stages`` Swin stages
+    replaced by convolutions (a harness arm: is the Swin's lack of local 3D shape what loses small findings?)."""
+    net = SwinClassifier(n_labels, preset)
+    swin = net.model.vision.swin
+    c = net.model.config.feature_size
+    swin.patch_embed = ConvStage(c, first=True)
+    for k in range(conv_stages):
+        getattr(swin, f"layers{k + 1}")[0] = ConvStage(c * 2 ** k)
+    return net
+
+
 LUNG_WINDOW_HU = (-1000.0, -200.0)
 
 
@@ -107,7 +138,8 @@ class LungWindow(nn.Module):
 
 
 def build_arm(arm: str, n_labels: int) -> nn.Module:
-    """``cnn``, ``cnn+lung`` (a lung-window channel beside the input), ``swin:PRESET``,
+    """``cnn``, ``cnn+lung`` (a lung-window channel beside the input), ``hybrid:PRESET:K`` (the Swin with a
+    convolutional stem and its first K stages convolutional), ``swin:PRESET``,
     ``swin:PRESET:FEATURE_SIZE`` or ``swin:PRESET:FEATURE_SIZE:HEADS`` (attention heads per stage, e.g.
     1-2-4-8); a Swin arm may end in ``@lse`` for the token read-out."""
     arm, _, readout = arm.partition("@")
@@ -115,6 +147,11 @@ def build_arm(arm: str, n_labels: int) -> nn.Module:
         return SmallCNN(n_labels)
     if arm == "cnn+lung":
         return LungWindow(SmallCNN(n_labels, in_channels=2))
+    if arm.startswith("hybrid:"):
+        preset, _, stages = arm.removeprefix("hybrid:").partition(":")
+        if stages not in ("0", "1", "2", "3"):
+            raise SystemExit(f"--arm {arm!r}: give hybrid:PRESET:K with K = 0..3 convolutional stages")
+        return hybrid(n_labels, preset, int(stages))
     kind, _, rest = arm.partition(":")
     if kind != "swin" or not rest:
         raise SystemExit(f"--arm {arm!r}: choose cnn, swin:PRESET or swin:PRESET:FEATURE_SIZE")
