@@ -20,6 +20,23 @@ def label_of(result: dict, path: Path) -> str:
             f"{schedule}{'' if schedule == 'constant' else ' to ' + str(result.get('steps'))}{old_auc}")
 
 
+def finding_grid(fig, ax, per_step: list[dict[str, float]], steps: list[int], title: str, xlabel: str,
+                 vmin: float = 0.5) -> None:
+    """AUC per finding (rows, sorted by the last step) at each step (columns), each cell written in."""
+    names = sorted(per_step[-1], key=per_step[-1].get)
+    grid = np.array([[auc.get(n, np.nan) for auc in per_step] for n in names])
+    image = ax.imshow(grid, vmin=vmin, vmax=1.0, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(steps)), [str(s) for s in steps])
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    dark_below = (vmin + 1.0) / 2
+    for i in range(grid.shape[0]):
+        for j in range(grid.shape[1]):
+            ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                    color="white" if grid[i, j] < dark_below else "black")
+    ax.set(xlabel=xlabel, title=title)
+    fig.colorbar(image, ax=ax, fraction=0.04, label="AUC")
+
+
 def plot(paths: list[Path], out: Path, target: float = 0.9) -> Path:
     import matplotlib
 
@@ -40,18 +57,8 @@ def plot(paths: list[Path], out: Path, target: float = 0.9) -> Path:
              title="Supervised ceiling on the visible tier (trained end to end)")
     left.legend(fontsize=7, loc="lower right")
     last_path, last = results[-1]
-    names = sorted(last["curve"][-1]["auc_per_finding"], key=lambda k: last["curve"][-1]["auc_per_finding"][k])
-    steps = [p["step"] for p in last["curve"]]
-    grid = np.array([[p["auc_per_finding"].get(n, np.nan) for p in last["curve"]] for n in names])
-    image = right.imshow(grid, vmin=0.5, vmax=1.0, cmap="viridis", aspect="auto")
-    right.set_xticks(range(len(steps)), [str(s) for s in steps])
-    right.set_yticks(range(len(names)), names, fontsize=7)
-    for i in range(grid.shape[0]):
-        for j in range(grid.shape[1]):
-            right.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=6,
-                       color="white" if grid[i, j] < 0.75 else "black")
-    right.set(xlabel="step", title=f"per finding: {label_of(last, last_path)}")
-    fig.colorbar(image, ax=right, fraction=0.04, label="AUC")
+    finding_grid(fig, right, [p["auc_per_finding"] for p in last["curve"]], [p["step"] for p in last["curve"]],
+                 title=f"per finding: {label_of(last, last_path)}", xlabel="step", vmin=0.5)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .plot_curves import finding_grid
+
 ZERO_SHOT = (("zero_shot_sva_auc", "prompt pair"), ("zero_shot_sva_centred_auc", "prompt pair, centred per volume"))
 
 
@@ -78,18 +80,8 @@ def plot(folder: Path, out: Path, references: list[tuple[str, float]] = (), titl
                   label="random cell")
     pointing.set(xlabel="pre-training step", ylabel="hit rate", ylim=(0, 1), title="pointing game")
     pointing.legend(fontsize=7, loc="upper left")
-    names = sorted(points[-1]["zero_shot_sva_auc_per_finding"],
-                   key=lambda n: points[-1]["zero_shot_sva_auc_per_finding"][n])
-    grid = np.array([[p["zero_shot_sva_auc_per_finding"].get(n, np.nan) for p in points] for n in names])
-    image = per.imshow(grid, vmin=0.3, vmax=1.0, cmap="viridis", aspect="auto")
-    per.set_xticks(range(len(steps)), [str(s) for s in steps])
-    per.set_yticks(range(len(names)), names, fontsize=7)
-    for i in range(grid.shape[0]):
-        for j in range(grid.shape[1]):
-            per.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=6,
-                     color="white" if grid[i, j] < 0.7 else "black")
-    per.set(xlabel="pre-training step", title="zero-shot AUC per finding (prompt pair)")
-    fig.colorbar(image, ax=per, fraction=0.04, label="AUC")
+    finding_grid(fig, per, [p["zero_shot_sva_auc_per_finding"] for p in points], steps,
+                 title="zero-shot AUC per finding (prompt pair)", xlabel="pre-training step", vmin=0.3)
     fig.suptitle(title or f"Pre-training alone, held-out volumes ({points[-1].get('n', '?')}): {folder}")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
