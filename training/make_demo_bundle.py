@@ -43,6 +43,7 @@ HELD_OUT_SEED = 900_000  # training data are seeds 0.. (pre-training) and 100.. 
 # on 8,000 pairs, one peak learning rate for encoder and fusion, 10% warm-up then cosine.
 PRETRAIN_OBJECTIVES = ("mim", "mlm", "sfr", "cml", "ssm", "dfa", "sva")
 PRETRAIN_STEPS, PRETRAIN_LR = 3000, 5e-4
+FINETUNE_STEPS = {"segment": 150, "classify": 600, "report": 300}
 ORGAN_DICE, LESION_DICE, CLASSIFIER_AUC, FINDING_F1, POINTING, DEMO_HITS = 0.80, 0.50, 0.90, 0.70, 0.60, 2
 
 
@@ -135,8 +136,11 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--tier", default="visible", choices=("visible", "hard"), help="synthetic finding tier")
     ap.add_argument("--pairs", type=int, default=8000, help="synthetic volume-report pairs (seeds 0..)")
     ap.add_argument("--pretrain-steps", type=int, default=PRETRAIN_STEPS)
-    ap.add_argument("--finetune-steps", type=int, default=150, help="steps of each fine-tune")
-    ap.add_argument("--batch-size", type=int, default=8, help="pre-training batch; the fine-tunes take half")
+    ap.add_argument("--finetune-steps", type=int, default=None,
+                    help="steps of every fine-tune (default: " + ", ".join(f"{k} {v}" for k, v in FINETUNE_STEPS.items())
+                         + "; a segmentation step costs ~8 classifier steps on a CPU)")
+    ap.add_argument("--finetune-batch-size", type=int, default=2, help="batch of the fine-tunes")
+    ap.add_argument("--batch-size", type=int, default=8, help="pre-training batch")
     ap.add_argument("--input-size", type=int, nargs=3, default=None, help="override the tiny preset's 64x64x64")
     ap.add_argument("--synthetic-shape", type=int, nargs=3, default=[80, 112, 144])
     ap.add_argument("--text-encoder", default="", help="text encoder (default: the preset's)")
@@ -170,8 +174,8 @@ def main(argv: list[str] | None = None) -> Path:
                 "report": {"lr": 5e-4, "lr_encoder": 0.0, "freeze_encoder": True}}
     for i, task in enumerate(a.tasks):
         params = finetune.FinetuneParams(
-            task=task, bundle=str(bundle), data=data, val_data=f"synthetic:16,{a.tier}", steps=a.finetune_steps,
-            batch_size=max(1, a.batch_size // 2), seed=100 + i, synthetic_shape=shape, out_dir=str(work / task),
+            task=task, bundle=str(bundle), data=data, val_data=f"synthetic:16,{a.tier}",
+            steps=a.finetune_steps or FINETUNE_STEPS[task], batch_size=a.finetune_batch_size, seed=100 + i, synthetic_shape=shape, out_dir=str(work / task),
             log_every=10, **run_with, **settings[task])
         done = work / task / "bundle"
         bundle = done if made_with(done, params) else finetune.run(params)
