@@ -107,3 +107,33 @@ def test_make_demo_bundle_writes_measured_targets_into_the_card_and_reruns_nothi
     monkeypatch.setattr(make_demo_bundle.pretrain, "run", no_training)
     again = make_demo_bundle.main(args)
     assert read_model_card(again)[1]["targets"] == card["targets"]
+
+
+def test_a_finished_benchmark_run_counts_as_the_demo_bundles_pre_training_stage(tmp_path):
+    """The demo pre-trains with the recipe the synthetic benchmark measured: the documented benchmark command's
+    run (docs/benchmark.md) is accepted as the stage, and a run with another learning rate is not."""
+    import json
+
+    from experiments import synthetic_proof as bench
+    from training.make_demo_bundle import pretrain_params
+    from training.params import made_with
+
+    run_with = bench.runtime(1, "bf16-mixed", "runs/cache")
+    pre_with = {**bench.pretrain_runtime(run_with, 100), "lr_vision": bench.LR_VISION, "lr_fusion": bench.LR_FUSION}
+    full = ("mim", "mlm", "sfr", "cml", "ssm", "dfa", "sva")
+    shape = [80, 112, 144]
+
+    def bundle_trained_with(params, name):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({"provenance": {"params": params.to_dict()}}))
+        return folder
+
+    measured = bench.pretrain_params(tmp_path / "full", 8000, 3000, full, shape, 8, tier="visible", preset="tiny",
+                                     resume="last", **pre_with)
+    demo = pretrain_params(tmp_path / "demo", "synthetic:8000,visible", 3000, 8, shape, run_with,
+                           input_size=None, text_encoder="")
+    assert made_with(bundle_trained_with(measured, "benchmark"), demo)
+    slower = bench.pretrain_params(tmp_path / "slow", 8000, 3000, full, shape, 8, tier="visible", preset="tiny",
+                                   **{**pre_with, "lr_vision": 2e-4})
+    assert not made_with(bundle_trained_with(slower, "other_lr"), demo)

@@ -117,6 +117,16 @@ def measure(bundle: str | Path, n: int, tier: str, shape) -> dict:
             "demo_sample_pointing": hits, "metrics": res}
 
 
+def pretrain_params(out: Path, data: str, steps: int, batch_size: int, shape: list[int], run_with: dict,
+                    **kw) -> PretrainParams:
+    """The pre-training stage: the recipe measured on the synthetic benchmark (PRETRAIN_*), so that a finished
+    benchmark run (``experiments.synthetic_proof``, same data, steps and batch) counts as this stage."""
+    return PretrainParams(
+        data=data, max_steps=steps, batch_size=batch_size, out_dir=str(out), synthetic_shape=list(shape),
+        objectives=list(PRETRAIN_OBJECTIVES), warmup_steps=max(1, steps // 10), lr_vision=PRETRAIN_LR,
+        lr_fusion=PRETRAIN_LR, checkpoint_every=100, log_every=5, progress=False, **run_with, **kw)
+
+
 def default_precision() -> str:
     """bf16 autocast where it pays: a CUDA GPU, or a CPU with AMX (measured 1.47x per step on 2 cores)."""
     if torch.cuda.is_available():
@@ -160,12 +170,8 @@ def main(argv: list[str] | None = None) -> Path:
 
     bundle = Path(a.from_bundle) if a.from_bundle else work / "pretrain" / "bundle"
     if not a.from_bundle:
-        params = PretrainParams(
-            data=data, max_steps=a.pretrain_steps, batch_size=a.batch_size, input_size=a.input_size,
-            text_encoder=a.text_encoder, out_dir=str(work / "pretrain"), synthetic_shape=shape,
-            objectives=list(PRETRAIN_OBJECTIVES), warmup_steps=max(1, a.pretrain_steps // 10),
-            lr_vision=PRETRAIN_LR, lr_fusion=PRETRAIN_LR, checkpoint_every=100, log_every=5, progress=False,
-            **run_with)
+        params = pretrain_params(work / "pretrain", data, a.pretrain_steps, a.batch_size, shape, run_with,
+                                 input_size=a.input_size, text_encoder=a.text_encoder)
         if not made_with(bundle, params):
             params.resume = "last" if (work / "pretrain" / "checkpoints" / "last.ckpt").exists() else ""
             bundle = pretrain.run(params)
