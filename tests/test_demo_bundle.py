@@ -137,3 +137,28 @@ def test_a_finished_benchmark_run_counts_as_the_demo_bundles_pre_training_stage(
     slower = bench.pretrain_params(tmp_path / "slow", 8000, 3000, full, shape, 8, tier="visible", preset="tiny",
                                    **{**pre_with, "lr_vision": 2e-4})
     assert not made_with(bundle_trained_with(slower, "other_lr"), demo)
+
+
+def test_an_interrupted_stage_is_continued_with_the_same_settings_and_set_aside_with_others(tmp_path, capsys):
+    import torch
+
+    from training import finetune
+    from training.make_demo_bundle import continue_or_set_aside
+
+    def stage_with_checkpoint(name, **recorded_params):
+        stage = tmp_path / name
+        (stage / "checkpoints").mkdir(parents=True)
+        torch.save({"step": 3, "params": recorded_params}, finetune.checkpoint_path(stage))
+        return stage
+
+    params = finetune.FinetuneParams(task="classify", data="synthetic:8,visible", steps=1500, batch_size=2)
+    same = stage_with_checkpoint("same", **params.to_dict())
+    assert continue_or_set_aside(params, same).resume == "last" and finetune.checkpoint_path(same).is_file()
+
+    fresh = finetune.FinetuneParams(task="classify", data="synthetic:8,visible", steps=1500, batch_size=2)
+    other = stage_with_checkpoint("classify", **{**fresh.to_dict(), "steps": 600})
+    assert continue_or_set_aside(fresh, other).resume == ""
+    assert not other.exists()
+    (aside,) = tmp_path.glob("classify.stale-*")
+    assert finetune.checkpoint_path(aside).is_file()  # the interrupted work is kept, not deleted
+    assert "steps" in capsys.readouterr().out

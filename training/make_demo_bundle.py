@@ -127,6 +127,28 @@ def pretrain_params(out: Path, data: str, steps: int, batch_size: int, shape: li
         lr_fusion=PRETRAIN_LR, checkpoint_every=100, log_every=5, progress=False, **run_with, **kw)
 
 
+def continue_or_set_aside(params: finetune.FinetuneParams, stage: Path) -> finetune.FinetuneParams:
+    """A fine-tune stage interrupted earlier: continue it when its checkpoint has these settings; otherwise
+    (it was started with other settings, e.g. other step counts) rename its folder to ``<stage>.stale-<time>``,
+    said on the console, and start afresh. Nothing is deleted."""
+    checkpoint = finetune.checkpoint_path(stage)
+    if not checkpoint.is_file():
+        return params
+    try:
+        recorded = dict(torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)["params"])
+    except Exception:  # noqa: BLE001 - unreadable: as stale as one with other settings
+        recorded = {}
+    differ = [k for k in finetune.RUN_DEFINING if recorded.get(k, getattr(params, k)) != getattr(params, k)]
+    if recorded and not differ:
+        params.resume = "last"
+        return params
+    stale = stage.with_name(f"{stage.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+    stage.rename(stale)
+    print(f"{stage} held an interrupted run with other settings ({', '.join(differ) or 'unreadable checkpoint'}); "
+          f"moved it to {stale} and starting this stage afresh", flush=True)
+    return params
+
+
 def default_precision() -> str:
     """bf16 autocast where it pays: a CUDA GPU, or a CPU with AMX (measured 1.47x per step on 2 cores)."""
     if torch.cuda.is_available():
@@ -184,7 +206,7 @@ def main(argv: list[str] | None = None) -> Path:
             steps=a.finetune_steps or FINETUNE_STEPS[task], batch_size=a.finetune_batch_size, seed=100 + i, synthetic_shape=shape, out_dir=str(work / task),
             log_every=10, **run_with, **settings[task])
         done = work / task / "bundle"
-        bundle = done if made_with(done, params) else finetune.run(params)
+        bundle = done if made_with(done, params) else finetune.run(continue_or_set_aside(params, work / task))
 
     final = load_bundle(bundle)
     heads, specs = final.build_heads(skip=("mim_decoder", "mlm_head"))  # pre-training heads: not needed
