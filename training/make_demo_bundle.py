@@ -43,7 +43,7 @@ HELD_OUT_SEED = 900_000  # training data are seeds 0.. (pre-training) and 100.. 
 # on 8,000 pairs, one peak learning rate for encoder and fusion, 10% warm-up then cosine.
 PRETRAIN_OBJECTIVES = ("mim", "mlm", "sfr", "cml", "ssm", "dfa", "sva")
 PRETRAIN_STEPS, PRETRAIN_LR = 3000, 5e-4
-FINETUNE_STEPS = {"segment": 600, "classify": 1500, "report": 300}
+FINETUNE_STEPS = {"segment": 600, "classify": 1500, "report": 3000}
 ORGAN_DICE, LESION_DICE, CLASSIFIER_AUC, FINDING_F1, POINTING, DEMO_HITS = 0.80, 0.50, 0.90, 0.70, 0.60, 2
 
 
