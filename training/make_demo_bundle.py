@@ -14,8 +14,8 @@ Then it measures the bundle on ``--held-out`` synthetic volumes of the same tier
 and finding F1 of the drafts, the pointing game of the heat maps, and the demo's own sample), and writes them
 into the bundle's model card: each target with its measurement and whether it is met. A missed target stays
 in the card as missed. The result (float16, without the pre-training-only heads) goes to
-napari_mg3d/assets/demo_bundle. The default step counts are short; the schedule that meets the targets is
-still being measured on the synthetic benchmark (docs/benchmark.md).
+napari_mg3d/assets/demo_bundle. Pre-training follows the recipe measured on the synthetic benchmark
+(docs/benchmark.md); what the shipped bundle meets and misses is in docs/training.md and its model card.
 """
 
 from __future__ import annotations
