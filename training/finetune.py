@@ -403,6 +403,11 @@ def save_checkpoint(fabric, out: Path, step: int, p: FinetuneParams, task_step: 
     fabric.barrier()
 
 
+def differing_options(recorded: dict, p: FinetuneParams) -> list[str]:
+    """The run-defining options whose value in a checkpoint's ``recorded`` params differs from ``p``'s."""
+    return [k for k in RUN_DEFINING if k in recorded and recorded[k] != getattr(p, k)]
+
+
 def read_checkpoint(p: FinetuneParams, out: Path) -> dict | None:
     """The checkpoint --resume names, checked to be readable and to belong to a run with these options; None
     for a new run, which is refused where OUT holds an earlier run's checkpoint (its work would be lost)."""
@@ -419,7 +424,7 @@ def read_checkpoint(p: FinetuneParams, out: Path) -> dict | None:
         step, recorded = int(state["step"]), dict(state["params"])
     except Exception as err:  # noqa: BLE001 - any failure to read it is the same message to the user
         raise SystemExit(f"--resume {p.resume}: checkpoint {path} is empty or corrupt ({type(err).__name__}: {err})") from None
-    differ = [k for k in RUN_DEFINING if k in recorded and recorded[k] != getattr(p, k)]
+    differ = differing_options(recorded, p)
     if differ:
         raise SystemExit(f"--resume {p.resume}: the run in {path} was started with other options: " + ", ".join(
             f"{option_name(k)} {recorded[k]!r} (now {getattr(p, k)!r})" for k in differ)

@@ -138,7 +138,7 @@ def continue_or_set_aside(params: finetune.FinetuneParams, stage: Path) -> finet
         recorded = dict(torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)["params"])
     except Exception:  # noqa: BLE001 - unreadable: as stale as one with other settings
         recorded = {}
-    differ = [k for k in finetune.RUN_DEFINING if recorded.get(k, getattr(params, k)) != getattr(params, k)]
+    differ = finetune.differing_options(recorded, params)
     if recorded and not differ:
         params.resume = "last"
         return params
