@@ -499,3 +499,32 @@ def test_batch_norm_head_statistics_are_re_estimated_from_the_final_features():
     assert head.recalibrate_statistics([one]) == 0  # nothing usable: the statistics are left as they were
     torch.testing.assert_close(head.norm.running_mean, kept)
     assert LinearClassifier(d, 2).recalibrate_statistics(batches) == 0  # a LayerNorm head has no statistics
+
+
+def test_segmentation_loss_gives_absent_classes_no_dice_term():
+    """A confident, correct prediction costs ~0 however many classes the volume lacks; a Dice term for every
+    class (the loss before) charges each absent class ~1/C, which taught the decoder to predict no lesion."""
+    from napari_mg3d.model.losses import present_class_dice_ce
+
+    target = torch.zeros(1, 8, 8, 8, dtype=torch.long)
+    target[0, 2:6, 2:6, 2:6] = 3  # one lesion class present, classes 1, 2 and 4..27 absent
+    logits = torch.full((1, 28, 8, 8, 8), -20.0).scatter(1, target[:, None], 20.0)
+    assert present_class_dice_ce(logits, target).item() < 1e-3
+
+    missed = logits.clone()
+    missed[:, 3], missed[:, 0] = -20.0, 20.0  # the lesion predicted as background
+    loss = present_class_dice_ce(missed, target).item()
+    ce = 40.0 * 64 / 512  # 64 of 512 voxels wrong by a logit margin of 40
+    assert loss == pytest.approx(ce + (1 - 2 * (512 - 64) / (512 + 448)) / 2 + 1 / 2, rel=1e-3)
+
+
+def test_segmentation_loss_gradient_raises_a_present_lesion():
+    from napari_mg3d.model.losses import present_class_dice_ce
+
+    target = torch.zeros(2, 8, 8, 8, dtype=torch.long)
+    target[0, 3:5, 3:5, 3:5] = 5
+    logits = torch.zeros(2, 28, 8, 8, 8, requires_grad=True)
+    present_class_dice_ce(logits, target).backward()
+    inside = logits.grad[0, 5, 3:5, 3:5, 3:5]
+    assert (inside < 0).all()  # descending the loss raises the lesion's logit where it is
+    assert (logits.grad[1, 5] > 0).all()  # and lowers it where it is absent (through cross-entropy only)

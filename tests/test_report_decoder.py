@@ -121,3 +121,46 @@ def test_finding_f1_counts_what_a_draft_asserts_against_the_true_labels():
     assert res["per_finding"]["Emphysema"]["f1"] is None  # neither true nor said: no F1, not a perfect one
     assert res["macro_f1"] == pytest.approx((0.5 + 0.0 + 1.0) / 3)
     assert res["micro_f1"] == pytest.approx(2 * 2 / (2 * 2 + 2 + 1))
+
+
+def test_the_report_decoder_learns_finding_sentences_first_in_label_order():
+    from napari_mg3d.labels import LABELS
+    from training.data import findings_first
+    from training.metrics import asserted_findings
+
+    report = ("No emphysema. Subsegmental atelectasis in the right middle lobe. Heart size is normal. "
+              "There is a pericardial effusion. No medical material is seen.")
+    assert findings_first(report) == (
+        "There is a pericardial effusion. Subsegmental atelectasis in the right middle lobe. "
+        "No emphysema. Heart size is normal. No medical material is seen.")
+    assert LABELS.index("Pericardial effusion") < LABELS.index("Atelectasis")
+    assert asserted_findings(findings_first(report)) == asserted_findings(report)  # nothing said or lost
+    assert findings_first("No acute findings.") == "No acute findings."
+    assert findings_first("") == ""
+
+
+def test_the_report_fine_tune_scores_the_findings_first_order(tiny_config):
+    """The loss TaskStep returns is the decoder's loss on the reordered report, not the written one."""
+    from napari_mg3d.model.heads import build_head
+    from napari_mg3d.model.mg3d import MG3DModel
+    from napari_mg3d.model.words import WordVocabulary
+    from training.data import findings_first
+    from training.finetune import TaskStep
+
+    written = "No emphysema. Heart size is normal. There is a pericardial effusion."
+    words = WordVocabulary.build([written], min_count=1)
+    spec = {"type": "report", "layers": 1, "heads": 2, "max_len": 40, "bos_id": words.bos_id,
+            "eos_id": words.eos_id, "pad_id": words.pad_id, "unk_id": words.unk_id, "vocab_size": len(words),
+            "vocabulary": words.to_json()}
+    torch.manual_seed(0)
+    model = MG3DModel(tiny_config).eval()
+    head = build_head(spec, tiny_config, model.text.vocab_size).eval()
+    step = TaskStep("report", model, head, spec, None, multiclass=False, data="test").eval()
+    volume = torch.rand(1, 1, *tiny_config.input_size)
+    with torch.no_grad():
+        loss = step({"volume": volume, "report": [written]})
+        tokens = model.encode_volume(volume).tokens
+        reordered = head.loss(words.batch([findings_first(written)], 40), tokens)
+        as_written = head.loss(words.batch([written], 40), tokens)
+    assert loss.item() == pytest.approx(reordered.item(), rel=1e-5)
+    assert loss.item() != pytest.approx(as_written.item(), rel=1e-5)

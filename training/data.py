@@ -590,3 +590,21 @@ def build_dataset(spec: str, preprocess_config: PreprocessConfig, cache_dir: str
         return VolumeReportDataset(records, preprocess_config, cache_dir, name=parts[0], require_report=False)
     raise ValueError(f"cannot read data spec {spec!r}; expected synthetic:N, manifest:PATH, "
                      "ctrate:VOLUMES_DIR,REPORTS_CSV[,METADATA_CSV[,LABELS_CSV]], ctrg:REPORTS_JSON,VOLUMES_DIR or msd:DATASET_JSON")
+
+
+def findings_first(report: str) -> str:
+    """``report`` with the sentences that assert a finding first, in the order of the 18 CT-RATE labels (a
+    sentence asserting several sorts by its first), then every other sentence as written.
+
+    The report decoder learns on this order. Trained on the written order, where a report's finding sentences
+    fall anywhere among its negations, greedy decoding starts every draft with the most common opening ("No
+    ...") and never asserts a finding; with the findings first, the first words of a draft are the decision
+    of whether, and which, finding the volume shows."""
+    from .metrics import sentence_findings
+
+    if not report.strip():
+        return report
+    sentences = sentence_texts(report)
+    rank = [min((LABELS.index(f) for f in sentence_findings(s)), default=len(LABELS)) for s in sentences]
+    order = sorted(range(len(sentences)), key=lambda i: (rank[i], i))
+    return " ".join(sentences[i] for i in order)

@@ -30,11 +30,12 @@ from napari_mg3d.checkpoint import load_bundle, save_bundle
 from napari_mg3d.labels import ALL_CLASSES, LABELS, LESION_CLASSES, ORGANS
 from napari_mg3d.model import ConfigError, MG3DModel, build_model_config
 from napari_mg3d.model.heads import CLASSIFIER_NORMS, PROMPT_PAIR, build_head, prompt_batch
+from napari_mg3d.model.losses import present_class_dice_ce
 from napari_mg3d.model.words import WordVocabulary
 from napari_mg3d.preprocess import preprocess_config_of
 
 from . import metrics as M
-from .data import build_dataset, collate, label_prevalence, training_reports
+from .data import build_dataset, collate, findings_first, label_prevalence, training_reports
 from .params import (
     PRECISIONS,
     model_overrides,
@@ -174,10 +175,6 @@ class TaskStep(nn.Module):
         self._prompt_raw: torch.Tensor | None = None
         self.encoder_frozen = False  # set by the training loop during --freeze-encoder-steps
         self.words = WordVocabulary.from_json(spec["vocabulary"]) if task == "report" else None
-        if task == "segment":
-            from monai.losses import DiceCELoss
-
-            self.seg_loss = DiceCELoss(to_onehot_y=True, softmax=True)
 
     def _prompts(self, device: torch.device) -> torch.Tensor:
         if self._prompt_raw is None:  # frozen text features of the prompts: once; the projection trains
@@ -204,8 +201,8 @@ class TaskStep(nn.Module):
         if self.task == "segment":
             if batch["mask"] is None:
                 raise SystemExit(f"--task segment needs masks in the data ({self.data} has none)")
-            return self.seg_loss(self.head(x, enc.features).float(), batch["mask"][:, None])
-        target = self.words.batch(batch["report"], self.spec["max_len"]).to(x.device)
+            return present_class_dice_ce(self.head(x, enc.features), batch["mask"].long())
+        target = self.words.batch([findings_first(r) for r in batch["report"]], self.spec["max_len"]).to(x.device)
         return self.head.loss(target, enc.tokens)
 
 

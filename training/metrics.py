@@ -210,19 +210,26 @@ def _take(a, idx):
     return [a[i] for i in idx]
 
 
+def sentence_findings(sentence: str) -> set[str]:
+    """The CT-RATE findings one sentence asserts: those it names by keyword, none if it is negated."""
+    from napari_mg3d.labels import LABELS
+    from napari_mg3d.reports import is_negated
+    from napari_mg3d.synthetic.vocabulary import KEYWORDS
+
+    if is_negated(sentence):
+        return set()
+    low = f" {sentence.lower()} "
+    return {label for label in LABELS if any(kw in low for kw in KEYWORDS[label])}
+
+
 def asserted_findings(report: str) -> set[str]:
     """The CT-RATE findings a report asserts: a sentence that names one (by keyword) and is not negated
     ("No pleural effusion." asserts nothing; "There is a small left pleural effusion." asserts it)."""
-    from napari_mg3d.labels import LABELS
-    from napari_mg3d.reports import is_negated, sentence_texts
-    from napari_mg3d.synthetic.vocabulary import KEYWORDS
+    from napari_mg3d.reports import sentence_texts
 
     found: set[str] = set()
     for sentence in sentence_texts(report):
-        if is_negated(sentence):
-            continue
-        low = f" {sentence.lower()} "
-        found |= {label for label in LABELS if any(kw in low for kw in KEYWORDS[label])}
+        found |= sentence_findings(sentence)
     return found
 
 

@@ -81,3 +81,22 @@ def sva_loss(similarity: torch.Tensor, owner: torch.Tensor, shared: torch.Tensor
     cols = torch.arange(similarity.shape[1], device=similarity.device)
     not_negative = shared & (cols[None, :] != owner[:, None])
     return F.cross_entropy(logits.masked_fill(not_negative, float("-inf")), owner)
+
+
+def present_class_dice_ce(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Segmentation loss: voxel cross-entropy plus the soft Dice loss of the (volume, class) pairs whose class
+    is in the volume's target. logits (B, C, Z, Y, X), target (B, Z, Y, X) class indices.
+
+    A class absent from a volume gets no Dice term (cross-entropy alone penalises predicting it). With a Dice
+    term for every class, each absent class costs ~1/C unless its probability is zero everywhere, so with 18
+    lesion classes of which a volume shows at most four, the cheapest solution is to predict no lesion at all.
+    """
+    n_classes = logits.shape[1]
+    ce = F.cross_entropy(logits.float(), target)
+    prob = logits.float().softmax(1)
+    onehot = F.one_hot(target, n_classes).movedim(-1, 1).to(prob.dtype)
+    dims = tuple(range(2, logits.dim()))
+    overlap = (prob * onehot).sum(dims)
+    size = onehot.sum(dims)
+    dice = (2 * overlap + eps) / (prob.sum(dims) + size + eps)
+    return ce + (1 - dice)[size > 0].mean()
