@@ -121,6 +121,9 @@ def test_finding_f1_counts_what_a_draft_asserts_against_the_true_labels():
     assert res["per_finding"]["Emphysema"]["f1"] is None  # neither true nor said: no F1, not a perfect one
     assert res["macro_f1"] == pytest.approx((0.5 + 0.0 + 1.0) / 3)
     assert res["micro_f1"] == pytest.approx(2 * 2 / (2 * 2 + 2 + 1))
+    # draft 1 denies cardiomegaly, which volume 1 has: one wrong denial of one
+    assert (res["denials"], res["wrong_denials"], res["wrong_denial_share"]) == (1, 1, 1.0)
+    assert finding_f1(["No pleural effusion."], truth[:1], LABELS)["wrong_denial_share"] == 0.0
 
 
 def test_the_report_decoder_learns_finding_sentences_first_in_label_order():

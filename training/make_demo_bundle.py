@@ -74,7 +74,7 @@ def demo_targets(res: dict, known_words: set[str], demo_hits: list[dict] | None)
                      real_word_share(drafts, known_words) if drafts else None))
     f1 = res.get("finding_f1") or {}
     rows.append(_row("drafted report", "finding F1 (macro over findings)", FINDING_F1, f1.get("macro_f1"),
-                     micro_f1=f1.get("micro_f1")))
+                     micro_f1=f1.get("micro_f1"), wrong_denial_share=f1.get("wrong_denial_share")))
     pointing = res.get("pointing") or {}
     rows.append(_row("heat maps", "pointing game: peak in the sentence's lesion", POINTING, pointing.get("value"),
                      chance=pointing.get("chance"), sentences=pointing.get("n_sentences")))

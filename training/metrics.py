@@ -210,16 +210,31 @@ def _take(a, idx):
     return [a[i] for i in idx]
 
 
-def sentence_findings(sentence: str) -> set[str]:
-    """The CT-RATE findings one sentence asserts: those it names by keyword, none if it is negated."""
+def named_findings(sentence: str) -> set[str]:
+    """The CT-RATE findings a sentence names by keyword, asserted or denied."""
     from napari_mg3d.labels import LABELS
-    from napari_mg3d.reports import is_negated
     from napari_mg3d.synthetic.vocabulary import KEYWORDS
 
-    if is_negated(sentence):
-        return set()
     low = f" {sentence.lower()} "
     return {label for label in LABELS if any(kw in low for kw in KEYWORDS[label])}
+
+
+def sentence_findings(sentence: str) -> set[str]:
+    """The CT-RATE findings one sentence asserts: those it names by keyword, none if it is negated."""
+    from napari_mg3d.reports import is_negated
+
+    return set() if is_negated(sentence) else named_findings(sentence)
+
+
+def denied_findings(report: str) -> set[str]:
+    """The CT-RATE findings a report denies: named in a negated sentence ("No pleural effusion.")."""
+    from napari_mg3d.reports import is_negated, sentence_texts
+
+    found: set[str] = set()
+    for sentence in sentence_texts(report):
+        if is_negated(sentence):
+            found |= named_findings(sentence)
+    return found
 
 
 def asserted_findings(report: str) -> set[str]:
@@ -237,7 +252,9 @@ def finding_f1(reports: Sequence[str], truth: np.ndarray, names: Sequence[str]) 
     """Clinical accuracy of drafted reports: per finding, precision / recall / F1 of the findings the drafts
     assert (:func:`asserted_findings`) against the volumes' true labels ``truth`` (n, F); their macro mean over
     the findings that occur in the truth or in a draft, and the micro F1 over every (volume, finding) pair.
-    A finding neither true nor asserted anywhere has no F1 (None)."""
+    A finding neither true nor asserted anywhere has no F1 (None). F1 does not see a draft that denies a
+    finding the volume has ("No atelectasis." beside atelectasis): ``wrong_denials`` counts those (volume,
+    finding) pairs among the ``denials``, and ``wrong_denial_share`` is their share."""
     truth = np.asarray(truth) > 0.5
     said = np.array([[name in asserted_findings(r) for name in names] for r in reports], bool).reshape(truth.shape)
     per: dict[str, dict] = {}
@@ -253,4 +270,8 @@ def finding_f1(reports: Sequence[str], truth: np.ndarray, names: Sequence[str]) 
     defined = [v["f1"] for v in per.values() if v["f1"] is not None]
     tp, fp, fn = int((said & truth).sum()), int((said & ~truth).sum()), int((~said & truth).sum())
     micro = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else float("nan")
-    return {"macro_f1": float(np.mean(defined)) if defined else float("nan"), "micro_f1": micro, "per_finding": per}
+    denied = np.array([[name in denied_findings(r) for name in names] for r in reports], bool).reshape(truth.shape)
+    wrong = int((denied & truth).sum())
+    return {"macro_f1": float(np.mean(defined)) if defined else float("nan"), "micro_f1": micro, "per_finding": per,
+            "denials": int(denied.sum()), "wrong_denials": wrong,
+            "wrong_denial_share": wrong / int(denied.sum()) if denied.any() else None}
