@@ -148,6 +148,13 @@ def test_synthetic_dataset_is_deterministic():
     assert a["volume"].shape == (1, 32, 32, 32) and a["labels"].sum() >= 1
 
 
+def test_iterating_a_synthetic_dataset_ends_after_its_items():
+    ds = D.SyntheticDataset(2, CFG, seed=5, shape=(40, 48, 56), with_mask=False)
+    assert [item["id"] for item in ds] == ["synthetic_5", "synthetic_6"]  # it generated seeds forever before
+    with pytest.raises(IndexError, match="item 2 of a dataset of 2"):
+        ds[2]
+
+
 def test_label_prevalence_comes_from_the_records_or_the_generator_without_loading(synthetic_dir, monkeypatch):
     from napari_mg3d.synthetic import finding_prevalence, generate_sample
 

@@ -475,6 +475,8 @@ class SyntheticDataset(Dataset):
         return item["report"] if item is not None else self.sample(index).report
 
     def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < self.n:  # also ends a plain ``for item in dataset`` after n items
+            raise IndexError(f"synthetic item {index} of a dataset of {self.n}")
         item = self._read_or_make(index)
         mask = item["mask"]
         return {"id": f"synthetic_{self.seed + index}", "volume": torch.from_numpy(np.asarray(item["volume"], np.float32)),
