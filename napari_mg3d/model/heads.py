@@ -170,11 +170,15 @@ def use_channels_last(decoder: SegmentationDecoder, enabled: bool = True) -> Seg
 @dataclass
 class GenerationSettings:
     """max_len / min_len in tokens; beams 1 = greedy; no_repeat_ngram blocks repeated n-grams;
-    repetition_penalty > 1 discourages tokens already generated; length_penalty for beam ranking."""
+    repetition_penalty > 1 discourages tokens already generated; length_penalty for beam ranking.
+
+    Three beams by default: on 50 validation volumes the demo model's drafts reached finding F1 0.48 against
+    0.43 greedy, BLEU-4 0.26 against 0.24, with no doubled phrase ("is seen is seen"), at 0.07 s a draft
+    against 0.05 (``python -m experiments.decoding_settings``)."""
 
     max_len: int = 96
     min_len: int = 4
-    beams: int = 1
+    beams: int = 3
     no_repeat_ngram: int = 3
     repetition_penalty: float = 1.2
     length_penalty: float = 1.0
