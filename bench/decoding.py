@@ -26,7 +26,7 @@ def greedy_by_recomputing(d: ReportDecoder, memory: torch.Tensor, s: GenerationS
 
 def run(tokens: int = 96, vocab: int = 2000, repeats: int = 3) -> dict:
     rows = []
-    s = GenerationSettings(max_len=tokens, min_len=tokens, repetition_penalty=1.0, no_repeat_ngram=0)
+    s = GenerationSettings(max_len=tokens, min_len=tokens, beams=1, repetition_penalty=1.0, no_repeat_ngram=0)
     for name, (dim, heads, n_tokens) in DECODERS.items():
         torch.manual_seed(0)
         d = ReportDecoder(dim, vocab, 2, heads, 160, 1, 2, 0, 3).eval()

@@ -62,7 +62,7 @@ def test_cached_decoding_gives_the_logits_of_the_full_forward_pass_at_every_posi
 def test_generation_matches_recomputing_the_prefix_and_never_emits_special_or_unknown_tokens():
     d = _decoder()
     memory = torch.randn(3, 27, 64)
-    s = GenerationSettings(max_len=40, min_len=2, repetition_penalty=1.0, no_repeat_ngram=0)
+    s = GenerationSettings(max_len=40, min_len=2, beams=1, repetition_penalty=1.0, no_repeat_ngram=0)
     with torch.no_grad():
         fast = d.generate(memory, s)
         assert fast == [greedy_by_recomputing(d, memory[b:b + 1], s) for b in range(3)]
@@ -75,7 +75,8 @@ def test_generation_matches_recomputing_the_prefix_and_never_emits_special_or_un
 def test_beam_search_finds_a_sequence_at_least_as_likely_as_greedy():
     d = _decoder(seed=3)
     memory = torch.randn(1, 27, 64)
-    plain = GenerationSettings(max_len=12, min_len=1, repetition_penalty=1.0, no_repeat_ngram=0, length_penalty=0.0)
+    plain = GenerationSettings(max_len=12, min_len=1, beams=1, repetition_penalty=1.0, no_repeat_ngram=0,
+                               length_penalty=0.0)
 
     def log_likelihood(ids):
         seq = torch.tensor([[1, *ids, 2]]) if len(ids) < 12 else torch.tensor([[1, *ids]])
