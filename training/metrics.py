@@ -226,26 +226,25 @@ def sentence_findings(sentence: str) -> set[str]:
     return set() if is_negated(sentence) else named_findings(sentence)
 
 
-def denied_findings(report: str) -> set[str]:
-    """The CT-RATE findings a report denies: named in a negated sentence ("No pleural effusion.")."""
+def _findings_of_sentences(report: str, denied: bool) -> set[str]:
     from napari_mg3d.reports import is_negated, sentence_texts
 
     found: set[str] = set()
     for sentence in sentence_texts(report):
-        if is_negated(sentence):
+        if is_negated(sentence) == denied:
             found |= named_findings(sentence)
     return found
+
+
+def denied_findings(report: str) -> set[str]:
+    """The CT-RATE findings a report denies: named in a negated sentence ("No pleural effusion.")."""
+    return _findings_of_sentences(report, denied=True)
 
 
 def asserted_findings(report: str) -> set[str]:
     """The CT-RATE findings a report asserts: a sentence that names one (by keyword) and is not negated
     ("No pleural effusion." asserts nothing; "There is a small left pleural effusion." asserts it)."""
-    from napari_mg3d.reports import sentence_texts
-
-    found: set[str] = set()
-    for sentence in sentence_texts(report):
-        found |= sentence_findings(sentence)
-    return found
+    return _findings_of_sentences(report, denied=False)
 
 
 def finding_f1(reports: Sequence[str], truth: np.ndarray, names: Sequence[str]) -> dict:
@@ -256,7 +255,10 @@ def finding_f1(reports: Sequence[str], truth: np.ndarray, names: Sequence[str]) 
     finding the volume has ("No atelectasis." beside atelectasis): ``wrong_denials`` counts those (volume,
     finding) pairs among the ``denials``, and ``wrong_denial_share`` is their share."""
     truth = np.asarray(truth) > 0.5
-    said = np.array([[name in asserted_findings(r) for name in names] for r in reports], bool).reshape(truth.shape)
+    def per_name(found: list[set[str]]) -> np.ndarray:
+        return np.array([[name in f for name in names] for f in found], bool).reshape(truth.shape)
+
+    said = per_name([asserted_findings(r) for r in reports])
     per: dict[str, dict] = {}
     for j, name in enumerate(names):
         tp, fp, fn = int((said[:, j] & truth[:, j]).sum()), int((said[:, j] & ~truth[:, j]).sum()), int((~said[:, j] & truth[:, j]).sum())
@@ -270,7 +272,7 @@ def finding_f1(reports: Sequence[str], truth: np.ndarray, names: Sequence[str]) 
     defined = [v["f1"] for v in per.values() if v["f1"] is not None]
     tp, fp, fn = int((said & truth).sum()), int((said & ~truth).sum()), int((~said & truth).sum())
     micro = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else float("nan")
-    denied = np.array([[name in denied_findings(r) for name in names] for r in reports], bool).reshape(truth.shape)
+    denied = per_name([denied_findings(r) for r in reports])
     wrong = int((denied & truth).sum())
     return {"macro_f1": float(np.mean(defined)) if defined else float("nan"), "micro_f1": micro, "per_finding": per,
             "denials": int(denied.sum()), "wrong_denials": wrong,
