@@ -150,9 +150,9 @@ def test_synthetic_dataset_is_deterministic():
 
 def test_iterating_a_synthetic_dataset_ends_after_its_items():
     ds = D.SyntheticDataset(2, CFG, seed=5, shape=(40, 48, 56), with_mask=False)
-    assert [item["id"] for item in ds] == ["synthetic_5", "synthetic_6"]  # it generated seeds forever before
-    with pytest.raises(IndexError, match="item 2 of a dataset of 2"):
+    with pytest.raises(IndexError, match="item 2 of a dataset of 2"):  # first: without the check the loop never ends
         ds[2]
+    assert [item["id"] for item in ds] == ["synthetic_5", "synthetic_6"]  # it generated seeds forever before
 
 
 def test_label_prevalence_comes_from_the_records_or_the_generator_without_loading(synthetic_dir, monkeypatch):
