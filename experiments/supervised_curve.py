@@ -66,7 +66,8 @@ class SwinClassifier(nn.Module):
     sharpness ``r``: between the mean (r -> 0) and the max (r -> inf), so a lesion in one token of 64 counts)."""
 
     def __init__(self, n_labels: int, preset: str = "tiny", feature_size: int | None = None,
-                 readout: str = "mean", r: float = 4.0, num_heads: tuple[int, ...] | None = None) -> None:
+                 readout: str = "mean", r: float = 4.0, num_heads: tuple[int, ...] | None = None,
+                 conv_stages: int = 0) -> None:
         super().__init__()
         from napari_mg3d.model import MG3DModel
 
@@ -75,6 +76,8 @@ class SwinClassifier(nn.Module):
         overrides = {"feature_size": feature_size} if feature_size else {}
         if num_heads:
             overrides["num_heads"] = tuple(num_heads)
+        if conv_stages:
+            overrides["conv_stages"] = conv_stages
         self.model = MG3DModel(preset_config(preset, **overrides))
         d = self.model.config.fusion_dim
         self.readout, self.r = readout, r
@@ -91,34 +94,10 @@ class SwinClassifier(nn.Module):
             return (torch.logsumexp(self.r * scores, dim=1) - math.log(n)) / self.r
 
 
-class ConvStage(nn.Module):
-    """A convolutional stand-in for one Swin stage: (B, C, z, y, x) -> (B, 2C, z/2, y/2, x/2) by a 3x3x3
-    convolution at the stage's grid and a strided one, each with instance norm and GELU (the small CNN's
-    blocks)."""
-
-    def __init__(self, channels: int, first: bool = False) -> None:
-        super().__init__()
-        cin = 1 if first else channels
-        stride = 2 if first else 1
-        self.net = nn.Sequential(
-            nn.Conv3d(cin, channels, 3, stride=stride, padding=1), nn.InstanceNorm3d(channels, affine=True), nn.GELU(),
-            nn.Conv3d(channels, channels if first else 2 * channels, 3, stride=1 if first else 2, padding=1),
-            *([] if first else [nn.InstanceNorm3d(2 * channels, affine=True), nn.GELU()]))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
 def hybrid(n_labels: int, preset: str, conv_stages: int) -> SwinClassifier:
-    """The product's Swin classifier with its patch embedding and its first ``conv_stages`` Swin stages
-    replaced by convolutions (a harness arm: is the Swin's lack of local 3D shape what loses small findings?)."""
-    net = SwinClassifier(n_labels, preset)
-    swin = net.model.vision.swin
-    c = net.model.config.feature_size
-    swin.patch_embed = ConvStage(c, first=True)
-    for k in range(conv_stages):
-        getattr(swin, f"layers{k + 1}")[0] = ConvStage(c * 2 ** k)
-    return net
+    """The product's Swin classifier with a convolutional stem and its first ``conv_stages`` stages
+    convolutional (the model config's ``conv_stages``)."""
+    return SwinClassifier(n_labels, preset, conv_stages=conv_stages)
 
 
 LUNG_WINDOW_HU = (-1000.0, -200.0)
@@ -149,8 +128,8 @@ def build_arm(arm: str, n_labels: int) -> nn.Module:
         return LungWindow(SmallCNN(n_labels, in_channels=2))
     if arm.startswith("hybrid:"):
         preset, _, stages = arm.removeprefix("hybrid:").partition(":")
-        if stages not in ("0", "1", "2", "3"):
-            raise SystemExit(f"--arm {arm!r}: give hybrid:PRESET:K with K = 0..3 convolutional stages")
+        if stages not in ("1", "2", "3"):
+            raise SystemExit(f"--arm {arm!r}: give hybrid:PRESET:K with K = 1..3 convolutional stages")
         return hybrid(n_labels, preset, int(stages))
     kind, _, rest = arm.partition(":")
     if kind != "swin" or not rest:

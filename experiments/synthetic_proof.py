@@ -292,15 +292,17 @@ def random_init_bundle(out: Path, like: Path) -> Path:
 
 def seg_compare(pretrained: Path, out: Path, steps: int, shape, preset_size, seeds=(7,),
                 freeze_steps: int = 0, target: str = "all", preset: str = "tiny",
-                run_with: dict | None = None, tier: str = "hard") -> dict:
+                run_with: dict | None = None, tier: str = "hard", conv_stages: int = 0) -> dict:
     """Both arms once per seed (initialisation of the decoder, data order); Dice means over the seeds.
-    ``run_with``: :func:`runtime` settings for both arms."""
+    ``run_with``: :func:`runtime` settings for both arms; the scratch arm has the pre-trained encoder's
+    architecture (``preset``, ``preset_size``, ``conv_stages``)."""
     common = dict(task="segment", data=f"synthetic:20,{tier}", val_data=f"synthetic:10,{tier}", steps=steps, batch_size=2,
                   seg_target=target, synthetic_shape=list(shape), lr=1e-3, lr_encoder=1e-4, log_every=20,
                   freeze_encoder_steps=freeze_steps, **(run_with or {}))
     res = {}
     for name, extra in (("pretrained", {"bundle": str(pretrained)}),
-                        ("scratch", {"preset": preset, "input_size": list(preset_size)})):
+                        ("scratch", {"preset": preset, "input_size": list(preset_size),
+                                     **({"conv_stages": conv_stages} if conv_stages else {})})):
         per_seed = {}
         for seed in seeds:
             params = finetune.FinetuneParams(out_dir=str(out / f"seg_{name}_seed{seed}"), seed=seed, **common, **extra)
@@ -388,6 +390,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help="precision of every pre-training and fine-tuning run: 32-true | bf16-mixed (a GPU, or a CPU "
                          "with AVX512-BF16/AMX)")
     ap.add_argument("--shape", type=int, nargs=3, default=[80, 112, 144])
+    ap.add_argument("--conv-stages", type=int, default=0,
+                    help="pre-training: convolutional early encoder stages (0: the paper's Swin; 2: the hybrid)")
     ap.add_argument("--checkpoint-every", type=int, default=0,
                     help="pre-training: keep a resumable checkpoint every N steps (default: four per run)")
     ap.add_argument("--lr-vision", type=float, default=LR_VISION, help="pre-training: peak learning rate of the encoder")
@@ -403,7 +407,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--skip-segmentation", action="store_true")
     a = ap.parse_args(argv)
     run_with = runtime(a.num_workers, a.precision, a.cache_dir)
-    pre_with = {**pretrain_runtime(run_with, a.checkpoint_every), "lr_vision": a.lr_vision, "lr_fusion": a.lr_fusion}
+    pre_with = {**pretrain_runtime(run_with, a.checkpoint_every), "lr_vision": a.lr_vision, "lr_fusion": a.lr_fusion,
+                **({"conv_stages": a.conv_stages} if a.conv_stages else {})}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -460,7 +465,8 @@ def main(argv: list[str] | None = None) -> dict:
         main_config = load_bundle(main_bundle).config
         size = main_config.input_size
         results["segmentation"] = seg_compare(main_bundle, out, a.seg_steps, a.shape, size, tuple(a.seg_seeds),
-                                              a.seg_freeze_steps, a.seg_target, main_config.preset, run_with, a.tier)
+                                              a.seg_freeze_steps, a.seg_target, main_config.preset, run_with, a.tier,
+                                              main_config.conv_stages)
     results["settings"] = vars(a)
     results["wall_clock_s"] = time.perf_counter() - t0
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))

@@ -229,3 +229,18 @@ def test_a_bundle_keeps_the_attention_heads_it_was_trained_with_when_the_preset_
     assert loaded.vision.swin.layers1[0].blocks[0].attn.num_heads == 3
     before, after = _outputs(older.eval()), _outputs(loaded)
     assert torch.equal(before["tokens"], after["tokens"])
+
+
+def test_a_bundle_with_convolutional_stages_round_trips_and_older_configs_load_as_all_swin(tiny_config, tmp_path):
+    from napari_mg3d.model.config import ConfigError, MG3DConfig, build_model_config
+    from napari_mg3d.model.vision import ConvStage
+
+    torch.manual_seed(0)
+    hybrid = MG3DModel(tiny_config.replace(conv_stages=2))
+    loaded = load_bundle(save_bundle(tmp_path / "hybrid", hybrid)).model.eval()
+    assert loaded.config.conv_stages == 2 and isinstance(loaded.vision.swin.layers2[0], ConvStage)
+    assert torch.equal(_outputs(hybrid.eval())["tokens"], _outputs(loaded)["tokens"])
+    older = {k: v for k, v in tiny_config.to_dict().items() if k != "conv_stages"}  # a config.json of before
+    assert MG3DConfig.from_dict(older).conv_stages == 0
+    with pytest.raises(ConfigError, match="conv_stages differs"):
+        build_model_config("tiny", {"conv_stages": 0}, base=loaded.config)

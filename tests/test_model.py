@@ -52,6 +52,7 @@ def test_presets_match_the_paper():
         ({"feature_size": 20}, "multiple of 12"),
         ({"objectives": ("mim", "clip")}, "unknown objectives"),
         ({"temperature": 0.0}, "temperature must be > 0"),
+        ({"conv_stages": 4}, "conv_stages 4 must be 0"),
     ],
 )
 def test_config_rejects_bad_values_with_a_clear_message(overrides, message):
@@ -241,6 +242,40 @@ def test_sfr_is_zero_for_identical_features_and_one_for_orthogonal():
     a, b = torch.zeros(1, 1, 2), torch.zeros(1, 1, 2)
     a[..., 0], b[..., 1] = 1, 1
     assert L.sfr_loss(a, b, valid[:1, :1]).item() == pytest.approx(1.0)
+
+
+def test_conv_stages_replace_the_first_swin_stages_and_keep_every_feature_shape(tiny_config):
+    from napari_mg3d.model import MG3DModel
+    from napari_mg3d.model.vision import ConvStage
+
+    torch.manual_seed(0)
+    swin = MG3DModel(tiny_config).vision
+    hybrid = MG3DModel(tiny_config.replace(conv_stages=2)).vision
+    assert isinstance(hybrid.swin.patch_embed, ConvStage) and isinstance(hybrid.swin.layers2[0], ConvStage)
+    assert not isinstance(hybrid.swin.layers3[0], ConvStage) and not isinstance(swin.swin.layers1[0], ConvStage)
+    x = torch.rand(2, 1, 32, 32, 32)
+    with torch.no_grad():
+        shapes = [f.shape for f in hybrid(x)]
+    assert shapes == [f.shape for f in swin(x)]
+    assert [s[1] for s in shapes] == [12, 24, 48, 96, 192] and shapes[0][2:] == (16, 16, 16)
+
+
+@pytest.mark.parametrize("conv_stages", [0, 2])
+def test_masked_voxels_leave_no_trace_in_any_feature_map(tiny_config, conv_stages):
+    """MIM must not see what it reconstructs: a 3x3x3 convolutional stem would read across the mask's edge."""
+    from napari_mg3d.model import MG3DModel
+
+    torch.manual_seed(0)
+    vision = MG3DModel(tiny_config.replace(conv_stages=conv_stages)).vision.eval()
+    x = torch.rand(1, 1, 32, 32, 32)
+    mask = torch.zeros_like(x)
+    mask[..., :16, :, :] = 1  # the upper half hidden
+    changed = x.clone()
+    changed[..., :16, :, :] = torch.rand(1, 1, 16, 32, 32)
+    with torch.no_grad():
+        for a, b in zip(vision(x, mask), vision(changed, mask)):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+        assert not torch.allclose(vision(x)[0], vision(changed)[0])  # unmasked, the change shows
 
 
 def test_mim_loss_counts_only_masked_voxels():

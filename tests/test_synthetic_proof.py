@@ -331,16 +331,12 @@ def test_pretraining_curve_reads_probes_in_step_order_and_draws_them(tmp_path):
         plot_pretraining.probe_points(tmp_path / "empty")
 
 
-def test_hybrid_arm_swaps_the_first_swin_stages_for_convolutions_and_keeps_every_feature_shape():
-    from experiments.supervised_curve import ConvStage, build_arm
+def test_hybrid_arm_is_the_models_conv_stages_option():
+    from experiments.supervised_curve import build_arm
 
-    swin, mixed = build_arm("swin:tiny", 18), build_arm("hybrid:tiny:2", 18)
-    stages = mixed.model.vision.swin
-    assert isinstance(stages.patch_embed, ConvStage) and isinstance(stages.layers2[0], ConvStage)
-    assert not isinstance(stages.layers3[0], ConvStage)
-    x = torch.rand(2, 1, 64, 64, 64)
+    mixed = build_arm("hybrid:tiny:2", 18)
+    assert mixed.model.config.conv_stages == 2
     with torch.no_grad():
-        assert [f.shape for f in mixed.model.vision(x)] == [f.shape for f in swin.model.vision(x)]
-        assert mixed(x).shape == (2, 18)
-    with pytest.raises(SystemExit, match="K = 0..3"):
+        assert mixed(torch.rand(2, 1, 64, 64, 64)).shape == (2, 18)
+    with pytest.raises(SystemExit, match="K = 1..3"):
         build_arm("hybrid:tiny:5", 18)

@@ -50,6 +50,10 @@ class MG3DConfig:
         num_heads: attention heads per Swin stage.
         window_size: Swin window (voxels of the token grid). 7 is the paper's; 4 divides
             the token grids of all presets and is several times faster on CPU (docs/method.md).
+        conv_stages: how many of the encoder's first Swin stages are convolutional (0-3). 0 is the paper's
+            Swin; K > 0 also replaces the 2x2x2 patch embedding by a convolutional stem. Small, local
+            findings (a nodule, coronary calcification) are learnt by convolutions and missed by the tiny
+            Swin, and convolutions are several times faster on CPU (docs/benchmark.md).
         fusion_dim: width d of the multi-modal fusion layers.
         fusion_layers: number of fusion layers (self-attn -> cross-attn -> FFN).
         fusion_heads: attention heads in the fusion layers.
@@ -74,6 +78,7 @@ class MG3DConfig:
     depths: tuple[int, ...] = (2, 2, 2, 2)
     num_heads: tuple[int, ...] = (3, 6, 12, 24)
     window_size: int = 4
+    conv_stages: int = 0
     fusion_dim: int = 128
     fusion_layers: int = 1
     fusion_heads: int = 4
@@ -117,6 +122,9 @@ class MG3DConfig:
             )
         if len(self.depths) != 4 or len(self.num_heads) != 4:
             raise ConfigError("depths and num_heads need 4 entries, one per Swin stage")
+        if self.conv_stages not in (0, 1, 2, 3):
+            raise ConfigError(f"conv_stages {self.conv_stages} must be 0 (all Swin), 1, 2 or 3 (convolutional "
+                              "stem and that many convolutional stages, then Swin)")
         if self.fusion_dim % self.fusion_heads:
             raise ConfigError(
                 f"fusion_dim {self.fusion_dim} must be divisible by fusion_heads {self.fusion_heads}"
@@ -190,7 +198,7 @@ def preset_config(name: str, **overrides: Any) -> MG3DConfig:
 
 
 # Fields that define the weights' shapes or meaning: a model continued from a bundle cannot change them.
-ARCHITECTURE_FIELDS = ("input_size", "feature_size", "depths", "num_heads", "window_size", "fusion_dim",
+ARCHITECTURE_FIELDS = ("input_size", "feature_size", "depths", "num_heads", "window_size", "conv_stages", "fusion_dim",
                        "fusion_layers", "fusion_heads", "text_encoder")
 
 

@@ -1,4 +1,5 @@
-"""3D Swin vision encoder (MONAI's SwinUNETR encoder) with multi-scale outputs and MIM masking."""
+"""3D Swin vision encoder (MONAI's SwinUNETR encoder, optionally with convolutional early stages) with
+multi-scale outputs and MIM masking."""
 
 from __future__ import annotations
 
@@ -14,8 +15,29 @@ from .config import MG3DConfig
 _SWIN_ARGS = inspect.signature(SwinTransformer).parameters
 
 
+class ConvStage(nn.Module):
+    """A convolutional stand-in for the patch embedding (``first``: (B, 1, Z, Y, X) -> (B, C, Z/2, Y/2, X/2))
+    or for one Swin stage ((B, C, z, y, x) -> (B, 2C, z/2, y/2, x/2)): two 3x3x3 convolutions, one of them
+    strided, with instance norm and GELU."""
+
+    def __init__(self, channels: int, first: bool = False) -> None:
+        super().__init__()
+        cin = 1 if first else channels
+        stride = 2 if first else 1
+        self.net = nn.Sequential(
+            nn.Conv3d(cin, channels, 3, stride=stride, padding=1), nn.InstanceNorm3d(channels, affine=True), nn.GELU(),
+            nn.Conv3d(channels, channels if first else 2 * channels, 3, stride=1 if first else 2, padding=1),
+            *([] if first else [nn.InstanceNorm3d(2 * channels, affine=True), nn.GELU()]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
 class SwinVisionEncoder(nn.Module):
     """MONAI 3D Swin transformer returning its five feature maps.
+
+    With ``config.conv_stages`` = K > 0 the patch embedding and the first K Swin stages are convolutional
+    (:class:`ConvStage`, same strides and channels), the later stages Swin.
 
     Input: (B, 1, Z, Y, X) intensities in [0, 1]. Output: list of 5 tensors at strides
     2, 4, 8, 16, 32 with channels C, 2C, 4C, 8C, 16C (C = feature_size), each (B, C_k, z, y, x).
@@ -39,6 +61,11 @@ class SwinVisionEncoder(nn.Module):
             spatial_dims=3,
             **fused,
         )
+        if config.conv_stages:
+            c = config.feature_size
+            self.swin.patch_embed = ConvStage(c, first=True)
+            for k in range(config.conv_stages):
+                getattr(self.swin, f"layers{k + 1}")[0] = ConvStage(c * 2**k)
         # SimMIM-style learned token that replaces masked patch embeddings.
         self.mask_token = nn.Parameter(torch.zeros(1, config.feature_size, 1, 1, 1))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
@@ -58,6 +85,9 @@ class SwinVisionEncoder(nn.Module):
         """Encode ``volume``; where ``voxel_mask`` (B, 1, Z, Y, X, 1 = hidden) is set, the
         patch embeddings are replaced by the learned mask token so the encoder never sees them."""
         swin = self.swin
+        if voxel_mask is not None and self.config.conv_stages:
+            # A 3x3x3 stem reaches across the mask's edges: hide the masked voxels from it too.
+            volume = volume * (1.0 - voxel_mask.to(volume.dtype))
         x0 = swin.patch_embed(volume)
         if voxel_mask is not None:
             m = F.max_pool3d(voxel_mask.to(x0.dtype), kernel_size=2)
