@@ -196,10 +196,10 @@ class MG3DWidget(MG3DPanel):
         if result.labels is not None:
             self.layers.show_labels(result.labels, result.class_names, source_layer)
         self.show_scores(result.scores, result.score_source, result.score_heading)
-        self.show_banner([*result.domain_warnings, *result.overrides])
+        self.show_banner([*result.domain_warnings, *result.overrides, *result.cautions])
         if result.report:
             self.report_edit.setPlainText(" ".join(result.report))
-        self.show_sentences(result.sentences)
+        self.show_sentences(result.sentences, result.denied_rows, " ".join(result.cautions))
         for message in result.messages:
             if message not in result.domain_warnings and message not in result.overrides:
                 _notify("info", message)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from qtpy.QtGui import QColor
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -206,9 +207,18 @@ class MG3DPanel(QWidget):
             self.scores_table.setCellWidget(row, 1, bar)
         self.scores_source.setText(f"source: {source}" if source else "")
 
-    def show_sentences(self, sentences: list[str]) -> None:
+    def show_sentences(self, sentences: list[str], greyed: set[int] = frozenset(), why: str = "") -> None:
+        """List ``sentences``; rows in ``greyed`` (the draft's denials) are grey and italic, ``why`` their
+        tooltip."""
         self.sentence_list.clear()
         self.sentence_list.addItems(sentences)
+        for row in greyed:
+            item = self.sentence_list.item(row)
+            font = item.font()
+            font.setItalic(True)
+            item.setFont(font)
+            item.setForeground(QColor("gray"))
+            item.setToolTip(why)
         if sentences:
             self.sentence_list.setCurrentRow(0)
 

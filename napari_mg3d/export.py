@@ -119,6 +119,7 @@ def _spans(sentences: list[str], report: str) -> list[list[int] | None]:
 
 def result_record(result: Result, volume: Volume, files: dict[str, str], report_text: str) -> dict:
     """The run as one JSON-able record: what ran, on what, what it found and how far to trust it."""
+    denied = result.denied_rows
     return {
         "package_version": __version__,
         "bundle": {"name": result.bundle_name, "path": result.bundle_path, "model_card": result.model_card},
@@ -131,10 +132,11 @@ def result_record(result: Result, volume: Volume, files: dict[str, str], report_
         "domain_warnings": list(result.domain_warnings),
         "overrides": list(result.overrides),
         "messages": list(result.messages),
+        "cautions": list(result.cautions),
         "scores": {"source": result.score_source, "heading": result.score_heading, "values": dict(result.scores)},
         "report": report_text,
         "sentences": [{"text": s, "span": span, "heatmap": files.get(f"heatmap_{i:02d}"),
-                       "heatmap_dicom": files.get(f"heatmap_{i:02d}_dicom")}
+                       "heatmap_dicom": files.get(f"heatmap_{i:02d}_dicom"), "drafted_denial": i in denied}
                       for i, (s, span) in enumerate(zip(result.sentences, _spans(result.sentences, report_text)))],
         "options": dict(result.options),
         "segmentation": {"file": files.get("segmentation"), "dicom_seg": files.get("segmentation_dicom_seg"),

@@ -28,8 +28,9 @@ from .model.heads import GenerationSettings, use_channels_last
 from .model.mg3d import VolumeEncoding
 from .model.scoring import SOURCE_TITLES, choose_score_source, finding_scores
 from .model.text import tokenize_reports
-from .model_card import modality_of, score_heading
+from .model_card import denial_caution, modality_of, score_heading
 from .preprocess import PreprocessRecord, preprocess, preprocess_config_of, to_original, to_source_axes
+from .reports import is_negated
 from .volume import Volume
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,7 @@ class Result:
     scores: dict[str, float] = field(default_factory=dict)
     score_source: str = ""
     report: list[str] = field(default_factory=list)
+    draft_denials: list[int] = field(default_factory=list)
     sentences: list[str] = field(default_factory=list)
     heatmaps_model: np.ndarray | None = None
     record: PreprocessRecord | None = None
@@ -130,6 +132,7 @@ class Result:
     messages: list[str] = field(default_factory=list)
     domain_warnings: list[str] = field(default_factory=list)
     overrides: list[str] = field(default_factory=list)
+    cautions: list[str] = field(default_factory=list)
     model_card: dict = field(default_factory=dict)
     bundle_name: str = ""
     bundle_path: str = ""
@@ -139,6 +142,13 @@ class Result:
     def score_heading(self) -> str:
         """What the scores are, for a column heading: e.g. "score (classifier, synthetic-trained)"."""
         return score_heading(self.model_card, self.score_source)
+
+    @property
+    def denied_rows(self) -> set[int]:
+        """Indices of :attr:`sentences` that are the draft's denials ("No atelectasis."), which the model card
+        says not to read as rule-outs (:attr:`cautions`)."""
+        denied = {self.report[i] for i in self.draft_denials}
+        return {i for i, s in enumerate(self.sentences) if s in denied}
 
     def _model_map(self, index: int) -> np.ndarray:
         if self.heatmaps_model is None or self.record is None:
@@ -463,6 +473,9 @@ class Predictor:
                 result.scores, result.score_source = self._scores()
             elif stage == "report":
                 result.report = self._draft(generation)
+                result.draft_denials = [i for i, s in enumerate(result.report) if is_negated(s)]
+                if result.draft_denials:
+                    result.cautions.append(denial_caution(self.model_card))
             elif stage == "heatmaps":
                 result.sentences = [s for s in (sentences if sentences is not None else result.report) if s.strip()]
                 if result.sentences:

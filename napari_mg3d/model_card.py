@@ -81,6 +81,23 @@ def summary_line(card: dict, name: str = "") -> str:
             f"{steps} steps on {data}; {card.get('clinical_use', UNVALIDATED_NOTICE)}")
 
 
+def wrong_denial_share(card: dict) -> float | None:
+    """The share of a model's drafted denials ("No atelectasis.") that denied a finding the held-out volume had,
+    as its model card records it (None where it was not measured)."""
+    for row in card.get("targets") or []:
+        if isinstance(row, dict) and row.get("wrong_denial_share") is not None:
+            return float(row["wrong_denial_share"])
+    return None
+
+
+def denial_caution(card: dict) -> str:
+    """What to tell a reader of a drafted report about its denials: a denial is not a rule-out."""
+    share = wrong_denial_share(card)
+    measured = (f"{share:.0%} of this model's drafted denials on held-out volumes denied a finding the volume had"
+                if share is not None else "this model's drafted denials were not measured")
+    return f"The draft's denials (greyed sentences, e.g. \"No ...\") are not rule-outs: {measured}."
+
+
 def score_heading(card: dict, source: str) -> str:
     """The scores column's heading: what the numbers are (a probability only where the bundle says they are
     calibrated)."""

@@ -244,6 +244,35 @@ def test_sentences_given_as_one_string_are_one_report_not_letters(gui_bundle, sa
     assert result.sentences == ["Nodule in the right upper lobe.", "No effusion."]
 
 
+DRAFT = ["Heart size is increased.", "No atelectasis.", "The lungs are not hyperinflated.", "No change in the nodule."]
+
+
+def test_the_drafts_denials_are_marked_as_no_rule_outs_with_the_cards_measurement(gui_bundle, sample, monkeypatch,
+                                                                                   tmp_path):
+    from napari_mg3d.export import write_result
+
+    _, vol = sample
+    predictor = Predictor(gui_bundle, device="cpu")
+    monkeypatch.setattr(predictor, "_draft", lambda settings: list(DRAFT))
+    predictor.model_card = {**predictor.model_card, "targets": [
+        {"output": "drafted report", "metric": "finding F1", "measured": 0.5, "wrong_denial_share": 0.12}]}
+    result = predictor.run(vol, outputs=("report", "heatmaps"))
+    assert result.draft_denials == [1, 2]  # "No change in the nodule." is no denial
+    assert result.denied_rows == {1, 2}
+    assert result.cautions == ['The draft\'s denials (greyed sentences, e.g. "No ...") are not rule-outs: 12% of this '
+                               "model's drafted denials on held-out volumes denied a finding the volume had."]
+    write_result(result, vol, tmp_path / "out")
+    record = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert [s["drafted_denial"] for s in record["sentences"]] == [False, True, True, False]
+    assert record["cautions"] == result.cautions
+    # a card without the measurement says so; a typed sentence is never the draft's
+    predictor.model_card = {}
+    typed = predictor.run(vol, sentences=["No atelectasis."], outputs=("heatmaps",))
+    assert typed.denied_rows == set() and typed.cautions == []
+    unmeasured = predictor.run(vol, outputs=("report",))
+    assert unmeasured.cautions[0].endswith("this model's drafted denials were not measured.")
+
+
 def test_predict_cli_checks_out_first_refuses_what_it_should_and_says_so_in_one_line(gui_bundle, tmp_path, capsys):
     from napari_mg3d.io import write_nifti
     from napari_mg3d.predict import main

@@ -144,6 +144,21 @@ def test_bad_layers_get_a_notification_not_an_exception(make_napari_viewer, gui_
     assert "2D" in messages[0][1] and "4D" in messages[1][1] and "RGB" in messages[2][1]
 
 
+def test_the_drafts_denials_are_greyed_with_the_reason_in_the_banner(viewer_with_sample, gui_bundle, qtbot,
+                                                                      monkeypatch):
+    from napari_mg3d.inference import Predictor
+
+    monkeypatch.setattr(Predictor, "_draft", lambda self, settings: ["Heart size is increased.", "No atelectasis."])
+    viewer, _ = viewer_with_sample
+    widget = _widget(viewer, gui_bundle, qtbot)
+    _run(widget, qtbot)
+    finding, denial = widget.sentence_list.item(0), widget.sentence_list.item(1)
+    assert widget.report_edit.toPlainText() == "Heart size is increased. No atelectasis."
+    assert denial.font().italic() and not finding.font().italic()
+    assert "not rule-outs" in denial.toolTip() and not finding.toolTip()
+    assert widget.banner.isVisibleTo(widget) and "not rule-outs" in widget.banner.text()
+
+
 def test_export_writes_nifti_on_source_geometry_report_and_scores(viewer_with_sample, gui_bundle, qtbot, tmp_path):
     viewer, _ = viewer_with_sample
     widget = _widget(viewer, gui_bundle, qtbot)
