@@ -206,7 +206,11 @@ def truth_beside_outputs(summary: dict) -> list[str]:
     got right."""
     lines = ["", "the sample's report (the truth the phantom was drawn from):", f"  {summary['sample_report']}"]
     draft = summary.get("report_draft") or []
-    lines += ["drafted by the model:", *(f"  {s}" for s in draft)] if draft else ["drafted by the model: (no report head)"]
+    denied = {i for i, s in enumerate(summary.get("sentences") or []) if s.get("drafted_denial")}
+    lines += (["drafted by the model:", *(f"  {s}{'   (a denial: not a rule-out)' if i in denied else ''}"
+                                         for i, s in enumerate(draft))] if draft
+              else ["drafted by the model: (no report head)"])
+    lines += [f"  {c}" for c in summary.get("cautions") or []]
     values = summary.get("scores", {}).get("values") or {}
     if values:
         ranked = [name for name, _ in sorted(values.items(), key=lambda kv: -kv[1])]

@@ -147,8 +147,7 @@ class Result:
     def denied_rows(self) -> set[int]:
         """Indices of :attr:`sentences` that are the draft's denials ("No atelectasis."), which the model card
         says not to read as rule-outs (:attr:`cautions`)."""
-        denied = {self.report[i] for i in self.draft_denials}
-        return {i for i, s in enumerate(self.sentences) if s in denied}
+        return {i for i in self.draft_denials if i < len(self.sentences) and self.sentences[i] == self.report[i]}
 
     def _model_map(self, index: int) -> np.ndarray:
         if self.heatmaps_model is None or self.record is None:

@@ -57,6 +57,8 @@ def run(a: argparse.Namespace) -> Path:
     (a.out / "timings.json").write_text(json.dumps(result.timings, indent=1))
     for m in result.messages:
         print(m if m.startswith(("warning:", "override:")) else f"note: {m}")
+    for c in result.cautions:
+        print(f"caution: {c}")
     print(f"outputs in {a.out.resolve()}")
     return a.out
 

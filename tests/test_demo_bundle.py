@@ -43,6 +43,11 @@ def test_demo_prints_the_truth_beside_the_draft_and_ranks_the_true_findings():
     assert "  0.90  #1  Cardiomegaly" in text and "  0.20  #3  Lung nodule" in text
     others = text.split("the highest of the other findings")[1]
     assert "0.60  #2  Emphysema" in others and "Cardiomegaly" not in others
+    assert "(a denial" not in text
+    marked = "\n".join(truth_beside_outputs({**summary, "report_draft": ["Cardiomegaly.", "No effusion."],
+                                             "sentences": [{"drafted_denial": False}, {"drafted_denial": True}],
+                                             "cautions": ["The draft's denials are not rule-outs."]}))
+    assert "  Cardiomegaly.\n  No effusion.   (a denial: not a rule-out)\n  The draft's denials" in marked
     bare = "\n".join(truth_beside_outputs({**summary, "report_draft": [], "scores": {}}))
     assert "drafted by the model: (no report head)" in bare and "rank of" not in bare
 
