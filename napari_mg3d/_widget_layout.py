@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from qtpy.QtGui import QColor
 from qtpy.QtWidgets import (
     QCheckBox,
@@ -207,7 +209,7 @@ class MG3DPanel(QWidget):
             self.scores_table.setCellWidget(row, 1, bar)
         self.scores_source.setText(f"source: {source}" if source else "")
 
-    def show_sentences(self, sentences: list[str], greyed: set[int] = frozenset(), why: str = "") -> None:
+    def show_sentences(self, sentences: list[str], greyed: Collection[int] = (), why: str = "") -> None:
         """List ``sentences``; rows in ``greyed`` (the draft's denials) are grey and italic, ``why`` their
         tooltip."""
         self.sentence_list.clear()
