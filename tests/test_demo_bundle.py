@@ -142,6 +142,12 @@ def test_a_finished_benchmark_run_counts_as_the_demo_bundles_pre_training_stage(
     slower = bench.pretrain_params(tmp_path / "slow", 8000, 3000, full, shape, 8, tier="visible", preset="tiny",
                                    **{**pre_with, "lr_vision": 2e-4})
     assert not made_with(bundle_trained_with(slower, "other_lr"), demo)
+    hybrid = bench.pretrain_params(tmp_path / "hybrid", 8000, 3000, full, shape, 8, tier="visible", preset="tiny",
+                                   **{**pre_with, "conv_stages": 2})
+    assert not made_with(bundle_trained_with(hybrid, "hybrid"), demo)
+    assert made_with(bundle_trained_with(hybrid, "hybrid_again"),
+                     pretrain_params(tmp_path / "demo", "synthetic:8000,visible", 3000, 8, shape, run_with,
+                                     input_size=None, text_encoder="", conv_stages=2))
 
 
 def test_an_interrupted_stage_is_continued_with_the_same_settings_and_set_aside_with_others(tmp_path, capsys):
