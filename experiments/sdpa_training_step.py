@@ -40,7 +40,7 @@ def fused_forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Ten
 def main(reps: int = 3) -> dict:
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = MG3DModel(preset_config("tiny"))
+    model = MG3DModel(preset_config("tiny", conv_stages=0))  # the Swin's attention is what this measures
     model.vision.use_fused_attention(False)
     x = torch.rand(4, 1, 64, 64, 64)
     probe = model.vision.swin.layers1[0].blocks[0].attn.qkv.weight

@@ -33,7 +33,7 @@ def step_seconds(shapes: list[str], batch: int = 4, threads: int = 1, rounds: in
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     x = torch.rand(batch, 1, 64, 64, 64)
-    models = {s: MG3DModel(preset_config("tiny", **parse_shape(s))) for s in shapes}
+    models = {s: MG3DModel(preset_config("tiny", conv_stages=0, **parse_shape(s))) for s in shapes}
     times: dict[str, list[float]] = {s: [] for s in shapes}
     for _ in range(rounds + 1):
         for s, model in models.items():

@@ -76,8 +76,7 @@ class SwinClassifier(nn.Module):
         overrides = {"feature_size": feature_size} if feature_size else {}
         if num_heads:
             overrides["num_heads"] = tuple(num_heads)
-        if conv_stages:
-            overrides["conv_stages"] = conv_stages
+        overrides["conv_stages"] = conv_stages  # the Swin arms stay Swin whatever the preset's default
         self.model = MG3DModel(preset_config(preset, **overrides))
         d = self.model.config.fusion_dim
         self.readout, self.r = readout, r

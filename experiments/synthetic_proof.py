@@ -292,7 +292,7 @@ def random_init_bundle(out: Path, like: Path) -> Path:
 
 def seg_compare(pretrained: Path, out: Path, steps: int, shape, preset_size, seeds=(7,),
                 freeze_steps: int = 0, target: str = "all", preset: str = "tiny",
-                run_with: dict | None = None, tier: str = "hard", conv_stages: int = 0) -> dict:
+                run_with: dict | None = None, tier: str = "hard", conv_stages: int | None = None) -> dict:
     """Both arms once per seed (initialisation of the decoder, data order); Dice means over the seeds.
     ``run_with``: :func:`runtime` settings for both arms; the scratch arm has the pre-trained encoder's
     architecture (``preset``, ``preset_size``, ``conv_stages``)."""
@@ -302,7 +302,7 @@ def seg_compare(pretrained: Path, out: Path, steps: int, shape, preset_size, see
     res = {}
     for name, extra in (("pretrained", {"bundle": str(pretrained)}),
                         ("scratch", {"preset": preset, "input_size": list(preset_size),
-                                     **({"conv_stages": conv_stages} if conv_stages else {})})):
+                                     "conv_stages": conv_stages})):
         per_seed = {}
         for seed in seeds:
             params = finetune.FinetuneParams(out_dir=str(out / f"seg_{name}_seed{seed}"), seed=seed, **common, **extra)
@@ -390,8 +390,9 @@ def main(argv: list[str] | None = None) -> dict:
                     help="precision of every pre-training and fine-tuning run: 32-true | bf16-mixed (a GPU, or a CPU "
                          "with AVX512-BF16/AMX)")
     ap.add_argument("--shape", type=int, nargs=3, default=[80, 112, 144])
-    ap.add_argument("--conv-stages", type=int, default=0,
-                    help="pre-training: convolutional early encoder stages (0: the paper's Swin; 2: the hybrid)")
+    ap.add_argument("--conv-stages", type=int, default=None,
+                    help="pre-training: convolutional early encoder stages (0: the paper's Swin; 2: the hybrid; "
+                         "default: the preset's)")
     ap.add_argument("--checkpoint-every", type=int, default=0,
                     help="pre-training: keep a resumable checkpoint every N steps (default: four per run)")
     ap.add_argument("--lr-vision", type=float, default=LR_VISION, help="pre-training: peak learning rate of the encoder")
@@ -408,7 +409,7 @@ def main(argv: list[str] | None = None) -> dict:
     a = ap.parse_args(argv)
     run_with = runtime(a.num_workers, a.precision, a.cache_dir)
     pre_with = {**pretrain_runtime(run_with, a.checkpoint_every), "lr_vision": a.lr_vision, "lr_fusion": a.lr_fusion,
-                **({"conv_stages": a.conv_stages} if a.conv_stages else {})}
+                **({"conv_stages": a.conv_stages} if a.conv_stages is not None else {})}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

@@ -55,7 +55,7 @@ def test_frozen_encoder_linear_probe_leaves_the_encoder_untouched(tmp_path, gui_
     probe = load_bundle(_ft(tmp_path, gui_bundle, "prognosis", freeze_encoder=True, multiclass=True, head_norm="batch",
                             label_names=["mild", "severe"] + [f"x{i}" for i in range(16)]))
     after = probe.model.state_dict()
-    for key in ("vision.swin.patch_embed.proj.weight", "proj16.weight"):
+    for key in ("vision.swin.patch_embed.net.0.weight", "proj16.weight"):
         assert np.array_equal(before[key].numpy(), after[key].numpy())
     # --head-norm batch: the bundle says so and carries the running statistics of the training volumes
     assert probe.meta["head_specs"]["prognosis"]["norm"] == "batch"
@@ -87,7 +87,7 @@ def test_classifier_starts_from_the_training_prevalence(tmp_path, gui_bundle):
 
 
 def test_encoder_frozen_for_the_first_steps_then_fine_tuned(tmp_path, gui_bundle):
-    key = "vision.swin.patch_embed.proj.weight"
+    key = "vision.swin.patch_embed.net.0.weight"
     before = load_bundle(gui_bundle).model.state_dict()[key].numpy()
     all_frozen = load_bundle(_ft(tmp_path / "a", gui_bundle, "classify", freeze_encoder_steps=2))
     assert np.array_equal(all_frozen.model.state_dict()[key].numpy(), before)

@@ -43,6 +43,7 @@ def test_presets_match_the_paper():
     assert base.input_size == (128, 96, 128) and base.feature_size == 48
     assert preset_config("large").feature_size == 96
     assert base.token_grid == (8, 6, 8)
+    assert base.conv_stages == 0 and preset_config("tiny").conv_stages == 2  # tiny: the CPU benchmark's hybrid
 
 
 @pytest.mark.parametrize(
@@ -135,7 +136,7 @@ def test_gradients_reach_vision_and_fusion_but_never_the_text_encoder(tiny_model
     out = pre(volume, text, torch.Generator().manual_seed(0))
     out["total"].backward()
     grads = {n: p.grad for n, p in pre.named_parameters()}
-    assert grads["model.vision.swin.patch_embed.proj.weight"].abs().sum() > 0
+    assert grads["model.vision.swin.patch_embed.net.0.weight"].abs().sum() > 0
     assert grads["model.vision.swin.layers4.0.blocks.0.attn.qkv.weight"].abs().sum() > 0
     assert grads["model.volume_fusion.layers.0.cross_attn.q.weight"].abs().sum() > 0
     assert grads["model.text_fusion.layers.0.cross_attn.v.weight"].abs().sum() > 0
@@ -249,7 +250,7 @@ def test_conv_stages_replace_the_first_swin_stages_and_keep_every_feature_shape(
     from napari_mg3d.model.vision import ConvStage
 
     torch.manual_seed(0)
-    swin = MG3DModel(tiny_config).vision
+    swin = MG3DModel(tiny_config.replace(conv_stages=0)).vision
     hybrid = MG3DModel(tiny_config.replace(conv_stages=2)).vision
     assert isinstance(hybrid.swin.patch_embed, ConvStage) and isinstance(hybrid.swin.layers2[0], ConvStage)
     assert not isinstance(hybrid.swin.layers3[0], ConvStage) and not isinstance(swin.swin.layers1[0], ConvStage)
@@ -486,7 +487,7 @@ def test_fused_attention_inference_matches_the_explicit_path(tiny_config):
     encoder.use_fused_attention(True)
     out = encoder(x)[-1]  # layer-normed per token: its plain sum is a constant, whose gradient is zero
     (out * torch.randn_like(out)).sum().backward()
-    assert encoder.swin.layers1[0].blocks[0].attn.relative_position_bias_table.grad.abs().sum() > 0
+    assert encoder.swin.layers3[0].blocks[0].attn.relative_position_bias_table.grad.abs().sum() > 0
 
 
 def test_classifier_prior_gives_each_label_its_prevalence_when_features_say_nothing():

@@ -58,7 +58,7 @@ class FinetuneParams:
     preset: str = field(default="tiny", metadata={"help": "preset when training from scratch"})
     input_size: list[int] | None = field(default=None, metadata={"model": "input_size", "help": "input size (z y x) when training from scratch (default: the preset's)"})
     text_encoder: str = field(default="", metadata={"model": "text_encoder", "help": "text encoder when training from scratch (default: the preset's)"})
-    conv_stages: int | None = field(default=None, metadata={"model": "conv_stages", "help": "convolutional early encoder stages (0-3) when training from scratch (default: 0, the paper's Swin)"})
+    conv_stages: int | None = field(default=None, metadata={"model": "conv_stages", "help": "convolutional early encoder stages (0-3) when training from scratch (default: the preset's)"})
     data: str = field(default="synthetic:64", metadata={"help": "training data (same syntax as pretrain)"})
     val_data: str = field(default="", metadata={"help": "validation data"})
     label_names: list[str] | None = field(default=None, metadata={"help": "class/label names (default: the 18 CT-RATE names, or the lesion classes for segment)"})

@@ -43,7 +43,6 @@ HELD_OUT_SEED = 900_000  # training data are seeds 0.. (pre-training) and 100.. 
 # on 8,000 pairs, one peak learning rate for encoder and fusion, 10% warm-up then cosine.
 PRETRAIN_OBJECTIVES = ("mim", "mlm", "sfr", "cml", "ssm", "dfa", "sva")
 PRETRAIN_STEPS, PRETRAIN_LR = 3000, 5e-4
-PRETRAIN_CONV_STAGES = 0
 FINETUNE_STEPS = {"segment": 600, "classify": 1500, "report": 3000}
 ORGAN_DICE, LESION_DICE, CLASSIFIER_AUC, FINDING_F1, POINTING, DEMO_HITS = 0.80, 0.50, 0.90, 0.70, 0.60, 2
 
@@ -177,8 +176,8 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--input-size", type=int, nargs=3, default=None, help="override the tiny preset's 64x64x64")
     ap.add_argument("--synthetic-shape", type=int, nargs=3, default=[80, 112, 144])
     ap.add_argument("--text-encoder", default="", help="text encoder (default: the preset's)")
-    ap.add_argument("--conv-stages", type=int, default=PRETRAIN_CONV_STAGES,
-                    help="convolutional early encoder stages (0: the paper's Swin; default: %(default)s)")
+    ap.add_argument("--conv-stages", type=int, default=None,
+                    help="convolutional early encoder stages (0: the paper's Swin; default: the preset's, 2)")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--cache-dir", default="runs/cache", help="keep each preprocessed volume here (float16)")
     ap.add_argument("--precision", default="", help="32-true | bf16-mixed (default: bf16 on a GPU or an AMX CPU)")
@@ -197,7 +196,7 @@ def main(argv: list[str] | None = None) -> Path:
     if not a.from_bundle:
         params = pretrain_params(work / "pretrain", data, a.pretrain_steps, a.batch_size, shape, run_with,
                                  input_size=a.input_size, text_encoder=a.text_encoder,
-                                 conv_stages=a.conv_stages or None)
+                                 conv_stages=a.conv_stages)
         if not made_with(bundle, params):
             params.resume = "last" if (work / "pretrain" / "checkpoints" / "last.ckpt").exists() else ""
             bundle = pretrain.run(params)

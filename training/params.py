@@ -31,7 +31,7 @@ class PretrainParams:
     lambdas: list[float] | None = field(default=None, metadata={"model": ("lambda_alpha", "lambda_beta", "lambda_gamma"), "help": "loss weights alpha beta gamma (default: 1.0 0.1 0.1)"})
     temperature: float | None = field(default=None, metadata={"model": "temperature", "help": "InfoNCE temperature (default: 0.07)"})
     window_size: int | None = field(default=None, metadata={"model": "window_size", "help": "Swin window size (default: the preset's)"})
-    conv_stages: int | None = field(default=None, metadata={"model": "conv_stages", "help": "convolutional early encoder stages, 0-3 (default: 0, the paper's Swin; the benchmark's hybrid: 2)"})
+    conv_stages: int | None = field(default=None, metadata={"model": "conv_stages", "help": "convolutional early encoder stages, 0-3 (0: the paper's Swin; default: the preset's, tiny 2, base and large 0)"})
     gradient_checkpointing: bool | None = field(default=None, metadata={"model": "gradient_checkpointing", "help": "recompute Swin activations in backward (saves memory; default: off)"})
     max_steps: int = field(default=1000, metadata={"min": 1, "help": "optimizer steps to train"})
     batch_size: int = field(default=4, metadata={"min": 1, "help": "volumes per device per step (paper: 4)"})

@@ -179,9 +179,12 @@ class MG3DConfig:
 # a supervised curve learns the same per sample (held-out mean AUC 0.730 / 0.761 vs 0.729 / 0.747 at 4,000 /
 # 8,000 samples) and a training step is 1.65x faster on 2 CPU cores (docs/benchmark.md, 2026-12-07).
 # Bundles keep the heads they were trained with (config.json).
+# Its first two stages are convolutional (conv_stages=2): pre-trained with the benchmark's recipe it reaches
+# zero-shot 0.775 / Recall@10 0.92 / pointing 0.87 against the Swin's 0.742 / 0.78 / 0.51, at half the time
+# a step (docs/benchmark.md, 2026-12-07, session 20). Bundles without conv_stages load as the Swin they were.
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(input_size=(64, 64, 64), feature_size=12, num_heads=(1, 2, 4, 8), window_size=4, fusion_dim=128,
-                 fusion_layers=1, fusion_heads=4, mim_patch=16),
+    "tiny": dict(input_size=(64, 64, 64), feature_size=12, num_heads=(1, 2, 4, 8), window_size=4, conv_stages=2,
+                 fusion_dim=128, fusion_layers=1, fusion_heads=4, mim_patch=16),
     "base": dict(input_size=(128, 96, 128), feature_size=48, window_size=4, fusion_dim=256,
                  fusion_layers=2, fusion_heads=8, mim_patch=16),
     "large": dict(input_size=(128, 96, 128), feature_size=96, window_size=4, fusion_dim=384,
