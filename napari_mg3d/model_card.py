@@ -95,7 +95,7 @@ def denial_caution(card: dict) -> str:
     share = wrong_denial_share(card)
     measured = (f"{share:.0%} of this model's drafted denials on held-out volumes denied a finding the volume had"
                 if share is not None else "this model's drafted denials were not measured")
-    return f"The draft's denials (greyed sentences, e.g. \"No ...\") are not rule-outs: {measured}."
+    return f"The draft's denials (sentences such as \"No ...\") are not rule-outs: {measured}."
 
 
 def score_heading(card: dict, source: str) -> str:

@@ -259,7 +259,7 @@ def test_the_drafts_denials_are_marked_as_no_rule_outs_with_the_cards_measuremen
     result = predictor.run(vol, outputs=("report", "heatmaps"))
     assert result.draft_denials == [1, 2]  # "No change in the nodule." is no denial
     assert result.denied_rows == {1, 2}
-    assert result.cautions == ['The draft\'s denials (greyed sentences, e.g. "No ...") are not rule-outs: 12% of this '
+    assert result.cautions == ['The draft\'s denials (sentences such as "No ...") are not rule-outs: 12% of this '
                                "model's drafted denials on held-out volumes denied a finding the volume had."]
     write_result(result, vol, tmp_path / "out")
     record = json.loads((tmp_path / "out" / "result.json").read_text())

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -216,7 +217,7 @@ def main(argv: list[str] | None = None) -> Path:
     card = measure(bundle, a.held_out, a.tier, shape)
     meta = {**final.meta, "head_specs": specs,
             "model_card": {"held_out": card["held_out"], "targets": card["targets"]}}
-    meta["made_by"] = "python -m training.make_demo_bundle " + " ".join(argv or [])
+    meta["made_by"] = " ".join(["python -m training.make_demo_bundle", *(sys.argv[1:] if argv is None else argv)])
     meta["made_in_seconds"] = round(time.perf_counter() - t0, 1)
     out = Path(a.out)
     if out.exists():
