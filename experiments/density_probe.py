@@ -60,7 +60,7 @@ def separation(features: torch.Tensor) -> float:
 
 def probe(preset: str = "tiny", seed: int = 0, noise_hu: float = 15.0) -> dict:
     torch.manual_seed(seed)
-    cfg = preset_config(preset)
+    cfg = preset_config(preset, conv_stages=0)  # the Swin's patch embedding and stages are what this probes
     encoder = SwinVisionEncoder(cfg).eval()
     z, y, x = cfg.input_size
     out: dict = {"preset": preset, "noise_hu": noise_hu, "pairs": {}}

@@ -393,7 +393,8 @@ def test_result_json_is_the_one_record_of_a_run(gui_bundle, sample, tmp_path):
                            "report", "sentences", "segmentation", "timings_s", "options"}
     assert record["package_version"] == __version__ and record["bundle"]["model_card"]["trained_on"]["modality"] == "CT"
     assert record["sentences"][0] == {"text": "Nodule in the right upper lobe.", "span": [0, 31],
-                                      "heatmap": "heatmap_00.nii.gz", "heatmap_dicom": None}  # NIfTI in: no DICOM
+                                      "heatmap": "heatmap_00.nii.gz", "heatmap_dicom": None,  # NIfTI in: no DICOM
+                                      "drafted_denial": False}  # a sentence of the typed report, not a draft
     assert record["sentences"][1]["span"] is None  # not in the report
     assert record["options"]["outputs"] == ["segmentation", "scores", "heatmaps"] and record["options"]["device"] == "cpu"
     assert record["scores"]["source"] == "classifier" and set(record["scores"]["values"]) == set(LABELS)

@@ -149,7 +149,7 @@ def test_workers_and_precision_reach_every_pre_training_and_fine_tuning_run(tmp_
         fine.append(params)
         return tmp_path / params.out_dir / "bundle"
 
-    bundle = SimpleNamespace(config=SimpleNamespace(input_size=(64, 64, 64), preset="tiny"),
+    bundle = SimpleNamespace(config=SimpleNamespace(input_size=(64, 64, 64), preset="tiny", conv_stages=2),
                              meta={"provenance": {"metrics": {"mean_dice": 0.5, "dice_per_class": {}}}})
     monkeypatch.setattr(pretrain, "run", fake_pretrain)
     monkeypatch.setattr(pretrain, "bundle_from_checkpoint", lambda last, out: out.mkdir(parents=True))
@@ -163,6 +163,7 @@ def test_workers_and_precision_reach_every_pre_training_and_fine_tuning_run(tmp_
                           "--precision", "bf16-mixed", "--tier", "visible", "--cache-dir", str(tmp_path / "cache")])
     # full run (snapshot at 4, then to 8), cycle 2, three ablations; then both segmentation arms
     assert len(pre) == 6 and len(fine) == 2
+    assert [p.conv_stages for p in fine] == [None, 2]  # from scratch: the pre-trained encoder's architecture
     assert {(p.num_workers, p.precision, p.cache_dir) for p in pre + fine} == {(12, "bf16-mixed", str(tmp_path / "cache"))}
     # every run and every probe is on the tier asked for
     assert {p.data.split(",")[1] for p in pre + fine} | {p.val_data.split(",")[1] for p in fine} == {"visible"}
