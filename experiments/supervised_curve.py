@@ -93,12 +93,6 @@ class SwinClassifier(nn.Module):
             return (torch.logsumexp(self.r * scores, dim=1) - math.log(n)) / self.r
 
 
-def hybrid(n_labels: int, preset: str, conv_stages: int) -> SwinClassifier:
-    """The product's Swin classifier with a convolutional stem and its first ``conv_stages`` stages
-    convolutional (the model config's ``conv_stages``)."""
-    return SwinClassifier(n_labels, preset, conv_stages=conv_stages)
-
-
 LUNG_WINDOW_HU = (-1000.0, -200.0)
 
 
@@ -129,7 +123,7 @@ def build_arm(arm: str, n_labels: int) -> nn.Module:
         preset, _, stages = arm.removeprefix("hybrid:").partition(":")
         if stages not in ("1", "2", "3"):
             raise SystemExit(f"--arm {arm!r}: give hybrid:PRESET:K with K = 1..3 convolutional stages")
-        return hybrid(n_labels, preset, int(stages))
+        return SwinClassifier(n_labels, preset, conv_stages=int(stages))  # the model config's conv_stages
     kind, _, rest = arm.partition(":")
     if kind != "swin" or not rest:
         raise SystemExit(f"--arm {arm!r}: choose cnn, swin:PRESET or swin:PRESET:FEATURE_SIZE")

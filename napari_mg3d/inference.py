@@ -124,7 +124,6 @@ class Result:
     scores: dict[str, float] = field(default_factory=dict)
     score_source: str = ""
     report: list[str] = field(default_factory=list)
-    draft_denials: list[int] = field(default_factory=list)
     sentences: list[str] = field(default_factory=list)
     heatmaps_model: np.ndarray | None = None
     record: PreprocessRecord | None = None
@@ -132,7 +131,6 @@ class Result:
     messages: list[str] = field(default_factory=list)
     domain_warnings: list[str] = field(default_factory=list)
     overrides: list[str] = field(default_factory=list)
-    cautions: list[str] = field(default_factory=list)
     model_card: dict = field(default_factory=dict)
     bundle_name: str = ""
     bundle_path: str = ""
@@ -142,6 +140,17 @@ class Result:
     def score_heading(self) -> str:
         """What the scores are, for a column heading: e.g. "score (classifier, synthetic-trained)"."""
         return score_heading(self.model_card, self.score_source)
+
+    @property
+    def draft_denials(self) -> list[int]:
+        """Indices of :attr:`report` (the draft) that deny a finding or state normality ("No atelectasis.")."""
+        return [i for i, s in enumerate(self.report) if is_negated(s)]
+
+    @property
+    def cautions(self) -> list[str]:
+        """What a reader of the draft must be told: its denials are not rule-outs (with the model card's
+        measure of how often they were wrong)."""
+        return [denial_caution(self.model_card)] if self.draft_denials else []
 
     @property
     def denied_rows(self) -> set[int]:
@@ -472,9 +481,6 @@ class Predictor:
                 result.scores, result.score_source = self._scores()
             elif stage == "report":
                 result.report = self._draft(generation)
-                result.draft_denials = [i for i, s in enumerate(result.report) if is_negated(s)]
-                if result.draft_denials:
-                    result.cautions.append(denial_caution(self.model_card))
             elif stage == "heatmaps":
                 result.sentences = [s for s in (sentences if sentences is not None else result.report) if s.strip()]
                 if result.sentences:
