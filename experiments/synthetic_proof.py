@@ -208,10 +208,7 @@ def run_pretrain(out: Path, pairs: int, steps: int, objectives, shape, batch: in
     bundles: dict[int, Path] = {}
     if snapshot:
         bundles[snapshot] = snapshot_run(out, pairs, steps, snapshot, objectives, shape, batch, **kw)
-    bundles[steps] = out / "bundle"
-    if not bundles[steps].exists():
-        resume = "last" if (out / "checkpoints" / "last.ckpt").exists() else ""
-        pretrain.run(pretrain_params(out, pairs, steps, objectives, shape, batch, resume=resume, **kw))
+    bundles[steps] = snapshot_run(out, pairs, steps, steps, objectives, shape, batch, **kw)
     return bundles
 
 
@@ -226,21 +223,9 @@ def learning_curve(out: Path, pairs: int, steps: int, stops: list[int], objectiv
         if saved.is_file():
             results[stop] = json.loads(saved.read_text())
             continue
-        bundle = out / "bundle" if stop == steps else out / "bundle_step" / f"{stop}"
-        if not (bundle / "config.json").is_file():
-            last_ckpt = out / "checkpoints" / "last.ckpt"
-            resume = "last" if last_ckpt.exists() else ""
-            done = _checkpoint_step(last_ckpt) if resume else 0
-            until = 0 if stop == steps else stop - done  # stop_after_steps counts from where the run resumes
-            t0 = time.perf_counter()
-            if stop < steps and until <= 0:  # a killed run checkpointed past this stop: take what it left
-                pretrain.bundle_from_checkpoint(last_ckpt, bundle)
-            else:
-                last = pretrain.run(pretrain_params(out, pairs, steps, objectives, shape, batch, tier=tier,
-                                                    resume=resume, stop_after_steps=until, **kw))
-                if stop < steps:
-                    pretrain.bundle_from_checkpoint(last, bundle)
-            print(f"pre-training to step {stop}: {time.perf_counter() - t0:.0f} s", flush=True)
+        t0 = time.perf_counter()
+        bundle = snapshot_run(out, pairs, steps, stop, objectives, shape, batch, tier=tier, **kw)
+        print(f"pre-training to step {stop}: {time.perf_counter() - t0:.0f} s", flush=True)
         t0 = time.perf_counter()
         probed = probe(bundle, held_out, shape, tier=tier)
         results[stop] = {"steps": stop, **probed, "probe_s": time.perf_counter() - t0}
@@ -271,10 +256,21 @@ def continue_cycles(out: Path, first: Path, cycles: int, pairs: int, steps: int,
 
 def snapshot_run(out: Path, pairs: int, schedule: int, stop: int, objectives, shape, batch: int, **kw) -> Path:
     """Train on the ``schedule``-step schedule but stop at step ``stop`` and export the bundle there (the
-    full run's half-way snapshot and the ablations, which compare at the same step of the same schedule)."""
-    bundle = out / "bundle_step" / f"{stop}"
-    if not bundle.exists():
-        last = pretrain.run(pretrain_params(out, pairs, schedule, objectives, shape, batch, stop_after_steps=stop, **kw))
+    full run's half-way snapshot and the ablations, which compare at the same step of the same schedule).
+    An interrupted run continues from its last checkpoint."""
+    bundle = out / "bundle" if stop == schedule else out / "bundle_step" / f"{stop}"
+    if (bundle / "config.json").is_file():
+        return bundle
+    last_ckpt = out / "checkpoints" / "last.ckpt"
+    resume = "last" if last_ckpt.exists() else ""
+    done = _checkpoint_step(last_ckpt) if resume else 0
+    until = 0 if stop == schedule else stop - done  # stop_after_steps counts from where the run resumes
+    if stop < schedule and until <= 0:  # a killed run checkpointed past this stop: take what it left
+        pretrain.bundle_from_checkpoint(last_ckpt, bundle)
+        return bundle
+    last = pretrain.run(pretrain_params(out, pairs, schedule, objectives, shape, batch, resume=resume,
+                                        stop_after_steps=until, **kw))
+    if stop < schedule:
         pretrain.bundle_from_checkpoint(last, bundle)
     return bundle
 

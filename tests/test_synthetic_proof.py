@@ -222,6 +222,34 @@ def test_learning_curve_stops_at_each_step_count_and_an_interrupted_curve_contin
     assert again[2] == curve[2]
 
 
+def test_an_interrupted_ablation_continues_from_its_checkpoint(tmp_path, monkeypatch):
+    """An ablation stops half-way through its schedule; killed at step 3 of 5, the rerun resumes and runs the
+    2 steps left (before, it started again without --resume, which pre-training refuses in a used folder)."""
+    import torch
+
+    runs = []
+    out = tmp_path / "no_SSM_DFA"
+    (out / "checkpoints").mkdir(parents=True)
+    torch.save({"global_step": 3}, out / "checkpoints" / "last.ckpt")
+
+    def fake_run(params):
+        runs.append((params.resume, params.stop_after_steps, params.max_steps, tuple(params.objectives)))
+        return out / "checkpoints" / "last.ckpt"
+
+    def fake_export(ckpt, bundle):
+        bundle.mkdir(parents=True)
+        (bundle / "config.json").write_text("{}")
+        return bundle
+
+    monkeypatch.setattr(synthetic_proof.pretrain, "run", fake_run)
+    monkeypatch.setattr(synthetic_proof.pretrain, "bundle_from_checkpoint", fake_export)
+    objectives = ("mim", "mlm", "sfr", "cml", "sva")
+    bundle = synthetic_proof.snapshot_run(out, 40, 10, 5, objectives, (40, 48, 56), 2, tier="visible")
+    assert runs == [("last", 2, 10, objectives)] and bundle == out / "bundle_step" / "5"
+    assert synthetic_proof.snapshot_run(out, 40, 10, 5, objectives, (40, 48, 56), 2, tier="visible") == bundle
+    assert len(runs) == 1  # exported: nothing runs again
+
+
 def test_supervised_curve_records_auc_loss_and_seconds_at_each_evaluation(tmp_path):
     from experiments.supervised_curve import build_arm, curve
 
