@@ -30,13 +30,10 @@ def test_a_finished_fine_tune_is_reused_only_with_the_same_settings(tmp_path):
     assert made_with(bundle, _params(tmp_path))  # where it was written does not matter
     assert not made_with(bundle, _params(tmp_path, steps=80))
     assert not made_with(bundle, _params(tmp_path, bundle="runs/other/bundle"))
-    older = {k: v for k, v in done.items() if k not in ("freeze_encoder_steps", "any_lesion_dice")}  # written before the option existed
+    older = {k: v for k, v in done.items() if k != "freeze_encoder_steps"}  # written before the option existed
     (bundle / "config.json").write_text(json.dumps({"provenance": {"params": older}}))
-    assert made_with(bundle, _params(tmp_path, any_lesion_dice=False))
-    assert not made_with(bundle, _params(tmp_path, freeze_encoder_steps=60, any_lesion_dice=False))
-    # an option whose default changed the behaviour: runs before it existed did without the any-lesion Dice
-    assert not made_with(bundle, _params(tmp_path))
-    assert made_with(bundle, _params(tmp_path, any_lesion_dice=False))
+    assert made_with(bundle, _params(tmp_path))
+    assert not made_with(bundle, _params(tmp_path, freeze_encoder_steps=60))
 
 
 def test_results_table_has_one_row_per_run_and_the_segmentation_comparison():

@@ -91,8 +91,6 @@ class FinetuneParams:
     seed: int = field(default=0, metadata={"help": "random seed"})
     synthetic_shape: list[int] = field(default_factory=lambda: [96, 128, 160], metadata={"help": "voxels of synthetic CTs"})
     seg_target: str = field(default="lesions", metadata={"help": "segment on synthetic data: lesions | organs | all"})
-    any_lesion_dice: bool = field(default=True, metadata={"before": False, "help": (
-        "segment: add one Dice term per volume for all lesion classes together (is it a lesion, of any kind)")})
     out_dir: str = field(default="runs/finetune", metadata={"help": "output folder; the bundle goes to OUT_DIR/bundle"})
     log_every: int = field(default=10, metadata={"min": 1, "help": "print the loss every N steps"})
     checkpoint_every: int = field(default=250, metadata={"min": 1, "help": (
@@ -166,21 +164,13 @@ def _infinite(loader, batches_per_epoch: int):
                 raise RuntimeError("the training data produced no loadable batch")
 
 
-def first_lesion_class(classes) -> int | None:
-    """Index of the first lesion class (a CT-RATE finding) in a segmentation's class list, if the lesion
-    classes follow everything else (background, organs); None otherwise."""
-    at = [i for i, name in enumerate(classes) if name in LABELS]
-    return at[0] if at and at == list(range(at[0], len(classes))) else None
-
-
 class TaskStep(nn.Module):
     """The encoder and the task's head as one module whose forward is one batch's task loss: the unit that
     Fabric wraps for DDP (gradients of everything the loss touches are synchronised across devices)."""
 
     def __init__(self, task: str, model: MG3DModel, head: nn.Module, spec: dict, names, multiclass: bool,
-                 data: str, any_lesion_dice: bool = False) -> None:
+                 data: str) -> None:
         super().__init__()
-        self.lesions_from = first_lesion_class(names) if task == "segment" and any_lesion_dice else None
         self.task, self.model, self.head, self.spec = task, model, head, spec
         self.names, self.multiclass, self.data = names, multiclass, data
         self._prompt_raw: torch.Tensor | None = None
@@ -212,7 +202,7 @@ class TaskStep(nn.Module):
         if self.task == "segment":
             if batch["mask"] is None:
                 raise SystemExit(f"--task segment needs masks in the data ({self.data} has none)")
-            return present_class_dice_ce(self.head(x, enc.features), batch["mask"].long(), lesions_from=self.lesions_from)
+            return present_class_dice_ce(self.head(x, enc.features), batch["mask"].long())
         target = self.words.batch([findings_first(r) for r in batch["report"]], self.spec["max_len"]).to(x.device)
         return self.head.loss(target, enc.tokens)
 
@@ -296,8 +286,7 @@ def run(p: FinetuneParams) -> Path:
     groups = [{"params": list(head.parameters()), "lr": p.lr}]
     if not p.freeze_encoder:
         groups.append({"params": encoder_params, "lr": p.lr_encoder})
-    step_module = TaskStep(p.task, model, head, spec, names, multiclass=p.multiclass, data=p.data,
-                           any_lesion_dice=p.any_lesion_dice)
+    step_module = TaskStep(p.task, model, head, spec, names, multiclass=p.multiclass, data=p.data)
     task_step, opt = fabric.setup(step_module, torch.optim.AdamW(groups, weight_decay=p.weight_decay))
     loader = fabric.setup_dataloaders(loader, use_distributed_sampler=False)  # EpochSampler shares by rank
     history: list[float] = []

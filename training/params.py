@@ -81,15 +81,14 @@ RUN_ONLY_FIELDS = {"out_dir", "num_workers", "log_every", "device", "devices", "
 def made_with(bundle: str | Path, params) -> bool:
     """Whether ``bundle`` exists and was trained with exactly ``params`` (start bundle, data, steps, seed...),
     so a rerun can take it instead of training again. Where a run went and how it was executed do not count;
-    a setting added after the bundle was written counts as what runs did before it existed (the field's
-    "before" metadata where that differs from its default, else its default)."""
+    a setting added after the bundle was written counts with the default it had then."""
     config = Path(bundle) / "config.json"
     if not config.is_file():
         return False
     done = json.loads(config.read_text()).get("provenance", {}).get("params", {})
     wanted = params.to_dict()
-    before = {f.name: f.metadata.get("before", getattr(type(params)(), f.name)) for f in dataclasses.fields(params)}
-    return all(done.get(k, before[k]) == wanted[k] for k in set(wanted) - RUN_ONLY_FIELDS)
+    defaults = type(params)().to_dict()
+    return all(done.get(k, defaults[k]) == wanted[k] for k in set(wanted) - RUN_ONLY_FIELDS)
 
 
 def validate_params(params) -> None:

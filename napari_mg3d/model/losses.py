@@ -83,19 +83,13 @@ def sva_loss(similarity: torch.Tensor, owner: torch.Tensor, shared: torch.Tensor
     return F.cross_entropy(logits.masked_fill(not_negative, float("-inf")), owner)
 
 
-def present_class_dice_ce(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-5,
-                          lesions_from: int | None = None) -> torch.Tensor:
+def present_class_dice_ce(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """Segmentation loss: voxel cross-entropy plus the soft Dice loss of the (volume, class) pairs whose class
     is in the volume's target. logits (B, C, Z, Y, X), target (B, Z, Y, X) class indices.
 
     A class absent from a volume gets no Dice term (cross-entropy alone penalises predicting it). With a Dice
     term for every class, each absent class costs ~1/C unless its probability is zero everywhere, so with 18
     lesion classes of which a volume shows at most four, the cheapest solution is to predict no lesion at all.
-
-    ``lesions_from``: classes from this index on are lesions. Their summed probability then also gets one
-    Dice term per volume that has any lesion ("is this voxel a lesion, of whatever kind"). Each lesion class
-    is in a few percent of the volumes, but nearly every volume has some lesion, so this term pushes towards
-    finding lesions at every step, not only in the volumes of the rarer kinds.
     """
     n_classes = logits.shape[1]
     ce = F.cross_entropy(logits.float(), target)
@@ -105,14 +99,4 @@ def present_class_dice_ce(logits: torch.Tensor, target: torch.Tensor, eps: float
     overlap = (prob * onehot).sum(dims)
     size = onehot.sum(dims)
     dice = (2 * overlap + eps) / (prob.sum(dims) + size + eps)
-    loss = ce + (1 - dice)[size > 0].mean()
-    if lesions_from is None:
-        return loss
-    lesion_prob = prob[:, lesions_from:].sum(1)
-    is_lesion = (target >= lesions_from).to(prob.dtype)
-    voxel_dims = tuple(range(1, is_lesion.dim()))
-    lesion_size = is_lesion.sum(voxel_dims)
-    if not (lesion_size > 0).any():
-        return loss
-    lesion_dice = (2 * (lesion_prob * is_lesion).sum(voxel_dims) + eps) / (lesion_prob.sum(voxel_dims) + lesion_size + eps)
-    return loss + (1 - lesion_dice)[lesion_size > 0].mean()
+    return ce + (1 - dice)[size > 0].mean()
