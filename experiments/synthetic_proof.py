@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from napari_mg3d.checkpoint import load_bundle
-from napari_mg3d.labels import LABELS
+from napari_mg3d.labels import LABELS, SEGMENTATION_TARGETS
 from napari_mg3d.model.heads import alignment_prompt_logits, alignment_zero_shot_margins, margins_to_scores
 from napari_mg3d.model.scoring import available_score_sources, finding_scores
 from napari_mg3d.model.text import tokenize_reports
@@ -371,8 +371,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seg-seeds", type=int, nargs="+", default=[7], help="segmentation comparison: one run per arm and seed")
     ap.add_argument("--seg-freeze-steps", type=int, default=0,
                     help="segmentation: train only the decoder for the first N steps (both arms)")
-    ap.add_argument("--seg-target", default="all", choices=("all", "organs", "lesions"),
-                    help="segmentation classes: organs and lesions (28), organs (9) or the 18 findings' lesions")
+    ap.add_argument("--seg-target", default="all", choices=tuple(SEGMENTATION_TARGETS),
+                    help="segmentation classes: organs and lesions (28), organs (9), the 18 findings' lesions, or "
+                         "organs and one class for any lesion (11)")
     ap.add_argument("--held-out", type=int, default=200)
     ap.add_argument("--tier", default="visible", choices=("hard", "visible"),
                     help="synthetic finding style of every run and probe: visible (large, contrasted) or hard")

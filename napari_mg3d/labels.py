@@ -3,6 +3,8 @@
 ``LABELS``: the 18 CT-RATE abnormality findings, in CT-RATE's column order (multi-label targets and
 abnormality scores). ``ORGANS``: the organ classes of the synthetic phantom. ``ALL_CLASSES``: the class of
 every value of a combined organ + lesion label map (0 background, organs 1..9, lesions 10..27).
+``ORGAN_LESION_CLASSES``: organs and one class for a lesion of any kind (0 background, organs 1..9, lesion 10).
+``SEGMENTATION_TARGETS``: the class list of each synthetic segmentation target.
 """
 
 from __future__ import annotations
@@ -17,3 +19,11 @@ LABELS = [
 ORGANS = ["body", "lung_right", "lung_left", "heart", "aorta", "spine", "ribs", "trachea", "liver"]
 ALL_CLASSES = ["background", *ORGANS, *LABELS]
 LESION_CLASSES = ["background", *LABELS]
+ORGAN_LESION_CLASSES = ["background", *ORGANS, "lesion"]
+SEGMENTATION_TARGETS = {"lesions": LESION_CLASSES, "organs": ["background", *ORGANS], "all": ALL_CLASSES,
+                        "organs+lesion": ORGAN_LESION_CLASSES}
+
+
+def segmentation_target(classes: list[str]) -> str | None:
+    """The synthetic segmentation target whose classes are ``classes`` (None for other class lists)."""
+    return next((name for name, listed in SEGMENTATION_TARGETS.items() if listed == list(classes)), None)

@@ -74,6 +74,11 @@ def test_demo_targets_say_met_missed_or_not_measured_for_each_output():
     assert (demo_row["measured"], demo_row["of"], demo_row["met"]) == (1.0, 2, False)
     bare = {(r["output"], r["metric"]): r for r in demo_targets({}, set(), None)}
     assert all(r["met"] is None and r["measured"] is None for r in bare.values())  # no head: not measured, not met
+    one_class = {**res, "dice_per_class": {**{o: 0.9 for o in ORGANS}, "lesion": 0.62}}
+    rows = {(r["output"], r["metric"]): r for r in demo_targets(one_class, set(), None)}
+    lesion = rows[("lesions (one class, any kind)", "Dice, mean over the volumes with a lesion")]
+    assert lesion["measured"] == pytest.approx(0.62) and lesion["met"] is True
+    assert not any(key[0].startswith("lesions (every") for key in rows)
 
 
 def test_the_demo_sample_is_drawn_in_the_tier_the_model_was_trained_on():

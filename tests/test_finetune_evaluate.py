@@ -70,6 +70,8 @@ def test_frozen_encoder_linear_probe_leaves_the_encoder_untouched(tmp_path, gui_
     torch.testing.assert_close(probe.build_heads()[0]["prognosis"].norm.running_mean, pooled.mean(0), atol=1e-5, rtol=1e-4)
     with pytest.raises(SystemExit, match="--head-norm 'group': choose one of layer, batch"):
         _ft(tmp_path / "bad", gui_bundle, "classify", head_norm="group")
+    with pytest.raises(SystemExit, match="--seg-target 'lesion': choose one of lesions, organs, all, organs\\+lesion"):
+        _ft(tmp_path / "bad", gui_bundle, "segment", seg_target="lesion")  # before: trained on the 18 kinds silently
 
 
 def test_classifier_starts_from_the_training_prevalence(tmp_path, gui_bundle):

@@ -161,3 +161,24 @@ def test_both_tiers_share_anatomy_and_findings_per_seed_and_an_unknown_tier_is_r
     assert nodule["size"] >= 18 and nodule["kind"] == "solid"
     with pytest.raises(ValueError, match="unknown synthetic tier 'easy'.*hard.*visible"):
         generate_sample(5, shape=SHAPE, tier="easy")
+
+
+def test_the_organs_plus_lesion_target_marks_every_lesion_kind_as_one_class():
+    """organs+lesion: organs 1..9 as in "all", every lesion kind (but cardiomegaly, a whole-heart finding) as
+    class 10; the class lists of the targets name what each value means."""
+    from napari_mg3d.labels import ORGAN_LESION_CLASSES, ORGANS, SEGMENTATION_TARGETS, segmentation_target
+    from training.data import target_label_map
+
+    sample = generate_sample(5, shape=(48, 64, 80), tier="visible")
+    combined = target_label_map(sample, "all")
+    one = target_label_map(sample, "organs+lesion")
+    lesion = combined > len(ORGANS)
+    assert lesion.any() and set(np.unique(one)) <= set(range(len(ORGAN_LESION_CLASSES)))
+    np.testing.assert_array_equal(one == ORGAN_LESION_CLASSES.index("lesion"), lesion)
+    np.testing.assert_array_equal(one[~lesion], combined[~lesion])
+    for name, classes in SEGMENTATION_TARGETS.items():
+        assert segmentation_target(classes) == name
+        assert int(target_label_map(sample, name).max()) < len(classes)
+    assert segmentation_target(["background", "tumour"]) is None
+    with pytest.raises(ValueError, match="organs\\+lesion"):
+        target_label_map(sample, "lesion")

@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 
 from napari_mg3d.domain import looks_like_hu
 from napari_mg3d.io import VolumeReadError, header_rescales, read_volume
-from napari_mg3d.labels import LABELS, ORGANS
+from napari_mg3d.labels import LABELS, ORGANS, SEGMENTATION_TARGETS
 from napari_mg3d.preprocess import PreprocessConfig, labels_to_model, preprocess
 from napari_mg3d.reports import sentence_texts
 from napari_mg3d.synthetic import finding_prevalence, finding_style, generate_sample
@@ -411,7 +411,7 @@ class SyntheticDataset(Dataset):
         finding_style(tier)  # an unknown tier fails here, with the choices
         self.n, self.config, self.seed, self.shape, self.with_mask = n, preprocess_config, seed, tuple(shape), with_mask
         self.tier = tier
-        self.target = "lesions"  # "organs", or "all" (organs, with lesions drawn over them): the "mask"
+        self.target = "lesions"  # the "mask": a key of SEGMENTATION_TARGETS (napari_mg3d.labels)
         self.cache_root = Path(cache_dir) / "synthetic" / preprocess_config.fingerprint() if cache_dir else None
 
     def __len__(self) -> int:
@@ -432,8 +432,7 @@ class SyntheticDataset(Dataset):
         x, record = preprocess(Volume(s.volume, s.affine), self.config)
         mask = None
         if self.with_mask:
-            label_map = combined_label_map(s) if self.target == "all" else (
-                s.organ_label_map() if self.target == "organs" else s.lesion_label_map())
+            label_map = target_label_map(s, self.target)
             mask = labels_to_model(label_map, record, representation="labels")
         return {"volume": x.numpy(), "mask": mask, "report": s.report, "sentences": s.sentences,
                 "labels": [s.labels[n] for n in LABELS]}
@@ -531,6 +530,21 @@ def combined_label_map(sample) -> np.ndarray:
     lesions[lesions == LABELS.index("Cardiomegaly") + 1] = 0
     out[lesions > 0] = lesions[lesions > 0] + len(ORGANS)
     return out
+
+
+def target_label_map(sample, target: str) -> np.ndarray:
+    """The label map of a synthetic ``sample`` for a segmentation ``target`` (classes: SEGMENTATION_TARGETS)."""
+    if target == "organs":
+        return sample.organ_label_map()
+    if target == "lesions":
+        return sample.lesion_label_map()
+    combined = combined_label_map(sample)
+    if target == "all":
+        return combined
+    if target == "organs+lesion":  # every lesion kind is one class, after the organs
+        combined[combined > len(ORGANS)] = len(ORGANS) + 1
+        return combined
+    raise ValueError(f"unknown segmentation target {target!r}; choose one of {', '.join(SEGMENTATION_TARGETS)}")
 
 
 class StepIndexedSampler(torch.utils.data.Sampler):

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from napari_mg3d.inference import Predictor
-from napari_mg3d.labels import LABELS
+from napari_mg3d.labels import LABELS, segmentation_target
 from napari_mg3d.model.scoring import SOURCE_TITLES, choose_score_source, finding_scores
 from napari_mg3d.model.text import tokenize_reports
 from napari_mg3d.model.words import report_text
@@ -94,8 +94,7 @@ def collect(predictor: Predictor, data: str, seed: int, synthetic_shape, limit: 
     model, heads, cfg = predictor.model, predictor.heads, predictor.config
     ds = build_dataset(data, predictor.preprocess_config, None, seed, tuple(synthetic_shape))
     if getattr(ds, "target", None) is not None and "segmentation" in heads:
-        classes = predictor.class_names
-        ds.target = "all" if len(classes) > 19 else ("organs" if "lung_right" in classes else "lesions")
+        ds.target = segmentation_target(predictor.class_names) or "lesions"
     from tqdm import tqdm
 
     loader = tqdm(DataLoader(ds, batch_size=1, collate_fn=collate), desc="evaluating", total=len(ds))

@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from napari_mg3d.checkpoint import load_bundle, save_bundle
-from napari_mg3d.labels import ALL_CLASSES, LABELS, LESION_CLASSES, ORGANS
+from napari_mg3d.labels import LABELS, SEGMENTATION_TARGETS
 from napari_mg3d.model import ConfigError, MG3DModel, build_model_config
 from napari_mg3d.model.heads import CLASSIFIER_NORMS, PROMPT_PAIR, build_head, prompt_batch
 from napari_mg3d.model.losses import present_class_dice_ce
@@ -90,7 +90,9 @@ class FinetuneParams:
     cache_dir: str = field(default="", metadata={"help": "preprocessed-volume cache"})
     seed: int = field(default=0, metadata={"help": "random seed"})
     synthetic_shape: list[int] = field(default_factory=lambda: [96, 128, 160], metadata={"help": "voxels of synthetic CTs"})
-    seg_target: str = field(default="lesions", metadata={"help": "segment on synthetic data: lesions | organs | all"})
+    seg_target: str = field(default="lesions", metadata={"choices": tuple(SEGMENTATION_TARGETS), "help": (
+        "segment on synthetic data: lesions (18 kinds) | organs (9) | all (organs and 18 lesion kinds) | "
+        "organs+lesion (organs and one class for a lesion of any kind)")})
     out_dir: str = field(default="runs/finetune", metadata={"help": "output folder; the bundle goes to OUT_DIR/bundle"})
     log_every: int = field(default=10, metadata={"min": 1, "help": "print the loss every N steps"})
     checkpoint_every: int = field(default=250, metadata={"min": 1, "help": (
@@ -256,7 +258,7 @@ def run(p: FinetuneParams) -> Path:
         spec = {"type": "classifier", "n_classes": len(names), "multilabel": not p.multiclass, "labels": names,
                 "norm": p.head_norm}
     elif p.task == "segment":
-        names = names or {"organs": ["background", *ORGANS], "all": ALL_CLASSES}.get(p.seg_target, LESION_CLASSES)
+        names = names or SEGMENTATION_TARGETS[p.seg_target]
         head_name, spec = "segmentation", {"type": "segmentation", "n_classes": len(names), "classes": names}
     elif p.task == "report":
         head_name = "report"

@@ -64,9 +64,13 @@ def demo_targets(res: dict, known_words: set[str], demo_hits: list[dict] | None)
     volumes) measured; ``met`` is None where nothing was measured (the bundle lacks the head)."""
     per_class = res.get("dice_per_class") or {}
     rows = [_row(f"organ: {o}", "Dice", ORGAN_DICE, per_class.get(o)) for o in ORGANS]
-    lesions = [per_class[k] for k in LABELS if per_class.get(k) is not None]
-    rows.append(_row("lesions (every lesion class present, mean)", "Dice", LESION_DICE,
-                     float(np.mean(lesions)) if lesions else None, classes=len(lesions)))
+    if "lesion" in per_class:  # one class for a lesion of any kind (the organs+lesion target)
+        rows.append(_row("lesions (one class, any kind)", "Dice, mean over the volumes with a lesion", LESION_DICE,
+                         per_class["lesion"]))
+    else:
+        lesions = [per_class[k] for k in LABELS if per_class.get(k) is not None]
+        rows.append(_row("lesions (every lesion class present, mean)", "Dice", LESION_DICE,
+                         float(np.mean(lesions)) if lesions else None, classes=len(lesions)))
     auc = res.get("classifier_auc") or {}
     rows.append(_row("abnormality scores (classifier)", "mean AUC over the 18 findings", CLASSIFIER_AUC,
                      auc.get("value"), interval=[auc.get("low"), auc.get("high")] if auc else None))
