@@ -191,13 +191,30 @@ def run_demo(out: Path, bundle: Path, seed: int) -> dict:
     shots = screenshots(volume, result, sample, out, bundle)
 
     hits = finding_sentence_pointing(result.sentences, result.heatmap, sample)
+    lesions_found = lesion_overlap(result.labels, result.class_names, sample) if result.labels is not None else None
     # the run's one record (result.json), with what only the demo knows: the sample's truth and the pointing
     summary = {**json.loads((out / "result.json").read_text()),
                "timings_s": {"generate + read": t_read, **result.timings}, "report_draft": result.report,
                "sample_report": sample.report, "sample_tier": tier, "sample_findings": [k for k in LABELS if sample.labels[k]],
-               "pointing": hits, "files": [str(f) for f in files + shots]}
+               "pointing": hits, "segmented_lesions": lesions_found, "files": [str(f) for f in files + shots]}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def lesion_overlap(labels: np.ndarray, class_names: list[str], sample) -> dict | None:
+    """The segmentation's lesion voxels (class "lesion" or a finding's name) against the sample's true
+    lesions, on the sample's grid: the Dice of the two unions and, per true lesion, the share of its voxels
+    labelled as a lesion. Cardiomegaly, a whole-heart finding, is no lesion here. None without lesion classes."""
+    lesion_ids = [i for i, n in enumerate(class_names) if n == "lesion" or (n in LABELS and n != "Cardiomegaly")]
+    if not lesion_ids:
+        return None
+    found = np.isin(labels, lesion_ids)
+    true = {n: m for n, m in sample.lesions.items() if n != "Cardiomegaly" and m.any()}
+    union = np.logical_or.reduce(list(true.values())) if true else np.zeros_like(found)
+    denominator = int(found.sum() + union.sum())
+    return {"dice": 2 * float((found & union).sum()) / denominator if denominator else None,
+            "labelled_voxels": int(found.sum()),
+            "share_of_each_lesion": {n: float(found[m].mean()) for n, m in true.items()}}
 
 
 def truth_beside_outputs(summary: dict) -> list[str]:
@@ -220,6 +237,11 @@ def truth_beside_outputs(summary: dict) -> list[str]:
         others = [k for k in ranked if k not in true][:3]
         lines += ["  the highest of the other findings (absent from the sample):"]
         lines += [f"    {values[k]:5.2f}  #{ranked.index(k) + 1:<2d} {k}" for k in others]
+    found = summary.get("segmented_lesions")
+    if found:
+        dice = "-" if found["dice"] is None else f"{found['dice']:.2f}"
+        lines += ["", f"segmentation: voxels labelled as a lesion against the sample's true lesions: Dice {dice}"]
+        lines += [f"  {share:4.0%} of the {name.lower()} labelled" for name, share in found["share_of_each_lesion"].items()]
     return lines
 
 

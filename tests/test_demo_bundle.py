@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from napari_mg3d.inference import DEMO_BUNDLE_DIR, Predictor
@@ -50,6 +51,31 @@ def test_demo_prints_the_truth_beside_the_draft_and_ranks_the_true_findings():
     assert "  Cardiomegaly.\n  No effusion.   (a denial: not a rule-out)\n  The draft's denials" in marked
     bare = "\n".join(truth_beside_outputs({**summary, "report_draft": [], "scores": {}}))
     assert "drafted by the model: (no report head)" in bare and "rank of" not in bare
+
+
+def test_demo_measures_the_segmented_lesions_against_the_true_ones():
+    from types import SimpleNamespace
+
+    from napari_mg3d.demo import lesion_overlap, truth_beside_outputs
+    from napari_mg3d.labels import ORGAN_LESION_CLASSES, ORGANS
+
+    nodule, effusion, heart = (np.zeros((4, 6, 8), bool) for _ in range(3))
+    nodule[1, 1, 1:3] = True  # 2 voxels
+    effusion[2:4, 3:5, 4:8] = True  # 16 voxels
+    heart[0] = True
+    sample = SimpleNamespace(lesions={"Lung nodule": nodule, "Pleural effusion": effusion, "Cardiomegaly": heart,
+                                      "Emphysema": np.zeros_like(nodule)})
+    lesion = ORGAN_LESION_CLASSES.index("lesion")
+    labels = np.where(effusion, lesion, 0)
+    labels[0, 0, :4] = lesion  # 4 voxels labelled a lesion where there is none (in the enlarged heart)
+    labels[1, 1, 1] = ORGANS.index("heart") + 1
+    found = lesion_overlap(labels, ORGAN_LESION_CLASSES, sample)
+    assert found["dice"] == pytest.approx(2 * 16 / (20 + 18))
+    assert found["share_of_each_lesion"] == {"Lung nodule": 0.0, "Pleural effusion": 1.0}  # cardiomegaly: no lesion
+    assert lesion_overlap(labels, ["background", *ORGANS], sample) is None  # an organs-only head
+    text = "\n".join(truth_beside_outputs({"sample_report": "", "report_draft": [], "segmented_lesions": found}))
+    assert "labelled as a lesion against the sample's true lesions: Dice 0.84" in text
+    assert "100% of the pleural effusion labelled" in text and "  0% of the lung nodule labelled" in text
 
 
 def test_demo_targets_say_met_missed_or_not_measured_for_each_output():
