@@ -5,7 +5,7 @@
 
 Pre-trains the tiny preset on synthetic chest CTs of one finding tier (``visible`` by default: every finding
 large and contrasted enough for the 64³ model grid), then fine-tunes, one after another, a segmentation head
-(9 organs + 18 findings), a classifier for the 18 CT-RATE abnormalities and a word-level report decoder. Every
+(9 organs and one class for a lesion of any kind, named by the scores and heat maps), a classifier for the 18 CT-RATE abnormalities and a word-level report decoder. Every
 generated volume is preprocessed once into ``--cache-dir``; each stage keeps its bundle in ``--work``, so a
 rerun with the same settings continues from the first stage not yet done.
 
@@ -44,7 +44,7 @@ HELD_OUT_SEED = 900_000  # training data are seeds 0.. (pre-training) and 100.. 
 # on 8,000 pairs, one peak learning rate for encoder and fusion, 10% warm-up then cosine.
 PRETRAIN_OBJECTIVES = ("mim", "mlm", "sfr", "cml", "ssm", "dfa", "sva")
 PRETRAIN_STEPS, PRETRAIN_LR = 3000, 5e-4
-FINETUNE_STEPS = {"segment": 600, "classify": 1500, "report": 3000}
+FINETUNE_STEPS = {"segment": 1200, "classify": 1500, "report": 3000}
 ORGAN_DICE, LESION_DICE, CLASSIFIER_AUC, FINDING_F1, POINTING, DEMO_HITS = 0.80, 0.50, 0.90, 0.70, 0.60, 2
 
 
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> Path:
         if not made_with(bundle, params):
             params.resume = "last" if (work / "pretrain" / "checkpoints" / "last.ckpt").exists() else ""
             bundle = pretrain.run(params)
-    settings = {"segment": {"seg_target": "all", "lr": 1e-3, "lr_encoder": 1e-4},
+    settings = {"segment": {"seg_target": "organs+lesion", "lr": 1e-3, "lr_encoder": 1e-4},
                 "classify": {"lr": 1e-3, "lr_encoder": 5e-5},
                 "report": {"lr": 5e-4, "lr_encoder": 0.0, "freeze_encoder": True}}
     for i, task in enumerate(a.tasks):
