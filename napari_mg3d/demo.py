@@ -209,7 +209,11 @@ def lesion_overlap(labels: np.ndarray, class_names: list[str], sample) -> dict |
     if not lesion_ids:
         return None
     found = np.isin(labels, lesion_ids)
-    true = {n: m for n, m in sample.lesions.items() if n != "Cardiomegaly" and m.any()}
+    true: dict[str, np.ndarray] = {}
+    for key, mask in sample.lesions.items():  # keyed by the drawing's name; lesion_labels gives the finding
+        finding = sample.lesion_labels.get(key, key)
+        if finding != "Cardiomegaly" and mask.any():
+            true[finding] = true[finding] | mask if finding in true else mask
     union = np.logical_or.reduce(list(true.values())) if true else np.zeros_like(found)
     denominator = int(found.sum() + union.sum())
     return {"dice": 2 * float((found & union).sum()) / denominator if denominator else None,

@@ -63,8 +63,10 @@ def test_demo_measures_the_segmented_lesions_against_the_true_ones():
     nodule[1, 1, 1:3] = True  # 2 voxels
     effusion[2:4, 3:5, 4:8] = True  # 16 voxels
     heart[0] = True
-    sample = SimpleNamespace(lesions={"Lung nodule": nodule, "Pleural effusion": effusion, "Cardiomegaly": heart,
-                                      "Emphysema": np.zeros_like(nodule)})
+    sample = SimpleNamespace(lesions={"nodule_1": nodule, "effusion_right": effusion, "heart": heart,
+                                      "emphysema": np.zeros_like(nodule)},
+                             lesion_labels={"nodule_1": "Lung nodule", "effusion_right": "Pleural effusion",
+                                            "heart": "Cardiomegaly", "emphysema": "Emphysema"})
     lesion = ORGAN_LESION_CLASSES.index("lesion")
     labels = np.where(effusion, lesion, 0)
     labels[0, 0, :4] = lesion  # 4 voxels labelled a lesion where there is none (in the enlarged heart)
