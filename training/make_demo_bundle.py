@@ -5,9 +5,10 @@
 
 Pre-trains the tiny preset on synthetic chest CTs of one finding tier (``visible`` by default: every finding
 large and contrasted enough for the 64³ model grid), then fine-tunes, one after another, a segmentation head
-(9 organs and one class for a lesion of any kind, named by the scores and heat maps), a classifier for the 18 CT-RATE abnormalities and a word-level report decoder. Every
-generated volume is preprocessed once into ``--cache-dir``; each stage keeps its bundle in ``--work``, so a
-rerun with the same settings continues from the first stage not yet done.
+(9 organs and one class for a lesion of any kind, whose kind the scores and heat maps suggest), a classifier
+for the 18 CT-RATE abnormalities and a word-level report decoder. Every generated volume is preprocessed once
+into ``--cache-dir``; each stage keeps its bundle in ``--work``, so a rerun with the same settings continues
+from the first stage not yet done.
 
 Then it measures the bundle on ``--held-out`` synthetic volumes of the same tier that no stage trained on
 (seeds from 900000) against the targets of the demo model (organ Dice, lesion Dice, classifier AUC, real words
