@@ -41,7 +41,7 @@ from napari_mg3d.preprocess import preprocess, preprocess_config_of
 from napari_mg3d.synthetic import generate_sample, real_report_sample
 from napari_mg3d.volume import Volume
 from training import finetune, metrics, pretrain
-from training.evaluate import sample_pointing
+from training.evaluate import pointing_per_finding, sample_pointing
 from training.params import PretrainParams, made_with
 
 HELD_OUT_SEED = 900_000
@@ -72,7 +72,7 @@ def probe(bundle: str | Path, n: int, shape, seed: int = HELD_OUT_SEED, tier: st
         sources.remove("mlm")
     aligned = "sva" in sources
     scores: dict[str, list] = {"zero_shot_mlm": [], "zero_shot_sva": [], "zero_shot_sva_centred": []}
-    labels, gv, gt, tokens, sentences, owners, hits, chance = ([] for _ in range(8))
+    labels, gv, gt, tokens, sentences, owners, pointed = ([] for _ in range(7))
     for i in range(n):
         s = (generate_sample(seed + i, shape=tuple(shape), tier=tier) if real_reports is None else
              real_report_sample(seed + i, real_reports, index=i, shape=tuple(shape), tier=tier))
@@ -93,9 +93,7 @@ def probe(bundle: str | Path, n: int, shape, seed: int = HELD_OUT_SEED, tier: st
         tokens.append(enc.tokens[0])
         sentences.append(sent[0][text.sentence_valid[0]])
         owners += [i] * int(text.sentence_valid[0].sum())
-        for hit, rate in sample_pointing(model, enc, text, s, rec, sent):  # the sentences encoded once
-            hits.append(hit)
-            chance.append(rate)
+        pointed += sample_pointing(model, enc, text, s, rec, sent)  # the sentences encoded once
     Y = np.array(labels)
     out: dict = {"n": n, "objectives": list(cfg.objectives)}
     if real_reports is not None:
@@ -119,10 +117,12 @@ def probe(bundle: str | Path, n: int, shape, seed: int = HELD_OUT_SEED, tier: st
             out[f"recall@10_of_{RETRIEVAL_POOL}_{name}"] = r
             out[f"recall@10_of_{RETRIEVAL_POOL}_{name}_se"] = metrics.binomial_se(r, n // RETRIEVAL_POOL * RETRIEVAL_POOL)
     out["recall@10_chance"] = 10 / n
+    hits = [h.hit for h in pointed]
     out["pointing_hit_rate"] = float(np.mean(hits)) if hits else None
     out["pointing_hit_rate_se"] = metrics.binomial_se(float(np.mean(hits)), len(hits)) if hits else None
-    out["pointing_random_baseline"] = float(np.mean(chance)) if chance else None
+    out["pointing_random_baseline"] = float(np.mean([h.chance for h in pointed])) if hits else None
     out["pointing_n"] = len(hits)
+    out["pointing_per_finding"] = pointing_per_finding(pointed)
     return out
 
 

@@ -11,6 +11,7 @@ pytest.importorskip("torchmetrics")
 
 from napari_mg3d.checkpoint import load_bundle  # noqa: E402
 from napari_mg3d.inference import Predictor  # noqa: E402
+from napari_mg3d.labels import LABELS  # noqa: E402
 from training import metrics as M  # noqa: E402
 from training.evaluate import evaluate, format_table  # noqa: E402
 from training.finetune import FinetuneParams, run  # noqa: E402
@@ -121,6 +122,8 @@ def test_evaluate_reports_every_metric_it_can(chained):
     pointing = res["pointing"]  # synthetic data: every finding sentence's heat-map peak checked against its lesion
     assert pointing["n_sentences"] > 0 and 0 <= pointing["value"] <= 1 and 0 < pointing["chance"] < 1
     assert "pointing (%)" in table and f"(chance {100 * pointing['chance']:.2f})" in table
+    per_finding = res["pointing_per_finding"]
+    assert sum(f["n"] for f in per_finding.values()) == pointing["n_sentences"] and set(per_finding) <= set(LABELS)
     assert set(res["finding_f1"]["per_finding"]) == set(load_bundle(chained).meta["head_specs"]["classifier"]["labels"])
 
 
@@ -192,6 +195,20 @@ def test_sample_pointing_hits_a_heat_map_on_the_lesion_and_misses_one_away_from_
     assert len(on) == len(off) == len(linked) == 1
     assert on[0][0] and not off[0][0]
     assert on[0][1] == off[0][1] == pytest.approx(float((densest > 0.25).float().mean()))
+    assert on[0].finding == off[0].finding == "Pleural effusion"
+
+
+def test_pointing_per_finding_gives_each_findings_hit_rate_in_label_order():
+    from training.evaluate import PointingHit, pointing_per_finding
+
+    hits = [PointingHit(True, 0.2, "Pleural effusion"), PointingHit(False, 0.1, "Cardiomegaly"),
+            PointingHit(False, 0.3, "Cardiomegaly"), PointingHit(True, 0.2, "Cardiomegaly"),
+            PointingHit(False, 0.4, "Pleural effusion")]
+    per = pointing_per_finding(hits)
+    assert list(per) == ["Cardiomegaly", "Pleural effusion"]  # the order of LABELS
+    assert per["Cardiomegaly"] == {"hit_rate": pytest.approx(1 / 3), "chance": pytest.approx(0.2), "n": 3}
+    assert per["Pleural effusion"] == {"hit_rate": 0.5, "chance": pytest.approx(0.3), "n": 2}
+    assert pointing_per_finding([]) == {}
 
 
 def test_auc_ranks_large_logits_instead_of_squashing_them():

@@ -77,6 +77,7 @@ def test_probe_scores_every_route_on_held_out_volumes(tmp_path, tiny_config):
     # With 3 volumes every report finds its volume in the top 10; chance is reported as 10/n.
     assert out["recall@10_sva"] == 1.0 and out["recall@10_chance"] == 10 / 3
     assert out["pointing_n"] > 0 and 0.0 < out["pointing_random_baseline"] <= 1.0
+    assert sum(f["n"] for f in out["pointing_per_finding"].values()) == out["pointing_n"]
 
 
 def test_scoring_rules_pair_matches_the_probe_and_needs_a_bundle(tmp_path, tiny_config):

@@ -22,6 +22,7 @@ import argparse
 import json
 import logging
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -65,11 +66,20 @@ def classifier_ranking_scores(head, encoding) -> torch.Tensor:
 LESION_CELL_OVERLAP = 0.25  # a token cell belongs to a lesion when its densest model voxel is this much lesion
 
 
+class PointingHit(NamedTuple):
+    """One finding sentence in the pointing game: its heat map's peak in its lesion (``hit``), the hit rate of
+    a uniformly random cell (``chance``) and the finding it describes (``finding``)."""
+
+    hit: bool
+    chance: float
+    finding: str
+
+
 @torch.no_grad()
-def sample_pointing(model, encoding, text, sample, record, sentences=None) -> list[tuple[bool, float]]:
+def sample_pointing(model, encoding, text, sample, record, sentences=None) -> list[PointingHit]:
     """The pointing game on one synthetic ``sample`` (``encoding`` and ``text`` of batch size 1, ``record`` its
-    preprocessing; ``sentences``: the sentences' projected features when already computed): for each of its
-    sentences that describes a lesion, (peak in the lesion, random-cell rate)."""
+    preprocessing; ``sentences``: the sentences' projected features when already computed): one
+    :class:`PointingHit` for each of its sentences that describes a lesion."""
     if sentences is None:
         _, sentences = model.encode_sentences_separately(text)
     heat = model.sentence_heatmaps(encoding, sentences, text.sentence_valid)[0].float().cpu()  # (S, gz, gy, gx)
@@ -84,7 +94,18 @@ def sample_pointing(model, encoding, text, sample, record, sentences=None) -> li
         cells = F.adaptive_max_pool3d(share[None, None], heat.shape[1:])[0, 0] > LESION_CELL_OVERLAP
         hit = M.pointing_hit(heat[k].numpy(), cells.numpy())
         if hit is not None:
-            out.append(hit)
+            out.append(PointingHit(*hit, sample.lesion_labels[names[0]]))
+    return out
+
+
+def pointing_per_finding(hits: list[PointingHit]) -> dict[str, dict]:
+    """Hit rate, random-cell rate and number of sentences of each finding, in LABELS order."""
+    found = {h.finding for h in hits}
+    out = {}
+    for finding in [f for f in LABELS if f in found] + sorted(found - set(LABELS)):
+        mine = [h for h in hits if h.finding == finding]
+        out[finding] = {"hit_rate": float(np.mean([h.hit for h in mine])),
+                        "chance": float(np.mean([h.chance for h in mine])), "n": len(mine)}
     return out
 
 
@@ -190,9 +211,10 @@ def evaluate(bundle: str, data: str, n_boot: int = 1000, seed: int = 0, syntheti
         if figures and G.dice_bars(res["dice_per_class"], figures / "dice_per_class.png"):
             drawn.append("dice_per_class.png")
     if c["pointing"]:
-        hits, chance = (np.array(v, float) for v in zip(*c["pointing"]))
+        hits = np.array([h.hit for h in c["pointing"]], float)
         res["pointing"] = {**M.bootstrap(lambda h: float(np.mean(h)), hits, n=n_boot, seed=seed),
-                           "chance": float(chance.mean()), "n_sentences": len(hits)}
+                           "chance": float(np.mean([h.chance for h in c["pointing"]])), "n_sentences": len(hits)}
+        res["pointing_per_finding"] = pointing_per_finding(c["pointing"])
     if c["generated"]:
         gen, ref = c["generated"], c["reference"]
         for k in range(1, 5):
