@@ -109,6 +109,23 @@ def probe(bundle: str | Path, n_train: int | list[int] = 200, n_val: int = 100, 
     return out
 
 
+def paired_lead(result: dict, baseline: dict, pooling: str = "mean+max") -> dict[str, dict]:
+    """How far ``result``'s probe is ahead of ``baseline``'s at each training-set size both have, paired over
+    the draws (the same labelled subsets for every bundle): mean difference of held-out mean AUC and its
+    standard error. Both must come from :func:`probe` with the same --draws and --pool."""
+    if (result.get("draws"), result.get("pool")) != (baseline.get("draws"), baseline.get("pool")):
+        raise ValueError(f"the probes were drawn differently (draws/pool {result.get('draws')}/{result.get('pool')} "
+                         f"vs {baseline.get('draws')}/{baseline.get('pool')}); pair only probes made alike")
+    out = {}
+    for size, poolings in result["by_train_size"].items():
+        theirs = baseline["by_train_size"].get(size, {}).get(pooling, {}).get("per_draw")
+        mine = poolings[pooling].get("per_draw")
+        if mine and theirs:
+            diff = np.array(mine) - np.array(theirs)
+            out[size] = {"lead": float(diff.mean()), "se": float(diff.std(ddof=1) / np.sqrt(len(diff)))}
+    return out
+
+
 def subset(pool: int, n: int, draw: int) -> np.ndarray:
     """Draw ``draw`` of ``n`` of the first ``pool`` training volumes: the same indices for every bundle."""
     return np.sort(np.random.default_rng([n, draw]).choice(pool, n, replace=False))
@@ -147,8 +164,11 @@ def _probe_poolings(train, val, test, cs) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m experiments.linear_probe", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bundle", required=True,
+    ap.add_argument("--bundle", default="",
                     help="model bundle (directory or .zip) whose encoder is probed, or random:PRESET")
+    ap.add_argument("--compare", nargs=2, metavar=("RESULT", "BASELINE"), default=None,
+                    help="instead of probing: how far the probe in RESULT (a JSON of --out) is ahead of the one in "
+                         "BASELINE, paired over their draws")
     ap.add_argument("--train", type=int, nargs="+", default=[200],
                     help="training volumes (seeds 0..); several sizes give one probe each (label efficiency)")
     ap.add_argument("--val", type=int, default=100, help="validation volumes for the regularisation (seeds 800000..)")
@@ -163,6 +183,13 @@ def main(argv: list[str] | None = None) -> dict:
                          "largest --train)")
     ap.add_argument("--out", default="", help="write the results as JSON here")
     a = ap.parse_args(argv)
+    if a.compare:
+        lead = paired_lead(*(json.loads(Path(f).read_text()) for f in a.compare))
+        for n, r in lead.items():
+            print(f"train {n:>4s} mean+max: {a.compare[0]} ahead of {a.compare[1]} by {r['lead']:+.3f} ± {r['se']:.3f}")
+        return lead
+    if not a.bundle:
+        raise SystemExit("give --bundle to probe, or --compare RESULT BASELINE")
     if a.draws < 1:
         raise SystemExit(f"--draws {a.draws}: give 1 or more")
     sizes = a.train[0] if len(a.train) == 1 else a.train

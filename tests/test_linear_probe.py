@@ -87,3 +87,24 @@ def test_label_efficiency_draws_the_same_random_subsets_for_every_bundle_and_rep
     assert all(len(set(i)) == 5 and i.max() < 60 for i in first)
     assert all((a == b).all() for a, b in zip(first, [linear_probe.subset(60, 5, k) for k in range(4)]))
     assert not (first[0] == first[1]).all()
+
+
+def test_paired_lead_differences_the_same_draws_and_refuses_probes_drawn_differently(tmp_path):
+    import json
+
+    def result(per_draw_5, per_draw_20, draws=3):
+        return {"draws": draws, "pool": 200, "by_train_size": {
+            "5": {"mean+max": {"per_draw": per_draw_5}}, "20": {"mean+max": {"per_draw": per_draw_20}}}}
+
+    pretrained, scratch = result([0.60, 0.70, 0.65], [0.80, 0.82, 0.84]), result([0.50, 0.60, 0.58], [0.60, 0.60, 0.60])
+    lead = linear_probe.paired_lead(pretrained, scratch)
+    assert lead["5"]["lead"] == pytest.approx(0.09) and lead["20"]["lead"] == pytest.approx(0.22)
+    assert lead["5"]["se"] == pytest.approx(np.std([0.10, 0.10, 0.07], ddof=1) / np.sqrt(3))
+    with pytest.raises(ValueError, match="drawn differently"):
+        linear_probe.paired_lead(pretrained, result([0.5] * 4, [0.5] * 4, draws=4))
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(pretrained))
+    b.write_text(json.dumps(scratch))
+    assert linear_probe.main(["--compare", str(a), str(b)]) == lead
+    with pytest.raises(SystemExit, match="give --bundle"):
+        linear_probe.main([])
