@@ -356,7 +356,7 @@ class Predictor:
         if self._grid is None:  # one plain pass: the token grid, and the warm-up
             self._grid = tuple(self.model.encode_volume(x).grid)
         feats, tokens = self._graphed("encode", lambda v: _encoding_tensors(self.model.encode_volume(v)), x)
-        return VolumeEncoding(list(feats), tokens, self._grid)
+        return VolumeEncoding(list(feats), tokens, self._grid, x)
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")

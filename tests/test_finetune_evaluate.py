@@ -75,6 +75,51 @@ def test_frozen_encoder_linear_probe_leaves_the_encoder_untouched(tmp_path, gui_
         _ft(tmp_path / "bad", gui_bundle, "segment", seg_target="lesion")  # before: trained on the 18 kinds silently
 
 
+def test_own_encoder_classifier_trains_a_copy_and_leaves_the_shared_encoder_untouched(tmp_path, gui_bundle):
+    from napari_mg3d.model.mg3d import VolumeEncoding
+    from napari_mg3d.preprocess import PreprocessConfig
+    from training.data import build_dataset, collate
+
+    start = load_bundle(gui_bundle)
+    before = start.model.state_dict()
+    done = load_bundle(_ft(tmp_path, gui_bundle, "classify", own_encoder=True, lr_encoder=1e-2, val_data="synthetic:2"))
+    assert done.meta["head_specs"]["classifier"]["own_encoder"] is True
+    after = done.model.state_dict()
+    for key in ("vision.swin.patch_embed.net.0.weight", "proj16.weight", "token_norm.weight", "pos_embed"):
+        assert np.array_equal(before[key].numpy(), after[key].numpy()), key  # the shared encoder: as it was
+    head = done.build_heads()[0]["classifier"].eval()
+    own = head.encoder.state_dict()
+    assert not np.array_equal(own["proj16.weight"].numpy(), before["proj16.weight"].numpy())  # its copy trained
+    assert own["vision.swin.patch_embed.net.0.weight"].shape == before["vision.swin.patch_embed.net.0.weight"].shape
+    # classify() reads the shared encoding's input volume and encodes it with the head's own encoder
+    train = build_dataset("synthetic:2", PreprocessConfig(target_size=done.config.input_size), None, 0, tuple(SHAPE))
+    x = collate([train[0], train[1]])["volume"]
+    with torch.no_grad():
+        shared = done.model.eval().encode_volume(x)
+        torch.testing.assert_close(head.classify(shared), head(head.encoder(x).global_feature))
+        assert not torch.allclose(head.classify(shared), head(shared.global_feature))
+        with pytest.raises(ValueError, match="has its own volume encoder and needs the input volume"):
+            head.classify(VolumeEncoding(shared.features, shared.tokens, shared.grid))
+    # the plugin's scores are the own encoder's
+    from napari_mg3d.synthetic import generate_sample
+    from napari_mg3d.volume import Volume
+
+    predictor = Predictor(done.path, device="cpu")
+    sample = generate_sample(0, shape=SHAPE)
+    result = predictor.run(Volume(sample.volume, sample.affine), outputs=("scores",))
+    with torch.no_grad():
+        expected = head.probabilities(head(head.encoder(predictor._input).global_feature))[0]
+        from_shared = head.probabilities(head(done.model.encode_volume(predictor._input).global_feature))[0]
+    assert result.score_source.startswith("classifier")
+    scores = np.array(list(result.scores.values()))
+    np.testing.assert_allclose(scores, expected.numpy(), atol=5e-3)  # the predictor runs in bf16 on an AMX CPU
+    assert np.abs(scores - from_shared.numpy()).max() > 0.02
+    with pytest.raises(SystemExit, match="--own-encoder is for --task classify or prognosis, not segment"):
+        _ft(tmp_path / "bad", gui_bundle, "segment", own_encoder=True)
+    with pytest.raises(SystemExit, match="--freeze-encoder trains none: choose one"):
+        _ft(tmp_path / "bad", gui_bundle, "classify", own_encoder=True, freeze_encoder=True)
+
+
 def test_classifier_starts_from_the_training_prevalence(tmp_path, gui_bundle):
     from napari_mg3d.synthetic import finding_prevalence
 

@@ -31,6 +31,7 @@ from napari_mg3d.labels import LABELS, SEGMENTATION_TARGETS
 from napari_mg3d.model import ConfigError, MG3DModel, build_model_config
 from napari_mg3d.model.heads import CLASSIFIER_NORMS, PROMPT_PAIR, build_head, prompt_batch
 from napari_mg3d.model.losses import present_class_dice_ce
+from napari_mg3d.model.mg3d import VolumeEncoder
 from napari_mg3d.model.words import WordVocabulary
 from napari_mg3d.preprocess import preprocess_config_of
 
@@ -68,6 +69,10 @@ class FinetuneParams:
         "paper's head) | batch (each dimension standardised across volumes; keeps a new head from predicting "
         "the prior for every volume when the encoder's features are nearly the same for all of them)")})
     freeze_encoder: bool = field(default=False, metadata={"help": "train only the head (linear probing)"})
+    own_encoder: bool = field(default=False, metadata={"help": (
+        "classify / prognosis: the head gets its own copy of the volume encoder and fine-tunes that (at "
+        "--lr-encoder); the bundle's shared encoder, and with it the heat maps, zero-shot scores and other "
+        "heads, stays as it was")})
     freeze_encoder_steps: int = field(default=0, metadata={"min": 0, "help": (
         "train only the head for the first N steps, then the volume encoder too (linear probing, then "
         "fine-tuning): a new head's first, large gradients do not reach the pre-trained encoder; those steps "
@@ -188,8 +193,9 @@ class TaskStep(nn.Module):
 
     def forward(self, batch: dict) -> torch.Tensor:
         x = batch["volume"]
+        own = getattr(self.head, "encoder", None)  # a classifier's own copy of the encoder
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.encoder_frozen):
-            enc = self.model.encode_volume(x)
+            enc = own(x) if own is not None else self.model.encode_volume(x)
         if self.task in ("classify", "prognosis", "vocabfine"):
             if batch["labels"] is None:
                 raise SystemExit(f"--task {self.task} needs labels in the data ({self.data} has none)")
@@ -197,7 +203,7 @@ class TaskStep(nn.Module):
             if self.task == "vocabfine":
                 logits = self.head(enc.global_feature, self._prompts(x.device))  # (B, F, 2); class 0 = present
                 return F.cross_entropy(logits.reshape(-1, 2).float(), (1 - y.long()).reshape(-1))
-            logits = self.head.classify(enc).float()
+            logits = self.head(enc.global_feature).float()  # enc is already the head's encoder's
             if not self.multiclass:
                 return F.binary_cross_entropy_with_logits(logits, y.float())
             return F.cross_entropy(logits, y.argmax(-1) if y.dim() > 1 else y.long())
@@ -232,6 +238,11 @@ def run(p: FinetuneParams) -> Path:
         raise SystemExit(f"--freeze-encoder-steps {p.freeze_encoder_steps}: choose 0 to --steps ({p.steps})")
     if p.head_norm not in CLASSIFIER_NORMS:
         raise SystemExit(f"--head-norm {p.head_norm!r}: choose one of {', '.join(CLASSIFIER_NORMS)}")
+    if p.own_encoder and p.task not in ("classify", "prognosis"):
+        raise SystemExit(f"--own-encoder is for --task classify or prognosis, not {p.task}")
+    if p.own_encoder and p.freeze_encoder:
+        raise SystemExit("--own-encoder fine-tunes a copy of the encoder and --freeze-encoder trains none: "
+                         "choose one")
     fabric = make_fabric(p)
     fabric.launch()
     torch.manual_seed(p.seed)
@@ -274,18 +285,23 @@ def run(p: FinetuneParams) -> Path:
     if p.task == "segment" and min(cfg.input_size) < 64:
         raise SystemExit(f"--task segment needs an input of at least 64 voxels per axis (got {cfg.input_size}): "
                          "the decoder's 1/32 bottleneck must have more than one voxel")
+    if p.own_encoder:
+        spec["own_encoder"] = True
     head = build_head(spec, cfg, model.text.vocab_size)
+    if p.own_encoder:
+        head.encoder = VolumeEncoder.copy_of(model)
     if p.task in ("classify", "prognosis"):
         init_bias_from_prevalence(head, train_set, p.multiclass)
 
     stale = sorted(set(heads) - {head_name, "mim_decoder", "mlm_head"})
-    if stale and not p.freeze_encoder:
+    if stale and not (p.freeze_encoder or p.own_encoder):
         log.warning("fine-tuning the encoder changes the features that the bundle's other heads %s were trained "
-                    "on; fine-tune them again afterwards (or use --freeze-encoder)", stale)
-    encoder_params = [p_ for n, p_ in model.trainable_named_parameters()]
-    for q in encoder_params:
-        q.requires_grad_(not p.freeze_encoder)
-    groups = [{"params": list(head.parameters()), "lr": p.lr}]
+                    "on; fine-tune them again afterwards (or use --freeze-encoder or --own-encoder)", stale)
+    own = [q for n, q in head.named_parameters() if n.startswith("encoder.")]
+    encoder_params = own or [q for _, q in model.trainable_named_parameters()]
+    for _, q in model.trainable_named_parameters():
+        q.requires_grad_(not (p.freeze_encoder or p.own_encoder))
+    groups = [{"params": [q for n, q in head.named_parameters() if not n.startswith("encoder.")], "lr": p.lr}]
     if not p.freeze_encoder:
         groups.append({"params": encoder_params, "lr": p.lr_encoder})
     step_module = TaskStep(p.task, model, head, spec, names, multiclass=p.multiclass, data=p.data)
@@ -377,8 +393,8 @@ def run(p: FinetuneParams) -> Path:
 
 
 RUN_DEFINING = ("task", "bundle", "preset", "input_size", "text_encoder", "data", "label_names", "multiclass",
-                "head_norm", "freeze_encoder", "freeze_encoder_steps", "steps", "batch_size", "lr", "lr_encoder",
-                "weight_decay", "report_min_count", "shots", "seed", "synthetic_shape", "seg_target")
+                "head_norm", "freeze_encoder", "own_encoder", "freeze_encoder_steps", "steps", "batch_size", "lr",
+                "lr_encoder", "weight_decay", "report_min_count", "shots", "seed", "synthetic_shape", "seg_target")
 
 
 FROZEN_TEXT = "model.text."  # the frozen text encoder: the same weights in every checkpoint, so not stored

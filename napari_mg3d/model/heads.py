@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from .config import MG3DConfig
-    from .mg3d import MG3DModel, VolumeEncoding
+    from .mg3d import MG3DModel, VolumeEncoder, VolumeEncoding
     from .text import TextBatch
 
 PROMPT_PAIR = ("{finding} is present.", "{finding} is not present.")
@@ -55,13 +55,15 @@ class LinearClassifier(nn.Module):
     a few-percent variation; LayerNorm keeps that ratio, so a new linear layer starts by predicting the prior
     for every volume. Standardising across volumes removes the common vector."""
 
-    def __init__(self, dim: int, n_classes: int, multilabel: bool = True, norm: str = "layer") -> None:
+    def __init__(self, dim: int, n_classes: int, multilabel: bool = True, norm: str = "layer",
+                 encoder: VolumeEncoder | None = None) -> None:
         super().__init__()
         if norm not in CLASSIFIER_NORMS:
             raise ValueError(f"classifier norm {norm!r}: choose one of {', '.join(CLASSIFIER_NORMS)}")
         self.multilabel = multilabel
         self.norm = nn.LayerNorm(dim) if norm == "layer" else _Standardise(dim)
         self.linear = nn.Linear(dim, n_classes)
+        self.encoder = encoder  # its own copy of the volume encoder, or None: the model's shared one
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.linear(self.norm(pooled))
@@ -105,7 +107,13 @@ class LinearClassifier(nn.Module):
         self.linear.bias.copy_(prior.to(self.linear.bias.dtype))
 
     def classify(self, encoding: VolumeEncoding) -> torch.Tensor:
-        """Logits (B, n_classes) from a ``VolumeEncoding``."""
+        """Logits (B, n_classes) from the shared encoder's ``VolumeEncoding``; a classifier with its own encoder
+        encodes the volume the encoding was made from itself."""
+        if self.encoder is not None:
+            if encoding.volume is None:
+                raise ValueError("this classifier has its own volume encoder and needs the input volume; the "
+                                 "encoding carries none (make it with MG3DModel.encode_volume)")
+            encoding = self.encoder(encoding.volume)
         return self(encoding.global_feature)
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
@@ -369,8 +377,11 @@ def build_head(spec: dict, config: MG3DConfig, vocab_size: int) -> nn.Module:
         if pooling != "mean":
             raise ValueError(f"classifier head with pooling {pooling!r} in bundle; this napari-mg3d reads "
                              "mean-pooled classifiers only (the attention read-out was removed: no gain)")
+        from .mg3d import VolumeEncoder
+
+        encoder = VolumeEncoder(config) if spec.get("own_encoder") else None
         return LinearClassifier(config.fusion_dim, int(spec["n_classes"]), bool(spec.get("multilabel", True)),
-                                spec.get("norm", "layer"))
+                                spec.get("norm", "layer"), encoder)
     if kind == "segmentation":
         return SegmentationDecoder(config.feature_size, int(spec["n_classes"]))
     if kind == "report":
