@@ -285,11 +285,10 @@ def run(p: FinetuneParams) -> Path:
     if p.task == "segment" and min(cfg.input_size) < 64:
         raise SystemExit(f"--task segment needs an input of at least 64 voxels per axis (got {cfg.input_size}): "
                          "the decoder's 1/32 bottleneck must have more than one voxel")
-    if p.own_encoder:
-        spec["own_encoder"] = True
     head = build_head(spec, cfg, model.text.vocab_size)
-    if p.own_encoder:
+    if p.own_encoder:  # the bundle rebuilds it from the spec; here it starts as the shared encoder's copy
         head.encoder = VolumeEncoder.copy_of(model)
+        spec["own_encoder"] = True
     if p.task in ("classify", "prognosis"):
         init_bias_from_prevalence(head, train_set, p.multiclass)
 
@@ -297,11 +296,12 @@ def run(p: FinetuneParams) -> Path:
     if stale and not (p.freeze_encoder or p.own_encoder):
         log.warning("fine-tuning the encoder changes the features that the bundle's other heads %s were trained "
                     "on; fine-tune them again afterwards (or use --freeze-encoder or --own-encoder)", stale)
-    own = [q for n, q in head.named_parameters() if n.startswith("encoder.")]
-    encoder_params = own or [q for _, q in model.trainable_named_parameters()]
-    for _, q in model.trainable_named_parameters():
+    shared = [q for _, q in model.trainable_named_parameters()]
+    for q in shared:
         q.requires_grad_(not (p.freeze_encoder or p.own_encoder))
-    groups = [{"params": [q for n, q in head.named_parameters() if not n.startswith("encoder.")], "lr": p.lr}]
+    encoder_params = list(head.encoder.parameters()) if p.own_encoder else shared
+    own_ids = {id(q) for q in encoder_params} if p.own_encoder else set()
+    groups = [{"params": [q for q in head.parameters() if id(q) not in own_ids], "lr": p.lr}]
     if not p.freeze_encoder:
         groups.append({"params": encoder_params, "lr": p.lr_encoder})
     step_module = TaskStep(p.task, model, head, spec, names, multiclass=p.multiclass, data=p.data)

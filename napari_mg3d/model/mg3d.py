@@ -76,6 +76,17 @@ def sentence_membership(word_sentence: torch.Tensor, n_sentences: int) -> torch.
 VOLUME_PATH = ("vision", "proj16", "proj32", "pos_embed", "token_norm")  # what encode_volume uses
 
 
+def _add_token_layers(module: nn.Module, config: MG3DConfig) -> None:
+    """The layers after ``module.vision`` on the volume path: 1x1 projections of the 1/16 and 1/32 features
+    to the fusion width, the position embedding of the token grid and the token norm."""
+    d = config.fusion_dim
+    module.proj16 = nn.Conv3d(module.vision.channels[3], d, kernel_size=1)
+    module.proj32 = nn.Conv3d(module.vision.channels[4], d, kernel_size=1)
+    module.pos_embed = nn.Parameter(torch.zeros(1, d, *config.token_grid))
+    nn.init.trunc_normal_(module.pos_embed, std=0.02)
+    module.token_norm = nn.LayerNorm(d)
+
+
 def _encode_volume(parts: nn.Module, volume: torch.Tensor, voxel_mask: torch.Tensor | None) -> VolumeEncoding:
     """The volume path (``parts`` has the modules of VOLUME_PATH): Swin features, then the 1/16 and 1/32
     features projected to the fusion width, summed with the position embedding and normalised."""
@@ -98,12 +109,8 @@ class VolumeEncoder(nn.Module):
 
     def __init__(self, config: MG3DConfig) -> None:
         super().__init__()
-        d = config.fusion_dim
         self.vision = SwinVisionEncoder(config)
-        self.proj16 = nn.Conv3d(self.vision.channels[3], d, kernel_size=1)
-        self.proj32 = nn.Conv3d(self.vision.channels[4], d, kernel_size=1)
-        self.pos_embed = nn.Parameter(torch.zeros(1, d, *config.token_grid))
-        self.token_norm = nn.LayerNorm(d)
+        _add_token_layers(self, config)
 
     @classmethod
     def copy_of(cls, model: MG3DModel) -> VolumeEncoder:
@@ -126,12 +133,7 @@ class MG3DModel(nn.Module):
         d = config.fusion_dim
         self.vision = SwinVisionEncoder(config)
         self.text = text_encoder if text_encoder is not None else FrozenTextEncoder(config.text_encoder)
-        c16, c32 = self.vision.channels[3], self.vision.channels[4]
-        self.proj16 = nn.Conv3d(c16, d, kernel_size=1)
-        self.proj32 = nn.Conv3d(c32, d, kernel_size=1)
-        self.pos_embed = nn.Parameter(torch.zeros(1, d, *config.token_grid))
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        self.token_norm = nn.LayerNorm(d)
+        _add_token_layers(self, config)
         self.text_proj = nn.Sequential(nn.Linear(self.text.hidden_size, d), nn.LayerNorm(d))
         self.volume_fusion = FusionStack(d, config.fusion_heads, config.fusion_layers)
         self.text_fusion = FusionStack(d, config.fusion_heads, config.fusion_layers)
