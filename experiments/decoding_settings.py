@@ -18,7 +18,7 @@ import torch
 
 from napari_mg3d.inference import Predictor
 from napari_mg3d.labels import LABELS
-from napari_mg3d.model.heads import GenerationSettings
+from napari_mg3d.model.heads import GenerationSettings, report_memory
 from napari_mg3d.model.words import report_text, words_of
 from training import metrics as M
 from training.data import build_dataset, collate
@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> dict:
     with torch.no_grad():
         for i in range(len(ds)):
             batch = collate([ds[i]])
-            memories.append(model.encode_volume(batch["volume"].to(predictor.device)).tokens)
+            encoding = model.encode_volume(batch["volume"].to(predictor.device))
+            memories.append(report_memory(head, encoding, predictor.heads.get("classifier")))
             references.append(batch["report"][0])
             truth.append(batch["labels"][0].numpy())
     truth_arr = np.stack(truth)

@@ -418,12 +418,14 @@ class Predictor:
         return to_original(logits, self._record, kind="scores", class_by_class=self.class_by_class)
 
     def _draft(self, settings: GenerationSettings | None) -> list[str]:
+        from .model.heads import report_memory
         from .model.words import report_text
         from .reports import split_sentences
 
         head = self.heads["report"]
-        with self._autocast():
-            ids = head.generate(self._encoding.tokens, settings)[0]
+        with torch.inference_mode(), self._autocast():
+            memory = report_memory(head, self._encoding, self.heads.get("classifier"))
+            ids = head.generate(memory, settings)[0]
         spec = self.bundle.meta.get("head_specs", {}).get("report", {})
         text = report_text(ids, spec, self.model.text.tokenizer)
         return [s.text for s in split_sentences(text)] if text else []

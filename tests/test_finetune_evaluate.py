@@ -120,6 +120,43 @@ def test_own_encoder_classifier_trains_a_copy_and_leaves_the_shared_encoder_unto
         _ft(tmp_path / "bad", gui_bundle, "classify", own_encoder=True, freeze_encoder=True)
 
 
+def test_report_prompted_with_findings_drafts_from_the_classifiers_probabilities(tmp_path, gui_bundle):
+    from napari_mg3d.checkpoint import save_bundle
+    from napari_mg3d.synthetic import generate_sample
+    from napari_mg3d.volume import Volume
+
+    start = load_bundle(gui_bundle)
+    done = load_bundle(_ft(tmp_path, gui_bundle, "report", finding_prompts=True, freeze_encoder=True, lr=1e-2))
+    assert done.meta["head_specs"]["report"]["findings"] == LABELS
+    assert done.meta["provenance"]["params"]["finding_prompts"] is True
+    heads = done.build_heads()[0]
+    for key, value in start.build_heads()[0]["classifier"].state_dict().items():  # it read the classifier, frozen
+        assert np.array_equal(value.numpy(), heads["classifier"].state_dict()[key].numpy()), key
+    assert heads["report"].finding_tokens.shape == (2, 18, done.config.fusion_dim)
+
+    # the plugin's draft reads the visual tokens and one token per finding made from the classifier's scores
+    predictor = Predictor(done.path, device="cpu")
+    seen = []
+    generate = predictor.heads["report"].generate
+    predictor.heads["report"].generate = lambda memory, settings=None: seen.append(memory) or generate(memory, settings)
+    sample = generate_sample(0, shape=SHAPE)
+    result = predictor.run(Volume(sample.volume, sample.affine), outputs=("scores", "report"))
+    (memory,) = seen
+    tokens = predictor._encoding.tokens
+    assert memory.shape == (1, tokens.shape[1] + 18, tokens.shape[2])
+    probabilities = torch.tensor([list(result.scores.values())])
+    expected = heads["report"].prompted_memory(tokens.float(), probabilities)[:, -18:]
+    torch.testing.assert_close(memory[:, -18:].float(), expected, atol=3e-2, rtol=3e-2)  # bf16 on an AMX CPU
+
+    with pytest.raises(SystemExit, match="--finding-prompts is for --task report, not classify"):
+        _ft(tmp_path / "bad", gui_bundle, "classify", finding_prompts=True)
+    rest = {k: v for k, v in start.build_heads()[0].items() if k != "classifier"}
+    specs = {k: v for k, v in start.meta["head_specs"].items() if k != "classifier"}
+    no_classifier = save_bundle(tmp_path / "no_classifier", start.model, heads=rest, meta={"head_specs": specs})
+    with pytest.raises(SystemExit, match="has no multi-label classifier head .* run --task classify on it first"):
+        _ft(tmp_path / "bad", no_classifier, "report", finding_prompts=True)
+
+
 def test_classifier_starts_from_the_training_prevalence(tmp_path, gui_bundle):
     from napari_mg3d.synthetic import finding_prevalence
 

@@ -168,3 +168,38 @@ def test_the_report_fine_tune_scores_the_findings_first_order(tiny_config):
         as_written = head.loss(words.batch([written], 40), tokens)
     assert loss.item() == pytest.approx(reordered.item(), rel=1e-5)
     assert loss.item() != pytest.approx(as_written.item(), rel=1e-5)
+
+
+def test_a_decoder_prompted_with_findings_reads_one_token_per_finding_moved_by_its_probability(tiny_config):
+    from napari_mg3d.model.heads import LinearClassifier, report_memory
+    from napari_mg3d.model.mg3d import VolumeEncoding
+
+    names = ["Cardiomegaly", "Lung nodule", "Pleural effusion"]
+    spec = {"type": "report", "layers": 1, "heads": 4, "max_len": 40, "vocab_size": 50, "findings": names}
+    head = build_head(spec, tiny_config, vocab_size=30522)
+    d = tiny_config.fusion_dim
+    tokens = torch.randn(2, 8, d)
+    p = torch.tensor([[0.0, 1.0, 0.25], [1.0, 0.0, 0.5]])
+    memory = head.prompted_memory(tokens, p)
+    assert memory.shape == (2, 8 + 3, d)
+    torch.testing.assert_close(memory[:, :8], tokens)
+    absent, present = head.finding_tokens.detach()
+    torch.testing.assert_close(memory[0, 8], absent[0])  # probability 0: the finding's "absent" token
+    torch.testing.assert_close(memory[0, 9], present[1])  # probability 1: its "present" token
+    torch.testing.assert_close(memory[1, 10], (absent[2] + present[2]) / 2)
+    with pytest.raises(ValueError, match="takes 3 finding probabilities per volume; got 18"):
+        head.prompted_memory(tokens, torch.zeros(2, 18))
+
+    # report_memory: the classifier's probabilities, or the tokens alone for a decoder without findings
+    classifier = LinearClassifier(d, 3).eval()
+    encoding = VolumeEncoding([], tokens, (2, 2, 2))
+    with torch.no_grad():
+        classifier.linear.bias.copy_(torch.tensor([30.0, -30.0, 0.0]))
+        classifier.linear.weight.zero_()
+    torch.testing.assert_close(report_memory(head, encoding, classifier)[:, 8:],
+                               torch.stack([absent + torch.tensor([1.0, 0.0, 0.5])[:, None] * (present - absent)] * 2))
+    with pytest.raises(ValueError, match="drafts from the classifier's findings, and the bundle has no classifier"):
+        report_memory(head, encoding, None)
+    plain = build_head({k: v for k, v in spec.items() if k != "findings"}, tiny_config, vocab_size=30522)
+    assert plain.findings is None and report_memory(plain, encoding, classifier) is tokens
+    assert "finding_tokens" not in plain.state_dict()  # bundles made before findings prompts load as before

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 
 from napari_mg3d.inference import Predictor
 from napari_mg3d.labels import LABELS, segmentation_target
+from napari_mg3d.model.heads import report_memory
 from napari_mg3d.model.scoring import SOURCE_TITLES, choose_score_source, finding_scores
 from napari_mg3d.model.text import tokenize_reports
 from napari_mg3d.model.words import report_text
@@ -154,7 +155,7 @@ def collect(predictor: Predictor, data: str, seed: int, synthetic_shape, limit: 
             if volume_dice == volume_dice:  # a volume with no class in prediction or target has no Dice
                 out["dice"].append(volume_dice)
         if "report" in heads:
-            ids = heads["report"].generate(enc.tokens)[0]
+            ids = heads["report"].generate(report_memory(heads["report"], enc, heads.get("classifier")))[0]
             spec = predictor.bundle.meta.get("head_specs", {}).get("report", {})
             out["generated"].append(report_text(ids, spec, model.text.tokenizer))
             out["reference"].append(batch["report"][0])

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from napari_mg3d.checkpoint import load_bundle, save_bundle
 from napari_mg3d.labels import LABELS, SEGMENTATION_TARGETS
 from napari_mg3d.model import ConfigError, MG3DModel, build_model_config
-from napari_mg3d.model.heads import CLASSIFIER_NORMS, PROMPT_PAIR, build_head, prompt_batch
+from napari_mg3d.model.heads import CLASSIFIER_NORMS, PROMPT_PAIR, build_head, prompt_batch, report_memory
 from napari_mg3d.model.losses import present_class_dice_ce
 from napari_mg3d.model.mg3d import VolumeEncoder
 from napari_mg3d.model.words import WordVocabulary
@@ -73,6 +73,9 @@ class FinetuneParams:
         "classify / prognosis: the head gets its own copy of the volume encoder and fine-tunes that (at "
         "--lr-encoder); the bundle's shared encoder, and with it the heat maps, zero-shot scores and other "
         "heads, stays as it was")})
+    finding_prompts: bool = field(default=False, metadata={"help": (
+        "report: the decoder also reads the classifier's probability of each finding (one token per finding), "
+        "so drafts follow the classifier; needs a classifier head in --bundle, which stays as it is")})
     freeze_encoder_steps: int = field(default=0, metadata={"min": 0, "help": (
         "train only the head for the first N steps, then the volume encoder too (linear probing, then "
         "fine-tuning): a new head's first, large gradients do not reach the pre-trained encoder; those steps "
@@ -176,13 +179,20 @@ class TaskStep(nn.Module):
     Fabric wraps for DDP (gradients of everything the loss touches are synchronised across devices)."""
 
     def __init__(self, task: str, model: MG3DModel, head: nn.Module, spec: dict, names, multiclass: bool,
-                 data: str) -> None:
+                 data: str, finding_classifier: nn.Module | None = None) -> None:
         super().__init__()
         self.task, self.model, self.head, self.spec = task, model, head, spec
+        self.finding_classifier = finding_classifier  # frozen; its probabilities prompt the report decoder
         self.names, self.multiclass, self.data = names, multiclass, data
         self._prompt_raw: torch.Tensor | None = None
         self.encoder_frozen = False  # set by the training loop during --freeze-encoder-steps
         self.words = WordVocabulary.from_json(spec["vocabulary"]) if task == "report" else None
+
+    def train(self, mode: bool = True) -> TaskStep:
+        super().train(mode)
+        if self.finding_classifier is not None:  # it only reads: no dropout, fixed statistics
+            self.finding_classifier.eval()
+        return self
 
     def _prompts(self, device: torch.device) -> torch.Tensor:
         if self._prompt_raw is None:  # frozen text features of the prompts: once; the projection trains
@@ -212,7 +222,16 @@ class TaskStep(nn.Module):
                 raise SystemExit(f"--task segment needs masks in the data ({self.data} has none)")
             return present_class_dice_ce(self.head(x, enc.features), batch["mask"].long())
         target = self.words.batch([findings_first(r) for r in batch["report"]], self.spec["max_len"]).to(x.device)
-        return self.head.loss(target, enc.tokens)
+        return self.head.loss(target, report_memory(self.head, enc, self.finding_classifier))
+
+
+def finding_prompt_labels(heads: dict, specs: dict, bundle: str) -> list[str]:
+    """The classifier's label names, which a report decoder prompted with findings reads in this order."""
+    spec = specs.get("classifier") or {}
+    if "classifier" not in heads or not spec.get("multilabel", True):
+        raise SystemExit(f"--finding-prompts: {bundle or 'the start'} has no multi-label classifier head whose "
+                         "probabilities could prompt the report decoder; run --task classify on it first")
+    return list(spec.get("labels") or LABELS)
 
 
 def make_fabric(p: FinetuneParams):
@@ -240,6 +259,8 @@ def run(p: FinetuneParams) -> Path:
         raise SystemExit(f"--head-norm {p.head_norm!r}: choose one of {', '.join(CLASSIFIER_NORMS)}")
     if p.own_encoder and p.task not in ("classify", "prognosis"):
         raise SystemExit(f"--own-encoder is for --task classify or prognosis, not {p.task}")
+    if p.finding_prompts and p.task != "report":
+        raise SystemExit(f"--finding-prompts is for --task report, not {p.task}")
     if p.own_encoder and p.freeze_encoder:
         raise SystemExit("--own-encoder fine-tunes a copy of the encoder and --freeze-encoder trains none: "
                          "choose one")
@@ -279,6 +300,8 @@ def run(p: FinetuneParams) -> Path:
         spec = {"type": "report", "layers": 2, "heads": 4, "max_len": 160, "bos_id": words.bos_id,
                 "eos_id": words.eos_id, "pad_id": words.pad_id, "unk_id": words.unk_id, "vocab_size": len(words),
                 "vocabulary": words.to_json()}
+        if p.finding_prompts:
+            spec["findings"] = finding_prompt_labels(heads, specs, p.bundle)
     else:
         names = names or LABELS
         head_name, spec = "prompt", {"type": "prompt", "labels": names, "pair": list(PROMPT_PAIR)}
@@ -304,7 +327,9 @@ def run(p: FinetuneParams) -> Path:
     groups = [{"params": [q for q in head.parameters() if id(q) not in own_ids], "lr": p.lr}]
     if not p.freeze_encoder:
         groups.append({"params": encoder_params, "lr": p.lr_encoder})
-    step_module = TaskStep(p.task, model, head, spec, names, multiclass=p.multiclass, data=p.data)
+    finding_classifier = heads["classifier"].requires_grad_(False) if p.finding_prompts else None
+    step_module = TaskStep(p.task, model, head, spec, names, multiclass=p.multiclass, data=p.data,
+                           finding_classifier=finding_classifier)
     task_step, opt = fabric.setup(step_module, torch.optim.AdamW(groups, weight_decay=p.weight_decay))
     loader = fabric.setup_dataloaders(loader, use_distributed_sampler=False)  # EpochSampler shares by rank
     history: list[float] = []
@@ -393,7 +418,7 @@ def run(p: FinetuneParams) -> Path:
 
 
 RUN_DEFINING = ("task", "bundle", "preset", "input_size", "text_encoder", "data", "label_names", "multiclass",
-                "head_norm", "freeze_encoder", "own_encoder", "freeze_encoder_steps", "steps", "batch_size", "lr",
+                "head_norm", "freeze_encoder", "own_encoder", "finding_prompts", "freeze_encoder_steps", "steps", "batch_size", "lr",
                 "lr_encoder", "weight_decay", "report_min_count", "shots", "seed", "synthetic_shape", "seg_target")
 
 

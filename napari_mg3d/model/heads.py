@@ -2,8 +2,9 @@
 
 * :class:`LinearClassifier` -- disease classification / prognosis on the pooled visual feature F̄_I.
 * :class:`SegmentationDecoder` -- the SwinUNETR decoder over the five Swin feature maps.
-* :class:`ReportDecoder` -- a transformer decoder over the visual tokens using the text encoder's tokenizer;
-  greedy or beam search with length and repetition controls.
+* :class:`ReportDecoder` -- a transformer decoder over the visual tokens (and, prompted with findings, the
+  classifier's probability of each) predicting report words; greedy or beam search with length and
+  repetition controls.
 * :class:`PromptScorer` -- "{finding} is present." vs "{finding} is not present.", softmax over the pair;
   trainable few-shot (CT-VocabFine). :func:`zero_shot_scores` scores the same pairs with no fine-tuning at
   all, by the volume-conditioned pseudo-log-likelihood under the pre-trained MLM head.
@@ -195,11 +196,19 @@ class GenerationSettings:
 class ReportDecoder(nn.Module):
     """Transformer decoder over visual tokens (B, N, d) predicting report tokens: whole words of the bundle's
     word vocabulary (``unk_id`` set: that id is never generated), or, in bundles made before it, the text
-    tokenizer's word pieces. Decoding keeps each layer's keys and values of earlier positions."""
+    tokenizer's word pieces. Decoding keeps each layer's keys and values of earlier positions.
+
+    With ``findings`` (the classifier's label names) the memory it reads is :meth:`prompted_memory`: the
+    visual tokens and one token per finding carrying the classifier's probability, so a draft can say what the
+    classifier (with its own encoder, the better detector) finds."""
 
     def __init__(self, dim: int, vocab_size: int, layers: int = 2, heads: int = 4, max_len: int = 160,
-                 bos_id: int = 101, eos_id: int = 102, pad_id: int = 0, unk_id: int | None = None) -> None:
+                 bos_id: int = 101, eos_id: int = 102, pad_id: int = 0, unk_id: int | None = None,
+                 findings: Sequence[str] | None = None) -> None:
         super().__init__()
+        self.findings = list(findings) if findings else None
+        if self.findings:  # per finding an "absent" and a "present" token (the scale of the normed visual tokens)
+            self.finding_tokens = nn.Parameter(torch.randn(2, len(self.findings), dim))
         self.embed = nn.Embedding(vocab_size, dim)
         self.pos = nn.Parameter(torch.zeros(1, max_len, dim))
         nn.init.trunc_normal_(self.pos, std=0.02)
@@ -223,6 +232,18 @@ class ReportDecoder(nn.Module):
         pad[:, 0] = False
         x = self.decoder(x, memory, tgt_mask=causal, tgt_key_padding_mask=pad)
         return self.lm(self.norm(x[:, -1:] if last_only else x))
+
+    def prompted_memory(self, tokens: torch.Tensor, probabilities: torch.Tensor) -> torch.Tensor:
+        """The visual tokens (B, N, d) followed by one token per finding (B, F, d): its "absent" token moved
+        towards its "present" token by the classifier's probability (B, F) of the finding."""
+        if self.findings is None:
+            raise ValueError("this report decoder drafts from the visual tokens alone; it takes no findings")
+        if probabilities.shape[-1] != len(self.findings):
+            raise ValueError(f"the report decoder takes {len(self.findings)} finding probabilities per volume; "
+                             f"got {probabilities.shape[-1]}")
+        absent, present = self.finding_tokens.to(tokens.dtype)
+        p = probabilities.to(tokens.dtype)[..., None]
+        return torch.cat([tokens, absent + p * (present - absent)], 1)
 
     def loss(self, target_ids: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of the next token; target_ids (B, T) = [BOS] report [EOS] [PAD]..."""
@@ -321,6 +342,20 @@ class ReportDecoder(nn.Module):
         return [t for t in best[1:] if t not in (self.eos_id, self.pad_id)]
 
 
+def report_memory(report: ReportDecoder, encoding: VolumeEncoding,
+                  classifier: LinearClassifier | None = None) -> torch.Tensor:
+    """What ``report`` drafts from: the encoding's visual tokens (B, N, d), and for a decoder prompted with
+    findings (``report.findings``) also ``classifier``'s probability of each (computed without gradients)."""
+    if report.findings is None:
+        return encoding.tokens
+    if classifier is None:
+        raise ValueError("this report decoder drafts from the classifier's findings, and the bundle has no "
+                         "classifier head; use the bundle the report stage was trained in")
+    with torch.no_grad():
+        probabilities = classifier.probabilities(classifier.classify(encoding).float())
+    return report.prompted_memory(encoding.tokens, probabilities)
+
+
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     """(B, T, d) -> (B, H, T, d/H)."""
     B, T, d = x.shape
@@ -389,7 +424,7 @@ def build_head(spec: dict, config: MG3DConfig, vocab_size: int) -> nn.Module:
         return ReportDecoder(config.fusion_dim, int(spec.get("vocab_size", vocab_size)), int(spec.get("layers", 2)),
                              int(spec.get("heads", 4)), int(spec.get("max_len", 160)), int(spec.get("bos_id", 101)),
                              int(spec.get("eos_id", 102)), int(spec.get("pad_id", 0)),
-                             int(unk) if unk is not None else None)
+                             int(unk) if unk is not None else None, spec.get("findings"))
     if kind == "prompt":
         return PromptScorer(config.fusion_dim, float(spec.get("temperature", 0.07)))
     if kind == "mlm":
