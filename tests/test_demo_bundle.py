@@ -100,6 +100,15 @@ def test_demo_targets_say_met_missed_or_not_measured_for_each_output():
     assert rows[("heat maps", "pointing game: peak in the sentence's lesion")]["met"] is True
     demo_row = rows[("heat maps on the demo's own sample", "finding sentences peaking in their lesion")]
     assert (demo_row["measured"], demo_row["of"], demo_row["met"]) == (1.0, 2, False)
+    # each miss carries where it comes from, measured; a met target carries nothing
+    assert words["shortfall"] == "not report words: broffusion" and demo_row["shortfall"] == "missed: b"
+    assert "shortfall" not in rows[("heat maps", "pointing game: peak in the sentence's lesion")]
+    detailed = {**res, "finding_f1": {"macro_f1": 0.5, "per_finding": {
+        "Cardiomegaly": {"f1": 1.0}, "Lung nodule": {"f1": 0.1}, "Emphysema": {"f1": None}, "Atelectasis": {"f1": 0.0}}},
+        "classifier_finding_f1": {"macro_f1": 0.73}}
+    f1_row = next(r for r in demo_targets(detailed, {"no", "cardiomegaly"}, hits) if r["metric"].startswith("finding F1"))
+    assert f1_row["shortfall"] == ("lowest: Atelectasis 0.00, Lung nodule 0.10, Cardiomegaly 1.00; the classifier's "
+                                   "own calls (p > 0.5), which the drafts read, reach 0.73")
     bare = {(r["output"], r["metric"]): r for r in demo_targets({}, set(), None)}
     assert all(r["met"] is None and r["measured"] is None for r in bare.values())  # no head: not measured, not met
     one_class = {**res, "dice_per_class": {**{o: 0.9 for o in ORGANS}, "lesion": 0.62}}
@@ -136,7 +145,11 @@ def test_make_demo_bundle_writes_measured_targets_into_the_card_and_reruns_nothi
     assert 0 <= auc["measured"] <= 1 and auc["target"] == 0.9
     assert targets[("drafted report", "share of drafted words that occur in reports")]["measured"] == 1.0
     assert card["trained_on"]["data"] == ["synthetic:4,visible"]  # the training data of every stage
-    assert load_bundle(out).meta["made_by"].startswith("python -m training.make_demo_bundle --work")
+    made = load_bundle(out).meta
+    assert made["made_by"].startswith("python -m training.make_demo_bundle --work")
+    report = made["provenance"]["params"]  # the report stage drafts from the classifier's findings
+    assert (report["task"], report["seed"], report["finding_prompts"]) == ("report", 102, True)
+    assert made["head_specs"]["report"]["findings"] == made["head_specs"]["classifier"]["labels"]
 
     def no_training(*a, **k):
         raise AssertionError("a stage made with the same settings ran again")
@@ -145,6 +158,10 @@ def test_make_demo_bundle_writes_measured_targets_into_the_card_and_reruns_nothi
     monkeypatch.setattr(make_demo_bundle.pretrain, "run", no_training)
     again = make_demo_bundle.main(args)
     assert read_model_card(again)[1]["targets"] == card["targets"]
+    # the last stage alone, from the stage before it: its seed is the stage's own, as in the whole recipe, so
+    # it is the stage already made (before, the seed came from its position in --tasks: 100, and it ran again)
+    alone = [*args, "--from-bundle", str(tmp_path / "work" / "classify" / "bundle"), "--tasks", "report"]
+    assert read_model_card(make_demo_bundle.main(alone))[1]["targets"] == card["targets"]
 
 
 def test_a_finished_benchmark_run_counts_as_the_demo_bundles_pre_training_stage(tmp_path):

@@ -207,6 +207,9 @@ def test_evaluate_reports_every_metric_it_can(chained):
     per_finding = res["pointing_per_finding"]
     assert sum(f["n"] for f in per_finding.values()) == pointing["n_sentences"] and set(per_finding) <= set(LABELS)
     assert set(res["finding_f1"]["per_finding"]) == set(load_bundle(chained).meta["head_specs"]["classifier"]["labels"])
+    # the classifier's own yes/no calls (p > 0.5), scored as a draft saying exactly those would be
+    calls = res["classifier_finding_f1"]
+    assert set(calls["per_finding"]) == set(LABELS) and 0 <= calls["micro_f1"] <= 1
 
 
 def test_evaluate_names_its_zero_shot_source_and_refuses_nan_scores(chained, monkeypatch):

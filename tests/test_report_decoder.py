@@ -125,6 +125,13 @@ def test_finding_f1_counts_what_a_draft_asserts_against_the_true_labels():
     # draft 1 denies cardiomegaly, which volume 1 has: one wrong denial of one
     assert (res["denials"], res["wrong_denials"], res["wrong_denial_share"]) == (1, 1, 1.0)
     assert finding_f1(["No pleural effusion."], truth[:1], LABELS)["wrong_denial_share"] == 0.0
+    # yes/no calls (a classifier's at p > 0.5) scored the same way: the same numbers as the drafts' assertions
+    from training.metrics import call_f1
+
+    said = np.zeros_like(truth, bool)
+    said[0, LABELS.index("Cardiomegaly")] = said[2, LABELS.index("Lung nodule")] = True
+    said[2, LABELS.index("Cardiomegaly")] = said[1, LABELS.index("Pleural effusion")] = True
+    assert call_f1(said, truth, LABELS) == {k: res[k] for k in ("macro_f1", "micro_f1", "per_finding")}
 
 
 def test_the_report_decoder_learns_finding_sentences_first_in_label_order():

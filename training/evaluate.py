@@ -194,6 +194,8 @@ def evaluate(bundle: str, data: str, n_boot: int = 1000, seed: int = 0, syntheti
                     cut = 0.0 if predictor.heads["classifier"].multilabel else float(np.log(0.5))
                     res["classifier_accuracy"] = M.bootstrap(
                         lambda y, p, cut=cut: float(((p > cut) == (y > 0.5)).mean()), Y, P, n=n_boot, seed=seed)
+                    # the findings it calls present (p > 0.5): what a draft that said exactly those would score
+                    res["classifier_finding_f1"] = M.call_f1(P > cut, Y, names)
     if len(c["global_v"]) > 1:
         V = F.normalize(torch.stack(c["global_v"]), dim=-1)
         T = F.normalize(torch.stack(c["global_t"]), dim=-1)

@@ -52,13 +52,49 @@ FINETUNE_BATCH = {"segment": 2, "classify": 8, "report": 2}
 # and the lesion Dice from 0.79 to 0.68 (docs/training.md, demo bundle v6).
 FINETUNE_SETTINGS = {"segment": {"seg_target": "organs+lesion", "lr": 1e-3, "lr_encoder": 1e-4},
                      "classify": {"lr": 1e-3, "lr_encoder": 3e-4, "own_encoder": True},
-                     "report": {"lr": 5e-4, "lr_encoder": 0.0, "freeze_encoder": True}}
+                     "report": {"lr": 5e-4, "lr_encoder": 0.0, "freeze_encoder": True, "finding_prompts": True}}
+# Each stage's seed (its data order and initialisation) by name, so that a rerun of some stages (--tasks) trains
+# them as the whole recipe does.
+FINETUNE_SEED = {"segment": 100, "classify": 101, "report": 102}
 ORGAN_DICE, LESION_DICE, CLASSIFIER_AUC, FINDING_F1, POINTING, DEMO_HITS = 0.80, 0.50, 0.90, 0.70, 0.60, 2
 
 
 def _row(output: str, metric: str, target: float, measured: float | None, **extra) -> dict:
     met = None if measured is None or measured != measured else bool(measured >= target)
     return {"output": output, "metric": metric, "target": target, "measured": measured, "met": met, **extra}
+
+
+def _lowest(values: dict, k: int = 3) -> str:
+    """The ``k`` lowest of name -> value (None and NaN left out), lowest first: "Lung nodule 0.11, ..."."""
+    items = sorted((v, n) for n, v in values.items() if v is not None and v == v)[:k]
+    return ", ".join(f"{n} {v:.2f}" for v, n in items)
+
+
+def shortfalls(res: dict, known_words: set[str], demo_hits: list[dict] | None) -> dict[str, str]:
+    """Per target metric, where a miss comes from, measured: the findings lowest on it, the words that are not
+    report words, the demo sentences that missed. The model card keeps it beside each missed target."""
+    out = {}
+    if res.get("classifier_auc_per_label"):
+        out["mean AUC over the 18 findings"] = "lowest: " + _lowest(res["classifier_auc_per_label"])
+    drafts = [e["generated"] for e in res.get("drafts", [])]
+    unknown = sorted({w for d in drafts for w in words_of(d) if w[0].isalnum() and w not in known_words})
+    if unknown:
+        out["share of drafted words that occur in reports"] = "not report words: " + ", ".join(unknown[:8])
+    f1 = res.get("finding_f1") or {}
+    if f1.get("per_finding"):
+        text = "lowest: " + _lowest({n: v["f1"] for n, v in f1["per_finding"].items()})
+        own = (res.get("classifier_finding_f1") or {}).get("macro_f1")
+        if own is not None:
+            text += f"; the classifier's own calls (p > 0.5), which the drafts read, reach {own:.2f}"
+        out["finding F1 (macro over findings)"] = text
+    per_finding = res.get("pointing_per_finding") or {}
+    if per_finding:
+        out["pointing game: peak in the sentence's lesion"] = "lowest: " + _lowest(
+            {n: v["hit_rate"] for n, v in per_finding.items() if v.get("n")})
+    missed = [h["sentence"] for h in demo_hits or [] if not h["peak_in_lesion"]]
+    if missed:
+        out["finding sentences peaking in their lesion"] = "missed: " + " ".join(missed)
+    return out
 
 
 def real_word_share(drafts: list[str], known: set[str]) -> float | None:
@@ -94,6 +130,10 @@ def demo_targets(res: dict, known_words: set[str], demo_hits: list[dict] | None)
     hits = None if demo_hits is None else float(sum(h["peak_in_lesion"] for h in demo_hits))
     rows.append(_row("heat maps on the demo's own sample", "finding sentences peaking in their lesion", DEMO_HITS,
                      hits, of=len(demo_hits or [])))
+    why = shortfalls(res, known_words, demo_hits)
+    for row in rows:
+        if row["met"] is False and row["metric"] in why:
+            row["shortfall"] = why[row["metric"]]
     return rows
 
 
@@ -215,11 +255,11 @@ def main(argv: list[str] | None = None) -> Path:
         if not made_with(bundle, params):
             params.resume = "last" if (work / "pretrain" / "checkpoints" / "last.ckpt").exists() else ""
             bundle = pretrain.run(params)
-    for i, task in enumerate(a.tasks):
+    for task in a.tasks:
         params = finetune.FinetuneParams(
             task=task, bundle=str(bundle), data=data, val_data=f"synthetic:16,{a.tier}",
             steps=a.finetune_steps or FINETUNE_STEPS[task], batch_size=a.finetune_batch_size or FINETUNE_BATCH[task],
-            seed=100 + i, synthetic_shape=shape, out_dir=str(work / task), log_every=10, **run_with,
+            seed=FINETUNE_SEED[task], synthetic_shape=shape, out_dir=str(work / task), log_every=10, **run_with,
             **FINETUNE_SETTINGS[task])
         done = work / task / "bundle"
         bundle = done if made_with(done, params) else finetune.run(continue_or_set_aside(params, work / task))
@@ -241,7 +281,8 @@ def main(argv: list[str] | None = None) -> Path:
     for row in card["targets"]:
         value = "-" if row["measured"] is None else f"{row['measured']:.3f}"
         verdict = {True: "met", False: "MISSED", None: "not measured"}[row["met"]]
-        print(f"  {row['output']:<45s} {row['metric']:<48s} {value:>7s} (target {row['target']}) {verdict}")
+        print(f"  {row['output']:<45s} {row['metric']:<48s} {value:>7s} (target {row['target']}) {verdict}"
+              + (f"; {row['shortfall']}" if row.get("shortfall") else ""))
     return out
 
 

@@ -259,6 +259,18 @@ def finding_f1(reports: Sequence[str], truth: np.ndarray, names: Sequence[str]) 
         return np.array([[name in f for name in names] for f in found], bool).reshape(truth.shape)
 
     said = per_name([asserted_findings(r) for r in reports])
+    res = call_f1(said, truth, names)
+    denied = per_name([denied_findings(r) for r in reports])
+    wrong = int((denied & truth).sum())
+    return {**res, "denials": int(denied.sum()), "wrong_denials": wrong,
+            "wrong_denial_share": wrong / int(denied.sum()) if denied.any() else None}
+
+
+def call_f1(said: np.ndarray, truth: np.ndarray, names: Sequence[str]) -> dict:
+    """Per finding, precision / recall / F1 of yes/no calls ``said`` (n, F) against ``truth`` (n, F); the macro
+    mean over the findings that occur in the truth or in a call (one neither true nor called has F1 None) and
+    the micro F1 over every (volume, finding) pair."""
+    said, truth = np.asarray(said, bool), np.asarray(truth) > 0.5
     per: dict[str, dict] = {}
     for j, name in enumerate(names):
         tp, fp, fn = int((said[:, j] & truth[:, j]).sum()), int((said[:, j] & ~truth[:, j]).sum()), int((~said[:, j] & truth[:, j]).sum())
@@ -272,8 +284,4 @@ def finding_f1(reports: Sequence[str], truth: np.ndarray, names: Sequence[str]) 
     defined = [v["f1"] for v in per.values() if v["f1"] is not None]
     tp, fp, fn = int((said & truth).sum()), int((said & ~truth).sum()), int((~said & truth).sum())
     micro = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else float("nan")
-    denied = per_name([denied_findings(r) for r in reports])
-    wrong = int((denied & truth).sum())
-    return {"macro_f1": float(np.mean(defined)) if defined else float("nan"), "micro_f1": micro, "per_finding": per,
-            "denials": int(denied.sum()), "wrong_denials": wrong,
-            "wrong_denial_share": wrong / int(denied.sum()) if denied.any() else None}
+    return {"macro_f1": float(np.mean(defined)) if defined else float("nan"), "micro_f1": micro, "per_finding": per}
