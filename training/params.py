@@ -75,7 +75,7 @@ class PretrainParams:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
-RUN_ONLY_FIELDS = {"out_dir", "num_workers", "log_every", "device", "devices", "progress", "resume"}
+RUN_ONLY_FIELDS = {"out_dir", "num_workers", "log_every", "checkpoint_every", "device", "devices", "progress", "resume"}
 
 
 def made_with(bundle: str | Path, params) -> bool:
