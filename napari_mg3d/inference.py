@@ -36,6 +36,8 @@ from .volume import Volume
 log = logging.getLogger(__name__)
 
 OUTPUTS = ("segmentation", "scores", "report", "heatmaps")
+DRAFT_READS_SCORES = ("The draft's findings follow the classifier's scores (its report decoder reads them): draft "
+                      "and scores agree by construction and are one opinion, not two.")
 ProgressFn = Callable[[str, float], None]
 DEMO_BUNDLE_DIR = Path(__file__).parent / "assets" / "demo_bundle"
 
@@ -135,6 +137,7 @@ class Result:
     bundle_name: str = ""
     bundle_path: str = ""
     options: dict = field(default_factory=dict)
+    draft_reads_scores: bool = False  # the report decoder read the classifier's probabilities (finding prompts)
 
     @property
     def score_heading(self) -> str:
@@ -149,8 +152,11 @@ class Result:
     @property
     def cautions(self) -> list[str]:
         """What a reader of the draft must be told: its denials are not rule-outs (with the model card's
-        measure of how often they were wrong)."""
-        return [denial_caution(self.model_card)] if self.draft_denials else []
+        measure of how often they were wrong); a draft that read the classifier is no second opinion on it."""
+        out = [denial_caution(self.model_card)] if self.draft_denials else []
+        if self.draft_reads_scores and self.report:
+            out.append(DRAFT_READS_SCORES)
+        return out
 
     @property
     def denied_rows(self) -> set[int]:
@@ -483,6 +489,7 @@ class Predictor:
                 result.scores, result.score_source = self._scores()
             elif stage == "report":
                 result.report = self._draft(generation)
+                result.draft_reads_scores = getattr(self.heads["report"], "findings", None) is not None
             elif stage == "heatmaps":
                 result.sentences = [s for s in (sentences if sentences is not None else result.report) if s.strip()]
                 if result.sentences:

@@ -271,6 +271,13 @@ def test_the_drafts_denials_are_marked_as_no_rule_outs_with_the_cards_measuremen
     assert typed.denied_rows == set() and typed.cautions == []
     unmeasured = predictor.run(vol, outputs=("report",))
     assert unmeasured.cautions[0].endswith("this model's drafted denials were not measured.")
+    # a report decoder that reads the classifier (finding prompts): its draft is no second opinion on the scores
+    report = predictor.heads["report"]
+    monkeypatch.setattr(report, "findings", ["Cardiomegaly"], raising=False)
+    prompted = predictor.run(vol, outputs=("report",))
+    assert prompted.draft_reads_scores and prompted.cautions[-1] == (
+        "The draft's findings follow the classifier's scores (its report decoder reads them): draft and scores "
+        "agree by construction and are one opinion, not two.")
 
 
 def test_predict_cli_checks_out_first_refuses_what_it_should_and_says_so_in_one_line(gui_bundle, tmp_path, capsys):
