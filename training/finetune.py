@@ -418,8 +418,9 @@ def run(p: FinetuneParams) -> Path:
 
 
 RUN_DEFINING = ("task", "bundle", "preset", "input_size", "text_encoder", "data", "label_names", "multiclass",
-                "head_norm", "freeze_encoder", "own_encoder", "finding_prompts", "freeze_encoder_steps", "steps", "batch_size", "lr",
-                "lr_encoder", "weight_decay", "report_min_count", "shots", "seed", "synthetic_shape", "seg_target")
+                "head_norm", "freeze_encoder", "own_encoder", "finding_prompts", "freeze_encoder_steps", "steps",
+                "batch_size", "lr", "lr_encoder", "weight_decay", "report_min_count", "shots", "seed",
+                "synthetic_shape", "seg_target")
 
 
 FROZEN_TEXT = "model.text."  # the frozen text encoder: the same weights in every checkpoint, so not stored
