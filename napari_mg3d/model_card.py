@@ -16,6 +16,14 @@ def _stages(meta: dict) -> list[dict]:
     return [*meta.get("provenance_chain", []), *([meta["provenance"]] if meta.get("provenance") else [])]
 
 
+def _superseded(stages: list[dict], i: int) -> bool:
+    """Whether stage ``i`` left nothing in the model: it trained only its own head (its encoder frozen, or its
+    own copy of the encoder), and a later stage of the same name replaced that head."""
+    params = stages[i].get("params") or {}
+    head_only = bool(params.get("freeze_encoder") or params.get("own_encoder"))
+    return head_only and any(s.get("stage") == stages[i].get("stage") for s in stages[i + 1:])
+
+
 def _is_synthetic(data: str) -> bool:
     return str(data).startswith("synthetic")
 
@@ -36,7 +44,9 @@ def derive_model_card(meta: dict) -> dict[str, Any]:
     return {
         "trained_on": {
             "modality": "CT", "body_region": "chest", "data": data or ["unknown"], "synthetic": synthetic,
-            "steps": [{"stage": str(s.get("stage")), "steps": s.get("steps")} for s in stages if s.get("stage")],
+            "steps": [{"stage": str(s.get("stage")), "steps": s.get("steps"),
+                       **({"superseded": True} if _superseded(stages, i) else {})}
+                      for i, s in enumerate(stages) if s.get("stage")],
             "preset": model.get("preset", "unknown"),
         },
         "quality": quality,
@@ -74,7 +84,7 @@ def synthetic_tier(card: dict) -> str:
 def summary_line(card: dict, name: str = "") -> str:
     """One line for a panel, a console or a report: what the model is and how far to trust it."""
     t = card.get("trained_on") or {}
-    steps = sum(s.get("steps") or 0 for s in t.get("steps") or [] if isinstance(s, dict))
+    steps = sum(s.get("steps") or 0 for s in t.get("steps") or [] if isinstance(s, dict) and not s.get("superseded"))
     data = ", ".join(t.get("data") or ["unknown data"])
     head = f"{name}: " if name else ""
     return (f"{head}{t.get('preset', '?')} {t.get('modality', 'CT')} model, {t.get('body_region', '?')}, trained "

@@ -169,6 +169,13 @@ def test_every_bundle_has_a_model_card_written_or_derived_from_its_provenance(ti
                                   {"stage": "finetune-segment", "data": "synthetic:8", "steps": 200}],
              "provenance": {"stage": "finetune-segment", "data": "synthetic:8", "steps": 200}}
     assert "trained 700 steps" in summary_line(derive_model_card(chain))  # a stage done twice counts twice
+    # ... unless the earlier one trained only its head (frozen or its own encoder), which the later one replaced
+    head_only = {"stage": "finetune-report", "data": "synthetic:8", "steps": 50, "params": {"freeze_encoder": True}}
+    redone = {"provenance_chain": [*chain["provenance_chain"], chain["provenance"], head_only],
+              "provenance": {"stage": "finetune-report", "data": "synthetic:8", "steps": 80}}
+    card = derive_model_card(redone)
+    assert "trained 780 steps" in summary_line(card)
+    assert [s.get("superseded", False) for s in card["trained_on"]["steps"]] == [False, False, False, True, False]
 
 
 def test_a_misspelt_config_key_is_warned_naming_it_and_errors_name_the_users_zip(tiny_model, tmp_path, caplog):
