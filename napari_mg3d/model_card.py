@@ -45,6 +45,7 @@ def derive_model_card(meta: dict) -> dict[str, Any]:
         "trained_on": {
             "modality": "CT", "body_region": "chest", "data": data or ["unknown"], "synthetic": synthetic,
             "steps": [{"stage": str(s.get("stage")), "steps": s.get("steps"),
+                       **({"seconds": s["seconds"]} if s.get("seconds") is not None else {}),
                        **({"superseded": True} if _superseded(stages, i) else {})}
                       for i, s in enumerate(stages) if s.get("stage")],
             "preset": model.get("preset", "unknown"),

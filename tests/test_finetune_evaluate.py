@@ -452,7 +452,10 @@ def test_a_stopped_and_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path
         _ft(tmp_path / "parts", gui_bundle, "classify", **common)  # a new run would lose the stopped one
     with pytest.raises(SystemExit, match=r"other options: --lr 0.001 \(now 0.01\)"):
         _ft(tmp_path / "parts", gui_bundle, "classify", resume="last", **{**common, "lr": 1e-2})
+    first_part = torch.load(first, map_location="cpu", weights_only=False)["seconds"]
     parts = load_bundle(_ft(tmp_path / "parts", gui_bundle, "classify", resume="last", **common))
+    assert parts.meta["provenance"]["seconds"] > first_part > 0  # the stage's wall time counts both parts
+    assert parts.model_card["trained_on"]["steps"][-1]["seconds"] == parts.meta["provenance"]["seconds"]
     a, b = whole.model.state_dict(), parts.model.state_dict()
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
     head_a, head_b = whole.build_heads()[0]["classifier"], parts.build_heads()[0]["classifier"]

@@ -60,11 +60,15 @@ def test_killed_and_resumed_run_continues_with_the_same_losses(tmp_path, tiny_te
     assert stopped.name == "last.ckpt" and not (split / "bundle").exists()
     state = torch.load(stopped, map_location="cpu", weights_only=False)
     assert state["global_step"] == 2
-    run(_params(split, tiny_text_encoder_dir, resume="last", **kw))
+    first_part = next(v for k, v in state["callbacks"].items() if "TrainingClock" in k)["seconds"]
+    assert first_part > 0
+    done = run(_params(split, tiny_text_encoder_dir, resume="last", **kw))
     a, b = _losses(straight), _losses(split)
     assert sorted(b) == [0, 1, 2, 3, 4]
     for step in (2, 3, 4):
         assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), step
+    # the bundle records the run's wall time, both parts together
+    assert load_bundle(done).meta["provenance"]["seconds"] > first_part
 
 
 def test_missing_resume_checkpoint_is_a_clear_error(tmp_path, tiny_text_encoder_dir):

@@ -266,6 +266,7 @@ def run(p: FinetuneParams) -> Path:
                          "choose one")
     fabric = make_fabric(p)
     fabric.launch()
+    started = time.perf_counter()  # with the seconds of the parts before a resume: the stage's wall time
     torch.manual_seed(p.seed)
     model, heads, specs, meta = load_start(p)
     cfg = model.config
@@ -333,6 +334,7 @@ def run(p: FinetuneParams) -> Path:
     task_step, opt = fabric.setup(step_module, torch.optim.AdamW(groups, weight_decay=p.weight_decay))
     loader = fabric.setup_dataloaders(loader, use_distributed_sampler=False)  # EpochSampler shares by rank
     history: list[float] = []
+    earlier_seconds = float(resumed["state"].get("seconds", 0.0)) if resumed else 0.0
     if resumed:
         rest = resumed["state"]
         missing, unexpected = step_module.load_state_dict(rest["weights"], strict=False)
@@ -368,7 +370,8 @@ def run(p: FinetuneParams) -> Path:
             fabric.print(f"step {step}/{p.steps} loss {np.mean(history[-p.log_every:]):.4f} "
                          f"({(time.perf_counter() - t0) / (step - start_step):.2f} s/step)", flush=True)
         if step % p.checkpoint_every == 0 or step == last_step < p.steps:
-            save_checkpoint(fabric, out, step, p, step_module, opt, history)
+            save_checkpoint(fabric, out, step, p, step_module, opt, history,
+                            earlier_seconds + time.perf_counter() - started)
     bar.close()
 
     fabric.barrier()
@@ -405,7 +408,8 @@ def run(p: FinetuneParams) -> Path:
     new_meta.update({"head_specs": specs, "preprocessing": pre_cfg.to_dict(), "provenance_chain": provenance,
                      "provenance": {"stage": f"finetune-{p.task}", "steps": p.steps, "data": p.data,
                                     "params": p.to_dict(), "metrics": metrics,
-                                    "world_size": fabric.world_size}})
+                                    "world_size": fabric.world_size,
+                                    "seconds": round(earlier_seconds + time.perf_counter() - started, 1)}})
     if spec.get("labels"):
         new_meta["labels"] = spec["labels"]
     if spec.get("classes"):
@@ -430,7 +434,8 @@ def checkpoint_path(out: Path) -> Path:
     return out / "checkpoints" / "last.ckpt"
 
 
-def save_checkpoint(fabric, out: Path, step: int, p: FinetuneParams, task_step: nn.Module, opt, history) -> None:
+def save_checkpoint(fabric, out: Path, step: int, p: FinetuneParams, task_step: nn.Module, opt, history,
+                    seconds: float = 0.0) -> None:
     """OUT/checkpoints/last.ckpt: everything a resumed run needs to continue as if never stopped. Written to a
     temporary name and renamed, so a run killed while saving keeps the checkpoint before."""
     path = checkpoint_path(out)
@@ -438,7 +443,7 @@ def save_checkpoint(fabric, out: Path, step: int, p: FinetuneParams, task_step: 
     partial = path.with_name("last.ckpt.partial")
     weights = {k: v for k, v in task_step.state_dict().items() if not k.startswith(FROZEN_TEXT)}
     fabric.save(partial, {"weights": weights, "optimizer": opt.state_dict(), "step": step,
-                          "history": list(history), "torch_rng": torch.get_rng_state(),
+                          "history": list(history), "torch_rng": torch.get_rng_state(), "seconds": seconds,
                           "params": {k: getattr(p, k) for k in RUN_DEFINING}})
     if fabric.is_global_zero:
         partial.replace(path)

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 import lightning as L
@@ -75,6 +76,22 @@ class StopAfterSteps(L.Callback):
             trainer.should_stop = True
 
 
+class TrainingClock(L.Callback):
+    """Wall-clock seconds of the run, kept in its checkpoints, so a resumed run's total counts every part."""
+
+    def __init__(self) -> None:
+        self.earlier, self.started = 0.0, time.perf_counter()
+
+    def seconds(self) -> float:
+        return self.earlier + time.perf_counter() - self.started
+
+    def state_dict(self) -> dict:
+        return {"seconds": self.seconds()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.earlier = float(state.get("seconds", 0.0))
+
+
 class _Progress:
     """Callable handed to the sampler: (consumed, total, rank, world) from the trainer's restored state."""
 
@@ -98,7 +115,7 @@ def make_trainer(p: PretrainParams, out: Path, val: bool) -> L.Trainer:
     best = ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor=monitor, mode="min",
                            every_n_train_steps=None if val else p.checkpoint_every, save_top_k=1,
                            enable_version_counter=False)
-    callbacks = [last, best, LearningRateMonitor(logging_interval="step")]
+    callbacks = [last, best, LearningRateMonitor(logging_interval="step"), TrainingClock()]
     if p.progress:
         callbacks.append(TQDMProgressBar(refresh_rate=1))
     if p.stop_after_steps:
@@ -172,7 +189,8 @@ def run(p: PretrainParams) -> Path:
         if share > SKIPPED_WARN_SHARE:
             print(f"warning: {skipped} of {used + skipped} samples ({100 * share:.0f}%) failed to load and were "
                   "skipped; the bundle's provenance records it", flush=True)
-        save_pretrained_bundle(bundle, module, pre_cfg, trainer.global_step, metrics)
+        clock = next(c for c in trainer.callbacks if isinstance(c, TrainingClock))
+        save_pretrained_bundle(bundle, module, pre_cfg, trainer.global_step, metrics, round(clock.seconds(), 1))
         from . import figures
 
         figures.loss_curves(logged_losses(out), out / "loss_curves.png", "pre-training losses per step")
@@ -232,14 +250,14 @@ def diverged_message(err: NonFiniteLossError, out: Path) -> str:
 
 
 def save_pretrained_bundle(bundle: Path, module: PretrainModule, pre_cfg: PreprocessConfig, step: int,
-                           metrics: dict) -> Path:
+                           metrics: dict, seconds: float | None = None) -> Path:
     """The plugin-loadable bundle of a pre-training module (with its MIM decoder and MLM head)."""
     p = module.params
     save_bundle(bundle, module.model, heads={"mim_decoder": module.pretrainer.mim_decoder,
                                              "mlm_head": module.pretrainer.mlm_head},
                 meta={"preprocessing": pre_cfg.to_dict(), "labels": [],
                       "provenance": {"stage": "pretrain", "steps": step, "data": p.data, "init_from": p.init_from,
-                                     "params": p.to_dict(), "final_metrics": metrics}})
+                                     "params": p.to_dict(), "final_metrics": metrics, "seconds": seconds}})
     return bundle
 
 
