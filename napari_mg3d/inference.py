@@ -272,9 +272,15 @@ class Predictor:
             "scores": "" if choose_score_source(h, self.config) else
                       "the bundle has neither a classifier, a prompt head, the MLM head nor sentence-volume "
                       "alignment pre-training for zero-shot scores",
-            "report": self._why_no_head("report", "report"),
+            "report": self._why_no_head("report", "report") or self._why_no_report_prompts(),
             "heatmaps": "",
         }
+
+    def _why_no_report_prompts(self) -> str:
+        """'' unless the report decoder reads the classifier's findings and the classifier is not usable."""
+        if getattr(self.heads["report"], "findings", None) is None or "classifier" in self.heads:
+            return ""
+        return f"its report decoder drafts from the classifier's findings: {self._why_no_head('classifier', 'classify')}"
 
     def _why_no_head(self, head: str, task: str) -> str:
         """'' when the bundle's ``head`` is usable, else why not: it is missing, or it does not fit."""

@@ -147,6 +147,13 @@ def test_report_prompted_with_findings_drafts_from_the_classifiers_probabilities
     probabilities = torch.tensor([list(result.scores.values())])
     expected = heads["report"].prompted_memory(tokens.float(), probabilities)[:, -18:]
     torch.testing.assert_close(memory[:, -18:].float(), expected, atol=3e-2, rtol=3e-2)  # bf16 on an AMX CPU
+    # without its classifier such a decoder cannot draft: the output is greyed out with the reason, not a crash
+    del predictor.heads["classifier"]
+    reason = predictor.capabilities()["report"]
+    assert reason == ("its report decoder drafts from the classifier's findings: the bundle has no classifier head "
+                      "(fine-tune with --task classify)")
+    assert f"report disabled: {reason}" in predictor.run(Volume(sample.volume, sample.affine),
+                                                         outputs=("report",)).messages
 
     with pytest.raises(SystemExit, match="--finding-prompts is for --task report, not classify"):
         _ft(tmp_path / "bad", gui_bundle, "classify", finding_prompts=True)
