@@ -145,6 +145,10 @@ def test_make_demo_bundle_writes_measured_targets_into_the_card_and_reruns_nothi
     assert 0 <= auc["measured"] <= 1 and auc["target"] == 0.9
     assert targets[("drafted report", "share of drafted words that occur in reports")]["measured"] == 1.0
     assert card["trained_on"]["data"] == ["synthetic:4,visible"]  # the training data of every stage
+    # the wall time from nothing: every stage's recorded seconds and the measurement's
+    stage_seconds = [s["seconds"] for s in card["trained_on"]["steps"]]
+    assert len(stage_seconds) == 4 and min(stage_seconds) > 0
+    assert card["made_in_seconds"] == pytest.approx(sum(stage_seconds) + card["held_out"]["seconds"], abs=0.2)
     made = load_bundle(out).meta
     assert made["made_by"].startswith("python -m training.make_demo_bundle --work")
     report = made["provenance"]["params"]  # the report stage drafts from the classifier's findings
