@@ -18,7 +18,7 @@ import torch
 
 from napari_mg3d.inference import Predictor
 from napari_mg3d.labels import LABELS
-from napari_mg3d.model.heads import GenerationSettings, report_memory
+from napari_mg3d.model.heads import GenerationSettings, classifier_probabilities, report_memory
 from napari_mg3d.model.words import report_text, words_of
 from training import metrics as M
 from training.data import build_dataset, collate
@@ -63,7 +63,9 @@ def main(argv: list[str] | None = None) -> dict:
         for i in range(len(ds)):
             batch = collate([ds[i]])
             encoding = model.encode_volume(batch["volume"].to(predictor.device))
-            memories.append(report_memory(head, encoding, predictor.heads.get("classifier")))
+            classifier = predictor.heads.get("classifier")
+            probabilities = classifier_probabilities(classifier, encoding) if classifier is not None else None
+            memories.append(report_memory(head, encoding.tokens, probabilities))
             references.append(batch["report"][0])
             truth.append(batch["labels"][0].numpy())
     truth_arr = np.stack(truth)

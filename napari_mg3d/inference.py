@@ -24,7 +24,7 @@ from .cuda_graphs import GraphedCall
 from .domain import check_domain, refusals
 from .labels import LABELS
 from .model.config import MG3DConfig
-from .model.heads import GenerationSettings, use_channels_last
+from .model.heads import GenerationSettings, classifier_probabilities, report_memory, use_channels_last
 from .model.mg3d import VolumeEncoding
 from .model.scoring import SOURCE_TITLES, choose_score_source, finding_scores
 from .model.text import tokenize_reports
@@ -258,6 +258,7 @@ class Predictor:
                                 for p in m.parameters()) if self.device.type == "cpu" else 0
         self._cache_key = None
         self._encoding = None
+        self._classifier_probs: torch.Tensor | None = None
         self._record: PreprocessRecord | None = None
         self._input: torch.Tensor | None = None
         if self.device.type == "cpu" and "cuda" not in available_devices():
@@ -278,7 +279,7 @@ class Predictor:
 
     def _why_no_report_prompts(self) -> str:
         """'' unless the report decoder reads the classifier's findings and the classifier is not usable."""
-        if getattr(self.heads["report"], "findings", None) is None or "classifier" in self.heads:
+        if self.heads["report"].findings is None or "classifier" in self.heads:
             return ""
         return f"its report decoder drafts from the classifier's findings: {self._why_no_head('classifier', 'classify')}"
 
@@ -345,6 +346,15 @@ class Predictor:
         with torch.inference_mode(), self._autocast():
             self._encoding = self._encode_volume(self._input)
         self._record, self._cache_key = record, key
+        self._classifier_probs = None
+
+    def _classifier_probabilities(self) -> torch.Tensor:
+        """(1, F) the classifier's probabilities for the cached volume: one pass (a classifier with its own
+        encoder encodes the volume again) for the scores and the draft that reads them."""
+        if self._classifier_probs is None:
+            with torch.inference_mode(), self._autocast():
+                self._classifier_probs = classifier_probabilities(self.heads["classifier"], self._encoding)
+        return self._classifier_probs
 
     def _graphed(self, name: str, fn: Callable, *args):
         """``fn(*args)``, replayed from a CUDA graph when cuda_graphs is on (captured on first use)."""
@@ -413,8 +423,11 @@ class Predictor:
     def _scores(self) -> tuple[dict[str, float], str]:
         names = self.label_names
         source = choose_score_source(self.heads, self.config)
-        with torch.inference_mode(), self._autocast():
-            probs = finding_scores(source, self.model, self.heads, self._encoding, names)[0]
+        if source == "classifier":
+            probs = self._classifier_probabilities()[0]
+        else:
+            with torch.inference_mode(), self._autocast():
+                probs = finding_scores(source, self.model, self.heads, self._encoding, names)[0]
         return dict(zip(names, probs.float().cpu().tolist())), SOURCE_TITLES[source]
 
     def _segment_logits(self) -> torch.Tensor:
@@ -430,13 +443,13 @@ class Predictor:
         return to_original(logits, self._record, kind="scores", class_by_class=self.class_by_class)
 
     def _draft(self, settings: GenerationSettings | None) -> list[str]:
-        from .model.heads import report_memory
         from .model.words import report_text
         from .reports import split_sentences
 
         head = self.heads["report"]
         with torch.inference_mode(), self._autocast():
-            memory = report_memory(head, self._encoding, self.heads.get("classifier"))
+            probabilities = self._classifier_probabilities() if head.findings is not None else None
+            memory = report_memory(head, self._encoding.tokens, probabilities)
             ids = head.generate(memory, settings)[0]
         spec = self.bundle.meta.get("head_specs", {}).get("report", {})
         text = report_text(ids, spec, self.model.text.tokenizer)
@@ -495,7 +508,7 @@ class Predictor:
                 result.scores, result.score_source = self._scores()
             elif stage == "report":
                 result.report = self._draft(generation)
-                result.draft_reads_scores = getattr(self.heads["report"], "findings", None) is not None
+                result.draft_reads_scores = self.heads["report"].findings is not None
             elif stage == "heatmaps":
                 result.sentences = [s for s in (sentences if sentences is not None else result.report) if s.strip()]
                 if result.sentences:

@@ -139,8 +139,11 @@ def test_report_prompted_with_findings_drafts_from_the_classifiers_probabilities
     seen = []
     generate = predictor.heads["report"].generate
     predictor.heads["report"].generate = lambda memory, settings=None: seen.append(memory) or generate(memory, settings)
+    classify, passes = predictor.heads["classifier"].classify, []
+    predictor.heads["classifier"].classify = lambda encoding: passes.append(1) or classify(encoding)
     sample = generate_sample(0, shape=SHAPE)
     result = predictor.run(Volume(sample.volume, sample.affine), outputs=("scores", "report"))
+    assert len(passes) == 1  # one classifier pass serves the scores and the draft
     (memory,) = seen
     tokens = predictor._encoding.tokens
     assert memory.shape == (1, tokens.shape[1] + 18, tokens.shape[2])

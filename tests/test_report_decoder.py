@@ -178,7 +178,7 @@ def test_the_report_fine_tune_scores_the_findings_first_order(tiny_config):
 
 
 def test_a_decoder_prompted_with_findings_reads_one_token_per_finding_moved_by_its_probability(tiny_config):
-    from napari_mg3d.model.heads import LinearClassifier, report_memory
+    from napari_mg3d.model.heads import LinearClassifier, classifier_probabilities, report_memory
     from napari_mg3d.model.mg3d import VolumeEncoding
 
     names = ["Cardiomegaly", "Lung nodule", "Pleural effusion"]
@@ -203,10 +203,11 @@ def test_a_decoder_prompted_with_findings_reads_one_token_per_finding_moved_by_i
     with torch.no_grad():
         classifier.linear.bias.copy_(torch.tensor([30.0, -30.0, 0.0]))
         classifier.linear.weight.zero_()
-    torch.testing.assert_close(report_memory(head, encoding, classifier)[:, 8:],
+    probabilities = classifier_probabilities(classifier, encoding)
+    torch.testing.assert_close(report_memory(head, tokens, probabilities)[:, 8:],
                                torch.stack([absent + torch.tensor([1.0, 0.0, 0.5])[:, None] * (present - absent)] * 2))
     with pytest.raises(ValueError, match="drafts from the classifier's findings, and the bundle has no classifier"):
-        report_memory(head, encoding, None)
+        report_memory(head, tokens, None)
     plain = build_head({k: v for k, v in spec.items() if k != "findings"}, tiny_config, vocab_size=30522)
-    assert plain.findings is None and report_memory(plain, encoding, classifier) is tokens
+    assert plain.findings is None and report_memory(plain, tokens, probabilities) is tokens
     assert "finding_tokens" not in plain.state_dict()  # bundles made before findings prompts load as before

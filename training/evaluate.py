@@ -135,6 +135,8 @@ def collect(predictor: Predictor, data: str, seed: int, synthetic_shape, limit: 
         enc = model.encode_volume(x)
         text = tokenize_reports(model.text.tokenizer, batch["sentences"], cfg.max_words, cfg.max_sentences,
                                 cfg.max_sentence_words).to(dev)
+        # one classifier pass (with its own encoder, a second encoding) for its scores and the draft reading them
+        ranking = classifier_ranking_scores(heads["classifier"], enc) if "classifier" in heads else None
         out["global_v"].append(enc.global_feature[0].cpu())
         out["global_t"].append(model.global_text(model.encode_text(text))[0].cpu())
         if isinstance(ds, SyntheticDataset):
@@ -145,8 +147,8 @@ def collect(predictor: Predictor, data: str, seed: int, synthetic_shape, limit: 
             out["labels"].append(batch["labels"][0].numpy())
             if zero_shot is not None:
                 out["zero_shot"].append(finding_scores(zero_shot, model, heads, enc, names)[0].float().cpu().numpy())
-            if "classifier" in heads:
-                out["classifier"].append(classifier_ranking_scores(heads["classifier"], enc)[0].cpu().numpy())
+            if ranking is not None:
+                out["classifier"].append(ranking[0].cpu().numpy())
         if "segmentation" in heads and batch["mask"] is not None:
             pred = heads["segmentation"](x, enc.features).argmax(1)[0].cpu()
             per_class = M.dice_per_class(pred, batch["mask"][0], len(predictor.class_names) or int(pred.max()) + 1)
@@ -155,7 +157,8 @@ def collect(predictor: Predictor, data: str, seed: int, synthetic_shape, limit: 
             if volume_dice == volume_dice:  # a volume with no class in prediction or target has no Dice
                 out["dice"].append(volume_dice)
         if "report" in heads:
-            ids = heads["report"].generate(report_memory(heads["report"], enc, heads.get("classifier")))[0]
+            probabilities = None if ranking is None else heads["classifier"].probabilities(ranking).float()
+            ids = heads["report"].generate(report_memory(heads["report"], enc.tokens, probabilities))[0]
             spec = predictor.bundle.meta.get("head_specs", {}).get("report", {})
             out["generated"].append(report_text(ids, spec, model.text.tokenizer))
             out["reference"].append(batch["report"][0])

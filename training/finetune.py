@@ -29,7 +29,8 @@ from torch.utils.data import DataLoader
 from napari_mg3d.checkpoint import load_bundle, save_bundle
 from napari_mg3d.labels import LABELS, SEGMENTATION_TARGETS
 from napari_mg3d.model import ConfigError, MG3DModel, build_model_config
-from napari_mg3d.model.heads import CLASSIFIER_NORMS, PROMPT_PAIR, build_head, prompt_batch, report_memory
+from napari_mg3d.model.heads import (CLASSIFIER_NORMS, PROMPT_PAIR, build_head, classifier_probabilities,
+                                     prompt_batch, report_memory)
 from napari_mg3d.model.losses import present_class_dice_ce
 from napari_mg3d.model.mg3d import VolumeEncoder
 from napari_mg3d.model.words import WordVocabulary
@@ -222,7 +223,9 @@ class TaskStep(nn.Module):
                 raise SystemExit(f"--task segment needs masks in the data ({self.data} has none)")
             return present_class_dice_ce(self.head(x, enc.features), batch["mask"].long())
         target = self.words.batch([findings_first(r) for r in batch["report"]], self.spec["max_len"]).to(x.device)
-        return self.head.loss(target, report_memory(self.head, enc, self.finding_classifier))
+        probabilities = (classifier_probabilities(self.finding_classifier, enc)
+                         if self.finding_classifier is not None else None)
+        return self.head.loss(target, report_memory(self.head, enc.tokens, probabilities))
 
 
 def finding_prompt_labels(heads: dict, specs: dict, bundle: str) -> list[str]:

@@ -342,18 +342,23 @@ class ReportDecoder(nn.Module):
         return [t for t in best[1:] if t not in (self.eos_id, self.pad_id)]
 
 
-def report_memory(report: ReportDecoder, encoding: VolumeEncoding,
-                  classifier: LinearClassifier | None = None) -> torch.Tensor:
-    """What ``report`` drafts from: the encoding's visual tokens (B, N, d), and for a decoder prompted with
-    findings (``report.findings``) also ``classifier``'s probability of each (computed without gradients)."""
+def classifier_probabilities(classifier: LinearClassifier, encoding: VolumeEncoding) -> torch.Tensor:
+    """(B, n_classes) float32 probabilities of ``classifier`` for the encoded volumes, without gradients."""
+    with torch.no_grad():
+        return classifier.probabilities(classifier.classify(encoding).float())
+
+
+def report_memory(report: ReportDecoder, tokens: torch.Tensor,
+                  probabilities: torch.Tensor | None = None) -> torch.Tensor:
+    """What ``report`` drafts from: the visual tokens (B, N, d), and for a decoder prompted with findings
+    (``report.findings``) also the classifier's ``probabilities`` (B, F) of them (:func:`classifier_probabilities`,
+    computed once by the caller, who may need them for the scores too)."""
     if report.findings is None:
-        return encoding.tokens
-    if classifier is None:
+        return tokens
+    if probabilities is None:
         raise ValueError("this report decoder drafts from the classifier's findings, and the bundle has no "
                          "classifier head; use the bundle the report stage was trained in")
-    with torch.no_grad():
-        probabilities = classifier.probabilities(classifier.classify(encoding).float())
-    return report.prompted_memory(encoding.tokens, probabilities)
+    return report.prompted_memory(tokens, probabilities)
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
