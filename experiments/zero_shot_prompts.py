@@ -1,8 +1,9 @@
 """Which prompts read a pre-trained bundle's zero-shot finding scores best? Chosen on validation volumes,
 reported on the held-out ones.
 
-The product's rule (``napari_mg3d.model.heads.PROMPT_PAIR``) scores a finding by the sentence-volume
-alignment ("sva") of "X is present." minus that of "X is not present.". The training reports say where a
+The product's rule until 2026-12-08 (``napari_mg3d.model.heads.PROMPT_PAIR``) scored a finding by the
+sentence-volume alignment ("sva") of "X is present." minus that of "X is not present."; this comparison made
+``lobes/pair`` the product's rule (``alignment_prompt_logits(by_lobe=True)``). The training reports say where a
 lung finding is ("Atelectasis in the left lower lobe.") and deny in other words ("No atelectasis."), and a
 sentence's read-out attends to the region it names, so a prompt without a place may read the wrong region.
 This compares rules that differ only in their sentences, all label-free:
@@ -35,16 +36,11 @@ import torch
 
 from experiments.synthetic_proof import HELD_OUT_SEED, VALIDATION_SEED, token_features
 from napari_mg3d.checkpoint import load_bundle
-from napari_mg3d.labels import LABELS
+from napari_mg3d.labels import LABELS, LOBES, LUNG_FINDINGS
 from napari_mg3d.model.heads import PROMPT_PAIR
 from napari_mg3d.model.text import tokenize_reports
 from training import metrics
 
-LOBES = ("right upper lobe", "right middle lobe", "right lower lobe", "left upper lobe", "left lower lobe")
-# Findings of the lung parenchyma: radiologists say in which lobe they are.
-LUNG_FINDINGS = ("Emphysema", "Atelectasis", "Lung nodule", "Lung opacity", "Pulmonary fibrotic sequela",
-                 "Mosaic attenuation pattern", "Peribronchial thickening", "Consolidation", "Bronchiectasis",
-                 "Interlobular septal thickening")
 RULES = ("pair", "pair centred", "no-style", "lobes/pair", "lobes/no-style", "lobes only", "ensemble")
 
 

@@ -16,6 +16,12 @@ LABELS = [
     "Mosaic attenuation pattern", "Peribronchial thickening", "Consolidation", "Bronchiectasis",
     "Interlobular septal thickening",
 ]
+# Findings of the lung parenchyma, which reports place in a lobe ("Atelectasis in the left lower lobe."), and
+# the lobes: the zero-shot read-out asks for such a finding lobe by lobe (napari_mg3d.model.heads).
+LUNG_FINDINGS = ("Emphysema", "Atelectasis", "Lung nodule", "Lung opacity", "Pulmonary fibrotic sequela",
+                 "Mosaic attenuation pattern", "Peribronchial thickening", "Consolidation", "Bronchiectasis",
+                 "Interlobular septal thickening")
+LOBES = ("right upper lobe", "right middle lobe", "right lower lobe", "left upper lobe", "left lower lobe")
 ORGANS = ["body", "lung_right", "lung_left", "heart", "aorta", "spine", "ribs", "trachea", "liver"]
 ALL_CLASSES = ["background", *ORGANS, *LABELS]
 LESION_CLASSES = ["background", *LABELS]

@@ -378,17 +378,29 @@ def test_segmentation_decoder_group_norm_equals_instance_norm_and_channels_last_
     torch.testing.assert_close(fast, plain, atol=1e-3, rtol=1e-3)  # summation order differs
 
 
-def test_alignment_zero_shot_scores_are_the_pair_softmax(tiny_model):
+def test_alignment_zero_shot_scores_are_the_pair_softmax_with_lung_findings_read_by_lobe(tiny_model):
+    from napari_mg3d.labels import LOBES
     from napari_mg3d.model.heads import alignment_zero_shot_scores, prompt_batch
+    from napari_mg3d.model.text import tokenize_reports
 
     findings = ["Pleural effusion", "Cardiomegaly", "Lung nodule"]
     tokens = tiny_model.encode_volume(torch.rand(1, 1, *tiny_model.config.input_size)).tokens
     with torch.no_grad():
         _, prompts = tiny_model.encode_sentences_separately(prompt_batch(tiny_model.text.tokenizer, findings))
         cosine = tiny_model.sentence_volume_similarity(tokens, prompts.reshape(-1, prompts.shape[-1]))[:, 0]
-    pair = (cosine.view(3, 2) / tiny_model.config.temperature).softmax(-1)[:, 0]
-    plain = alignment_zero_shot_scores(tiny_model, tokens, findings)
-    assert torch.allclose(plain, pair, atol=1e-6)
+    logits = cosine.view(3, 2) / tiny_model.config.temperature
+    with torch.no_grad():
+        lobe_texts = [[f"Lung nodule in the {lobe}."] for lobe in LOBES]
+        _, lobed = tiny_model.encode_sentences_separately(tokenize_reports(tiny_model.text.tokenizer, lobe_texts,
+                                                                           max_sentences=1))
+        best_lobe = tiny_model.sentence_volume_similarity(tokens, lobed[:, 0])[:, 0].max() / tiny_model.config.temperature
+    # Effusion and cardiomegaly: the pair; the nodule, a lung finding: its best lobe against "not present".
+    expected = logits.clone()
+    expected[2, 0] = best_lobe
+    scores = alignment_zero_shot_scores(tiny_model, tokens, findings)
+    assert torch.allclose(scores, expected.softmax(-1)[:, 0], atol=1e-5)
+    assert torch.allclose(alignment_zero_shot_scores(tiny_model, tokens, findings, by_lobe=False),
+                          logits.softmax(-1)[:, 0], atol=1e-6)
 
 
 # ----- options removed after experiments, and the one scoring policy ---------------------------------

@@ -37,7 +37,7 @@ def test_sentences_are_made_per_finding_with_every_lobe():
     assert set(zsp.LUNG_FINDINGS) <= set(LABELS)
 
 
-def test_pair_rule_is_the_products_zero_shot_margin(tmp_path, tiny_config):
+def test_lobes_pair_rule_is_the_products_zero_shot_margin_and_pair_its_old_one(tmp_path, tiny_config):
     from napari_mg3d.model import MG3DModel
     from napari_mg3d.model.heads import alignment_zero_shot_margins
 
@@ -47,7 +47,10 @@ def test_pair_rule_is_the_products_zero_shot_margin(tmp_path, tiny_config):
     s = zsp.sentence_scores(model, tokens, zsp.prompt_sentences(list(LABELS)))
     margins = zsp.rule_margins(s, list(LABELS))
     product = torch.stack([alignment_zero_shot_margins(model, t[None], list(LABELS)) for t in tokens]).numpy()
-    np.testing.assert_allclose(margins["pair"], product, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(margins["lobes/pair"], product, rtol=1e-4, atol=1e-4)
+    old = torch.stack([alignment_zero_shot_margins(model, t[None], list(LABELS), by_lobe=False) for t in tokens])
+    np.testing.assert_allclose(margins["pair"], old.numpy(), rtol=1e-4, atol=1e-4)
+    assert not np.allclose(margins["pair"], product)  # the lung findings read differently
     assert s["lobes"].shape == (3, len(LABELS), len(zsp.LOBES))
 
 
