@@ -8,7 +8,7 @@ lung finding is ("Atelectasis in the left lower lobe.") and deny in other words 
 sentence's read-out attends to the region it names, so a prompt without a place may read the wrong region.
 This compares rules that differ only in their sentences, all label-free:
 
-- ``pair``: the product's pair; ``pair centred``: its margins centred per volume over the 18 findings;
+- ``pair``: the old product pair; ``pair centred``: its margins centred per volume over the 18 findings;
 - ``no-style``: "X." minus "No x." (the reports' way of denying);
 - ``lobes/pair`` and ``lobes/no-style``: for a finding of the lung parenchyma, the best of the five
   "X in the <lobe>." minus the pair's or the no-style denial (a finding is present if it is present in some
@@ -106,11 +106,15 @@ def paired_difference(labels: np.ndarray, a: np.ndarray, b: np.ndarray, boot: in
     return {"difference": float(point), "se": float(np.std(draws)), "resamples": len(draws)}
 
 
-def evaluate(bundle: str | Path, first_seed: int, n: int, shape, tier: str, cache_dir: str | None) -> dict:
+def load_sva_model(bundle: str | Path):
     model = load_bundle(bundle).model.eval()
     if "sva" not in model.config.objectives:
         raise SystemExit(f"{bundle}: pre-trained without the sva objective, so it has no sentence-volume "
                          "read-out to prompt; give a bundle pre-trained with sva")
+    return model
+
+
+def evaluate(model, first_seed: int, n: int, shape, tier: str, cache_dir: str | None) -> dict:
     tokens, labels = token_features(model, first_seed, n, shape, tier, cache_dir=cache_dir)
     margins = rule_margins(sentence_scores(model, tokens, prompt_sentences(list(LABELS))), list(LABELS))
     return {"seeds": [first_seed, first_seed + n - 1], "labels": labels, "margins": margins}
@@ -129,8 +133,9 @@ def main(argv: list[str] | None = None) -> dict:
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
     result: dict = {"bundle": str(a.bundle), "tier": a.tier}
+    model = load_sva_model(a.bundle)
     for name, seed, n in (("validation", VALIDATION_SEED, a.validation), ("held_out", HELD_OUT_SEED, a.held_out)):
-        r = evaluate(a.bundle, seed, n, a.shape, a.tier, a.cache_dir or None)
+        r = evaluate(model, seed, n, a.shape, a.tier, a.cache_dir or None)
         result[name] = {"seeds": r["seeds"],
                         "rules": {k: mean_auc_with_se(r["labels"], m) for k, m in r["margins"].items()}}
         if name == "validation":

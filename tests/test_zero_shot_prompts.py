@@ -61,7 +61,7 @@ def test_a_bundle_without_sva_is_refused_by_name(tmp_path, tiny_config):
     bundle = tmp_path / "no_sva"
     save_bundle(bundle, MG3DModel(tiny_config.replace(objectives=("mim", "mlm"))))
     with pytest.raises(SystemExit, match="no_sva.*sva objective"):
-        zsp.evaluate(bundle, 900_000, 2, (40, 48, 56), "visible", None)
+        zsp.load_sva_model(bundle)
 
 
 def test_paired_difference_of_a_rule_with_itself_is_zero_and_a_perfect_rule_gains():
